@@ -1,6 +1,7 @@
 """Greedy generation speed and peak memory, each model measured in a fresh process.
 
-A fresh process per model makes the peak resident memory (``ru_maxrss``) belong to that model
+A fresh process per model makes the peak resident memory (``VmHWM`` of /proc/self/status; not
+``ru_maxrss``, which a child inherits from its parent across fork + exec) belong to that model
 alone (plus the interpreter, torch and transformers, the same for every model), and keeps one
 model's allocations from warming or fragmenting another's. Run as
 ``python -m distill.evaluate.speed MODEL_DIR --threads N --new-tokens K --prompt P ...``;
@@ -12,11 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from distill.sysinfo import peak_rss_bytes
 
 __all__ = ["measure_generation", "measure_in_subprocess", "weights_bytes"]
 
@@ -59,7 +61,7 @@ def measure_generation(model_dir: str, prompts: list[str], new_tokens: int, thre
         "tokens_per_s": generated / seconds,
         "generated_tokens": generated,
         "threads": torch.get_num_threads(),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 

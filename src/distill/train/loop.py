@@ -11,7 +11,6 @@ Before step 1 of the run, one warm-up micro-batch is timed and measured for the 
 from __future__ import annotations
 
 import logging
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from distill.config import LossConfig, TrainConfig
 from distill.data import BlockBatches
 from distill.io import append_jsonl
 from distill.losses import IGNORE_INDEX, LossTerms, distillation_loss
+from distill.sysinfo import peak_rss_bytes
 from distill.teacher import Teacher
 from distill.train.optim import build_optimizer
 
@@ -91,19 +91,20 @@ def measure_warmup(
     loss_config: LossConfig,
     vocab_rows: int,
 ) -> dict[str, float]:
-    """Time one forward + backward micro-batch and read the process's peak RSS afterwards.
+    """Time a forward + backward micro-batch and read the process's peak RSS afterwards.
 
-    Gradients are discarded and the RNG state restored, so the run is unchanged by it.
+    Runs it twice and times the second: the first call pays one-time allocation costs. Gradients
+    are discarded and the RNG state restored, so the run is unchanged by it.
     """
     rng_state = torch.get_rng_state()
-    start = time.perf_counter()
-    terms = micro_batch_terms(student, teacher, input_ids, loss_config, vocab_rows)
-    (terms.loss_sum / max(terms.n_tokens, 1)).backward()
-    seconds = time.perf_counter() - start
-    student.zero_grad(set_to_none=True)
+    for _ in range(2):
+        start = time.perf_counter()
+        terms = micro_batch_terms(student, teacher, input_ids, loss_config, vocab_rows)
+        (terms.loss_sum / max(terms.n_tokens, 1)).backward()
+        seconds = time.perf_counter() - start
+        student.zero_grad(set_to_none=True)
     torch.set_rng_state(rng_state)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"micro_batch_seconds": seconds, "peak_rss_bytes": float(peak_rss)}
+    return {"micro_batch_seconds": seconds, "peak_rss_bytes": float(peak_rss_bytes())}
 
 
 def train(
