@@ -52,15 +52,25 @@ def main() -> None:
     vocab = teacher.vocab_rows
     loss_config = LossConfig()
     optimizer, scheduler = build_optimizer(student, TrainConfig(warmup_steps=0))
-    input_ids = torch.randint(0, vocab, (args.batch, args.block), generator=torch.Generator().manual_seed(0))
+    input_ids = torch.randint(
+        0, vocab, (args.batch, args.block), generator=torch.Generator().manual_seed(0)
+    )
     labels = labels_for(input_ids).reshape(-1)
 
     def one_step() -> dict[str, float]:
         teacher_logits, t_teacher = timed(lambda: teacher.logits(input_ids).reshape(-1, vocab))
-        logits, t_student = timed(lambda: student_logits(student, input_ids, vocab).reshape(-1, vocab))
-        terms, t_loss = timed(lambda: distillation_loss(
-            logits, teacher_logits, labels,
-            temperature=loss_config.temperature, alpha=loss_config.alpha))
+        logits, t_student = timed(
+            lambda: student_logits(student, input_ids, vocab).reshape(-1, vocab)
+        )
+        terms, t_loss = timed(
+            lambda: distillation_loss(
+                logits,
+                teacher_logits,
+                labels,
+                temperature=loss_config.temperature,
+                alpha=loss_config.alpha,
+            )
+        )
         _, t_backward = timed(lambda: (terms.loss_sum / terms.n_tokens).backward())
 
         def update() -> None:
@@ -70,8 +80,13 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
 
         _, t_optimizer = timed(update)
-        return {"teacher_forward": t_teacher, "student_forward": t_student, "loss": t_loss,
-                "backward": t_backward, "optimizer": t_optimizer}
+        return {
+            "teacher_forward": t_teacher,
+            "student_forward": t_student,
+            "loss": t_loss,
+            "backward": t_backward,
+            "optimizer": t_optimizer,
+        }
 
     peak_flops = matmul_flops_per_s()
     one_step()  # warm-up: allocations, optimizer state
@@ -81,29 +96,45 @@ def main() -> None:
     step_seconds = sum(median.values())
     tokens = args.batch * args.block
     flops_per_token = (
-        2 * matmul_params(teacher_model) + attention_flops_per_token(teacher_model.config, args.block)
-        + 6 * matmul_params(student) + 3 * attention_flops_per_token(student.config, args.block)
+        2 * matmul_params(teacher_model)
+        + attention_flops_per_token(teacher_model.config, args.block)
+        + 6 * matmul_params(student)
+        + 3 * attention_flops_per_token(student.config, args.block)
     )
     achieved = flops_per_token * tokens / step_seconds
     fraction = achieved / peak_flops
 
-    rows = [(name, f"{seconds:.2f}", f"{100 * seconds / step_seconds:.0f}%") for name, seconds in median.items()]
+    rows = [
+        (name, f"{seconds:.2f}", f"{100 * seconds / step_seconds:.0f}%")
+        for name, seconds in median.items()
+    ]
     rows.append(("total", f"{step_seconds:.2f}", "100%"))
     print_table(rows, ("phase", "seconds (median)", "share"))
-    print(f"tokens/s {tokens / step_seconds:.0f}; achieved {achieved / 1e9:.1f} GFLOP/s; "
-          f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s; roofline fraction {fraction:.2f}")
-    path = write_results("step", {
-        "setup": {"batch": args.batch, "block": args.block, "teacher_layers": 30,
-                  "student_layers": 15, "dtype": "float32", "timed_steps": args.steps},
-        "phase_seconds_median": median,
-        "phase_seconds_all": phases,
-        "step_seconds": step_seconds,
-        "tokens_per_s": tokens / step_seconds,
-        "flops_per_token": flops_per_token,
-        "achieved_flops_per_s": achieved,
-        "matmul_flops_per_s": peak_flops,
-        "targets": [target("step_roofline_fraction", fraction, 0.6, "higher")],
-    })
+    print(
+        f"tokens/s {tokens / step_seconds:.0f}; achieved {achieved / 1e9:.1f} GFLOP/s; "
+        f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s; roofline fraction {fraction:.2f}"
+    )
+    path = write_results(
+        "step",
+        {
+            "setup": {
+                "batch": args.batch,
+                "block": args.block,
+                "teacher_layers": 30,
+                "student_layers": 15,
+                "dtype": "float32",
+                "timed_steps": args.steps,
+            },
+            "phase_seconds_median": median,
+            "phase_seconds_all": phases,
+            "step_seconds": step_seconds,
+            "tokens_per_s": tokens / step_seconds,
+            "flops_per_token": flops_per_token,
+            "achieved_flops_per_s": achieved,
+            "matmul_flops_per_s": peak_flops,
+            "targets": [target("step_roofline_fraction", fraction, 0.6, "higher")],
+        },
+    )
     print(f"wrote {path}")
 
 
