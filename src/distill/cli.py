@@ -6,6 +6,7 @@ User mistakes (bad config, missing files, incompatible models) print one line an
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -41,12 +42,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="also train the student on labels alone for comparison",
     )
     run.add_argument("--name", help="run name (same as --set name=...)")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue a run exactly from its newest valid checkpoint",
+    )
+    run.add_argument(
+        "--force", action="store_true", help="with --resume: accept a config that differs"
+    )
 
     config = commands.add_parser("config", help="show the default config or validate one")
     _add_config_args(config)
     config.add_argument(
         "--show", action="store_true", help="print every key with its default and meaning"
     )
+
+    cache = commands.add_parser(
+        "cache", help="run the teacher once and store its top-k soft targets (teacher.cache)"
+    )
+    _add_config_args(cache)
+    cache.add_argument("--out", metavar="DIR", help="where to write (= --set teacher.cache=DIR)")
+    cache.add_argument(
+        "--inspect", metavar="DIR", help="print a cache's manifest and verify every shard's sha256"
+    )
+
+    _add_eval_compress_export(commands)
+    _add_student(commands)
 
     report = commands.add_parser("report", help="rebuild report.json/md and loss.png of a run")
     report.add_argument("run_dir")
@@ -55,14 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> None:
     from distill.config import load_config
-    from distill.run import distill
+    from distill.run import distill, resume_config
 
     overrides = list(args.overrides)
     if args.baseline:
         overrides.append("baseline=true")
     if args.name:
         overrides.append(f"name={args.name}")
-    distill(load_config(args.config, overrides))
+    if args.resume:
+        distill(resume_config(args.resume, args.config, overrides, args.force), resume=True)
+    else:
+        distill(load_config(args.config, overrides))
 
 
 def _config(args: argparse.Namespace) -> None:
@@ -77,10 +101,157 @@ def _config(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), end="")
 
 
+def _cache(args: argparse.Namespace) -> None:
+    if args.inspect:
+        from distill.teacher.cache import inspect_cache
+
+        inspect_cache(args.inspect)
+        return
+    from distill.config import load_config
+    from distill.teacher.cache_writer import cache_job
+
+    overrides = list(args.overrides) + ([f"teacher.cache={args.out}"] if args.out else [])
+    config = load_config(args.config, overrides)
+    if cache_job(config):
+        print(f"wrote {config.teacher.cache}; check it with `distill cache --inspect`")
+
+
+def _add_student(commands) -> None:
+    student = commands.add_parser(
+        "student", help="build a student from the teacher (depth search, width pruning), save it"
+    )
+    _add_config_args(student)
+    student.add_argument("--teacher", help="teacher model (default: the embedded SmolLM2)")
+    student.add_argument(
+        "--layers",
+        type=int,
+        help="layers to keep, searched (student.num_layers; greedy_kl "
+        "unless --search or student.search says otherwise)",
+    )
+    student.add_argument("--search", choices=["none", "shortgpt", "angular", "greedy_kl"])
+    for flag in ("ffn", "heads", "kv-heads", "hidden"):
+        student.add_argument(f"--{flag}", type=int, help=f"width: student.{flag.replace('-', '_')}")
+    student.add_argument("--out", required=True, metavar="DIR", help="where to save the student")
+
+
+def _student(args: argparse.Namespace) -> None:
+    from distill.config import load_config
+    from distill.student.command import format_costs, write_student
+
+    overrides = list(args.overrides)
+    if args.teacher:
+        overrides.append(f"teacher.path={args.teacher}")
+    if args.layers is not None:
+        overrides.append(f"student.num_layers={args.layers}")
+    config = load_config(args.config, overrides)
+    search = args.search or (
+        "greedy_kl" if args.layers is not None and config.student.search == "none" else None
+    )
+    overrides += [f"student.search={search}"] if search else []
+    for flag in ("ffn", "heads", "kv_heads", "hidden"):
+        if getattr(args, flag) is not None:
+            overrides.append(f"student.{flag}={getattr(args, flag)}")
+    result = write_student(load_config(args.config, overrides), args.out)
+    print(format_costs(result), end="")
+    print(f"wrote {args.out}")
+
+
+def _add_eval_compress_export(commands) -> None:
+    evaluate = commands.add_parser("eval", help="compare models: quality, multiple choice, speed")
+    evaluate.add_argument("models", nargs="+", metavar="MODEL", help="HF dir, .gguf or int8 dir")
+    evaluate.add_argument("--teacher", help="teacher model (default: the embedded SmolLM2)")
+    evaluate.add_argument(
+        "--data", help="text data whose held-out split is scored (default corpus)"
+    )
+    evaluate.add_argument("--text-field", default="text")
+    evaluate.add_argument("--block-size", type=int, default=256)
+    evaluate.add_argument("--max-blocks", type=int, default=24)
+    evaluate.add_argument("--task", help="multiple-choice JSONL (default: shipped Python task)")
+    evaluate.add_argument("--mc-limit", type=int, help="use only the first N questions")
+    evaluate.add_argument("--new-tokens", type=int, default=32)
+    evaluate.add_argument("--runs", type=int, default=3, help="timed runs (median) after warm-up")
+    evaluate.add_argument("--threads", type=int, default=0)
+    evaluate.add_argument("--no-speed", action="store_true", help="skip generation timing")
+    evaluate.add_argument("--out", help="write the results as JSON here")
+
+    compress = commands.add_parser("compress", help="prune / heal / quantize a run's student")
+    _add_config_args(compress)
+    compress.add_argument("run_dir")
+    compress.add_argument("--quantize", choices=["none", "int8", "int8-weight-only"])
+    compress.add_argument("--prune", help="share of weights to zero (e.g. 0.3), or 2:4")
+    compress.add_argument("--heal-steps", type=int, help="distillation steps after pruning")
+
+    export = commands.add_parser("export", help="write a HF directory and verified GGUF files")
+    export.add_argument("model", help="HF model directory (float or pruned student)")
+    export.add_argument("--out", required=True, help="output directory")
+    export.add_argument(
+        "--gguf", action="append", choices=["f16", "q8_0"], help="GGUF type (repeatable)"
+    )
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from distill.evaluate.generation import GenerationSettings
+    from distill.evaluate.suite import EvalSettings, evaluate_models, format_tables
+    from distill.io import atomic_write_json
+    from distill.models import default_teacher_path
+
+    generation = GenerationSettings(
+        new_tokens=args.new_tokens, runs=args.runs, threads=args.threads
+    )
+    settings = EvalSettings(
+        data=args.data,
+        text_field=args.text_field,
+        block_size=args.block_size,
+        max_blocks=args.max_blocks,
+        task=args.task,
+        mc_limit=args.mc_limit,
+        generation=None if args.no_speed else generation,
+    )
+    teacher = args.teacher or str(default_teacher_path())
+    result = evaluate_models(args.models, teacher, settings)
+    print(format_tables(result), end="")
+    if args.out:
+        atomic_write_json(args.out, result)
+
+
+def _compress(args: argparse.Namespace) -> None:
+    from distill.compress.pipeline import compress_run
+
+    overrides = list(args.overrides)
+    if args.quantize:
+        overrides.append(f"compress.quantize={args.quantize}")
+    if args.prune == "2:4":
+        overrides += ["compress.prune=0.5", "compress.prune_pattern='2:4'"]
+    elif args.prune:
+        overrides.append(f"compress.prune={args.prune}")
+    if args.heal_steps is not None:
+        overrides.append(f"compress.heal_steps={args.heal_steps}")
+    result = compress_run(args.run_dir, overrides)
+    shown = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    print(f"wrote {result.model_dir}: {shown}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from distill.export import export_model
+
+    for kind, artifact in export_model(args.model, args.out, args.gguf or []).items():
+        print(f"{kind}: {artifact}")
+
+
 def _report(args: argparse.Namespace) -> None:
     from distill.report import build_report
 
-    build_report(args.run_dir)
+    evaluation_file = os.path.join(args.run_dir, "evaluation.json")
+    task = None
+    if os.path.isfile(evaluation_file):
+        with open(evaluation_file, encoding="utf-8") as handle:
+            task = json.load(handle).get("task")
+    if task in ("classification", "embedding"):  # encoder runs: distill.modules' report
+        from distill.modules import write_report
+
+        write_report(args.run_dir, f"{os.path.basename(os.path.normpath(args.run_dir))} ({task})")
+    else:
+        build_report(args.run_dir)
     print(f"wrote {os.path.join(args.run_dir, 'report.md')}")
 
 
@@ -89,7 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    handlers = {"run": _run, "config": _config, "report": _report}
+    handlers = {"run": _run, "config": _config, "report": _report, "cache": _cache}
+    handlers |= {"eval": _eval, "compress": _compress, "export": _export}
+    handlers["student"] = _student
     try:
         handlers[args.command](args)
     except DistillError as err:

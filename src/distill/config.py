@@ -20,10 +20,16 @@ __all__ = [
     "RunConfig",
     "TeacherConfig",
     "StudentConfig",
+    "IntermediateConfig",
     "DataConfig",
     "LossConfig",
     "TrainConfig",
     "EvalConfig",
+    "CompressConfig",
+    "CacheConfig",
+    "CheckpointConfig",
+    "ParallelConfig",
+    "EncoderConfig",
     "load_config",
     "apply_overrides",
     "describe_defaults",
@@ -46,6 +52,11 @@ class TeacherConfig(_Section):
     trust_remote_code: bool = Field(
         False, description="Allow custom modelling code from the model directory (off by default)."
     )
+    cache: str | None = Field(
+        None,
+        description="Directory of a top-k teacher cache: `distill cache` writes it, `distill run` "
+        "then trains from it without the teacher in memory (loaded again only for evaluation).",
+    )
 
 
 class StudentConfig(_Section):
@@ -62,9 +73,46 @@ class StudentConfig(_Section):
         None, ge=1, description="Keep teacher layers 0, k, 2k, ... (DistilBERT-style for k=2)."
     )
     keep_first: int = Field(
-        8, ge=0, description="When neither layers nor every_k is set: keep this many first layers"
+        8,
+        ge=0,
+        description="With search=none: keep this many first layers (keep_first + keep_last is "
+        "also the searched student's default size)",
     )
     keep_last: int = Field(7, ge=0, description="... and this many last layers of the teacher.")
+    search: Literal["none", "shortgpt", "angular", "greedy_kl"] = Field(
+        "greedy_kl",
+        description="When neither layers nor every_k is set: choose num_layers teacher layers on "
+        "calibration blocks of the training data. shortgpt = most influential layers, 1 - "
+        "cos(input, output) (ShortGPT); angular = drop the contiguous block whose ends are "
+        "closest in angular distance (Gromov et al. 2024); greedy_kl = drop one layer at a time, "
+        "the one whose removal raises KL(teacher || student) least; none = keep_first/keep_last.",
+    )
+    num_layers: int | None = Field(
+        None, ge=1, description="Layers a searched student keeps; empty = keep_first + keep_last."
+    )
+    calibration_blocks: int = Field(
+        4,
+        ge=1,
+        description="Training blocks (drawn by seed) for the layer search and width importance.",
+    )
+    search_tokens: int = Field(
+        64, ge=2, description="Leading tokens of each calibration block the layer search runs on."
+    )
+    ffn: int | None = Field(
+        None, ge=1, description="Width pruning: MLP intermediate size (empty = the teacher's)."
+    )
+    heads: int | None = Field(
+        None, ge=1, description="Width pruning: query heads per layer, a multiple of kv_heads."
+    )
+    kv_heads: int | None = Field(
+        None,
+        ge=1,
+        description="Width pruning: key/value heads (grouped-query attention groups "
+        "kept whole); empty = the teacher's, or heads if fewer.",
+    )
+    hidden: int | None = Field(
+        None, ge=1, description="Width pruning: hidden (embedding) channels."
+    )
 
     @model_validator(mode="after")
     def _one_recipe(self) -> StudentConfig:
@@ -78,6 +126,41 @@ class StudentConfig(_Section):
         if not chosen and self.keep_first + self.keep_last == 0:
             raise ValueError("student.keep_first + student.keep_last must be at least 1")
         return self
+
+
+class IntermediateConfig(_Section):
+    """Intermediate-layer distillation next to the logit loss (distill.student.intermediate)."""
+
+    hidden_weight: float = Field(
+        0.0, ge=0.0, description="Weight of the hidden-state loss between mapped layers; 0 = off."
+    )
+    hidden_loss: Literal["mse", "cosine"] = Field(
+        "mse",
+        description="mse = mean squared error per token; cosine = 1 - cosine per token "
+        "(a learned linear projection maps student to teacher width when they differ).",
+    )
+    layer_map: list[int] | None = Field(
+        None,
+        description="Teacher layer matched to each student layer (hidden loss); empty = the "
+        "layer each student layer was copied from, else uniform (student i <- teacher "
+        "round((i+1) L_t / L_s) - 1).",
+    )
+    attention_weight: float = Field(
+        0.0, ge=0.0, description="Weight of the attention loss on attention_layers; 0 = off."
+    )
+    attention_loss: Literal["auto", "attention_kl", "value_relation"] = Field(
+        "auto",
+        description="attention_kl = KL between attention distributions (MiniLM/TinyBERT; same "
+        "head count, eager attention); value_relation = KL between value-relation matrices "
+        "(MiniLMv2; any head count); auto = attention_kl when head counts match.",
+    )
+    attention_layers: list[int] = Field(
+        default_factory=lambda: [-1],
+        description="Student layers whose attention is distilled (negative counts from the end).",
+    )
+    relation_heads: int = Field(
+        0, ge=0, description="value_relation: relation heads; 0 = the teacher's key/value heads."
+    )
 
 
 class DataConfig(_Section):
@@ -103,6 +186,78 @@ class LossConfig(_Section):
         le=1.0,
         description="Weight of the hard-label cross-entropy; 1 - alpha goes to KD.",
     )
+    sparse: Literal["tail_bucket", "renormalized"] = Field(
+        "tail_bucket",
+        description="KD on a top-k teacher cache: tail_bucket = KL over the k kept tokens plus "
+        "one bucket with the rest of the mass; renormalized = KL of both renormalised over top-k.",
+    )
+    divergence: Literal[
+        "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv"
+    ] = Field(
+        "forward_kl",
+        description="Soft-target divergence D(teacher p, student q): forward_kl = KL(p||q); "
+        "reverse_kl = KL(q||p) (MiniLLM); jsd = GKD's generalized JSD (beta); skew_forward_kl "
+        "/ skew_reverse_kl = DistiLLM's skew KLs (skew); tv = total variation 1/2 sum |p - q|.",
+    )
+    beta: float = Field(
+        0.5,
+        gt=0.0,
+        lt=1.0,
+        description="jsd: beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q; 0.5 = "
+        "symmetric JSD; near 0 it acts like beta * forward KL, near 1 like (1-beta) * reverse KL.",
+    )
+    skew: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="skew KLs: lambda of KL(p || lambda p + (1-lambda) q) and "
+        "KL(q || lambda q + (1-lambda) p); 0 = the plain KL.",
+    )
+    scale_by_t2: bool = Field(
+        True,
+        description="Multiply the divergence by T^2 (Hinton et al.), so the soft-target "
+        "gradients keep their size relative to the hard term's as T changes.",
+    )
+    temperature_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant",
+        description="T over the optimizer steps: from temperature at the first step to "
+        "temperature_end at the last (linear or cosine); constant ignores temperature_end.",
+    )
+    temperature_end: float | None = Field(
+        None, gt=0.0, description="Final T of a linear/cosine temperature schedule (required)."
+    )
+    alpha_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="alpha over the optimizer steps, like temperature_schedule."
+    )
+    alpha_end: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="Final alpha of a linear/cosine alpha schedule (required).",
+    )
+    fused: bool = Field(
+        True,
+        description="Fused chunked loss from the student's last hidden states: the "
+        "[tokens, vocab] student logits are never built (same loss and gradients as the "
+        "unfused path to float32 rounding, tested to 1e-5 relative; far less memory).",
+    )
+    chunk_size: int = Field(
+        0, ge=0, description="fused: tokens per chunk; 0 = as many as fit in memory_budget_mb."
+    )
+    memory_budget_mb: float = Field(
+        512.0,
+        gt=0.0,
+        description="fused: memory for the per-chunk [chunk, vocab] float buffers (4-5 of them); "
+        "more means bigger chunks (faster matmuls), e.g. 682 tokens at vocab 49152.",
+    )
+
+    @model_validator(mode="after")
+    def _schedules_have_ends(self) -> LossConfig:
+        for name in ("temperature", "alpha"):
+            scheduled = getattr(self, f"{name}_schedule") != "constant"
+            if scheduled and getattr(self, f"{name}_end") is None:
+                raise ValueError(f"loss.{name}_schedule needs loss.{name}_end")
+        return self
 
 
 class TrainConfig(_Section):
@@ -141,8 +296,129 @@ class EvalConfig(_Section):
     )
 
 
+class EncoderConfig(_Section):
+    """Knobs of the encoder tasks (``task: classification | embedding``); see distill.encoders."""
+
+    label_field: str = Field(
+        "label", description="classification: column/field holding the label in .csv/.jsonl rows."
+    )
+    max_length: int = Field(128, ge=4, description="Tokens per text (longer texts are truncated).")
+    pooling: Literal["auto", "mean", "cls"] = Field(
+        "auto",
+        description="embedding: how token states become one vector; auto = the teacher's "
+        "sentence-transformers 1_Pooling config, else mean over non-padding tokens.",
+    )
+    normalize: bool | None = Field(
+        None,
+        description="embedding: L2-normalise output embeddings; empty = as the teacher's "
+        "modules.json says (Normalize module), else no.",
+    )
+    mse_weight: float = Field(
+        1.0, ge=0.0, description="embedding: weight of MSE between pooled embeddings (mean/dim)."
+    )
+    cosine_weight: float = Field(
+        1.0, ge=0.0, description="embedding: weight of 1 - cosine(student, teacher) embeddings."
+    )
+    relational_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="embedding: weight of the MSE between in-batch cosine-similarity matrices.",
+    )
+    hidden_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="MSE between student layer i and the teacher layer it was copied from "
+        "(layer-dropped students only).",
+    )
+    attention_weight: float = Field(
+        0.0,
+        ge=0.0,
+        description="KL between the attention maps of student layer i and its teacher layer "
+        "(needs eager attention; layer-dropped students only).",
+    )
+    eval_texts: int = Field(
+        1000, ge=2, description="Held-out texts (sentences or rows) used for evaluation."
+    )
+    eval_batch_size: int = Field(64, ge=1, description="Texts per evaluation forward pass.")
+    retrieval_k: int = Field(
+        10, ge=1, description="embedding: neighbours compared in the retrieval agreement."
+    )
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(
+        20,
+        ge=0,
+        description="Save a checkpoint every N optimizer steps (and at the end); 0 = end only.",
+    )
+    keep: int = Field(2, ge=1, description="Checkpoints kept per training phase (oldest removed).")
+
+
+class ParallelConfig(_Section):
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto",
+        description="torch.distributed backend under torchrun: auto = nccl with CUDA, else gloo.",
+    )
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16 autocast for the forward passes on GPU (ignored on CPU)."
+    )
+
+
+class CacheConfig(_Section):
+    k: int = Field(64, ge=1, description="distill cache: teacher logits kept per token (top-k).")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="distill cache: storage dtype of the kept log-probabilities."
+    )
+    temperatures: list[float] = Field(
+        default_factory=lambda: [1.0, 2.0],
+        description="distill cache: temperatures whose full-row log-normaliser is stored (the "
+        "tail-bucket loss is exact at these T only); loss.temperature is always added.",
+    )
+    shard_blocks: int = Field(64, ge=1, description="distill cache: training blocks per shard.")
+    batch_size: int = Field(4, ge=1, description="distill cache: blocks per teacher forward.")
+
+
+class CompressConfig(_Section):
+    quantize: Literal["none", "int8", "int8-weight-only"] = Field(
+        "none",
+        description="distill compress: int8 = PyTorch dynamic int8 Linear layers; "
+        "int8-weight-only = torchao int8 weights (pip install 'distill[compress]'); none = float.",
+    )
+    prune: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="distill compress: share of each decoder Linear's weights zeroed by magnitude "
+        "(0.5 with prune_pattern 2:4).",
+    )
+    prune_pattern: Literal["unstructured", "2:4"] = Field(
+        "unstructured",
+        description="distill compress: unstructured = smallest |w| per layer; '2:4' (quoted in "
+        "YAML) = the 2 largest of every 4.",
+    )
+    heal_steps: int = Field(
+        0, ge=0, description="distill compress: distillation steps after pruning (masks kept)."
+    )
+    heal_lr: float = Field(5e-5, gt=0.0, description="distill compress: peak lr of the healing.")
+
+    @model_validator(mode="after")
+    def _pattern_amount(self) -> CompressConfig:
+        if self.prune_pattern == "2:4" and self.prune != 0.5:
+            raise ValueError(
+                "compress.prune_pattern 2:4 prunes exactly half: set compress.prune=0.5"
+            )
+        return self
+
+
 class RunConfig(_Section):
     name: str = Field("default", description="Run name: outputs go to <output_dir>/<name>/.")
+    task: Literal["causal_lm", "classification", "embedding"] = Field(
+        "causal_lm",
+        description="causal_lm: next-token KD of LLMs; classification: sequence-classifier KD "
+        "on .csv/.jsonl text+label rows; embedding: sentence-embedder KD on unlabelled "
+        "sentences (default teacher all-MiniLM-L6-v2). Encoder students default to every "
+        "second teacher layer (student.every_k / layers / path choose otherwise).",
+    )
     output_dir: str = Field("runs", description="Parent directory of run folders.")
     seed: int = Field(0, description="Seed for data order, initialisation and sampling.")
     baseline: bool = Field(
@@ -151,10 +427,16 @@ class RunConfig(_Section):
     )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
+    intermediate: IntermediateConfig = Field(default_factory=IntermediateConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
 
     @property
     def run_dir(self) -> Path:

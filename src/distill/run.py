@@ -39,11 +39,15 @@ from distill.models import (
     shared_vocab_rows,
 )
 from distill.report import build_report
-from distill.student import build_student, select_layers
+from distill.student import calibration_blocks, make_student, needs_calibration
+from distill.student.intermediate import IntermediateDistiller, is_enabled
 from distill.teacher import LiveTeacher
+from distill.teacher.cache import open_run_cache, read_manifest
 from distill.train import train
+from distill.train.distributed import init_distributed
+from distill.train.loop import CheckpointPlan
 
-__all__ = ["distill", "RunResult", "prepare_models", "prepare_data"]
+__all__ = ["distill", "resume_config", "RunResult", "prepare_models", "prepare_data"]
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +61,24 @@ class RunResult:
 
 @dataclass
 class Models:
-    teacher: PreTrainedModel
+    teacher: PreTrainedModel | None  # None while training from a teacher cache
     student: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     vocab_rows: int
     teacher_source: str
+    layers: list[int] | None = None  # teacher layer each student layer was built from
 
 
 def prepare_models(config: RunConfig) -> Models:
     """Load the teacher, then load or build the student, and check they share a tokenizer."""
     teacher_source = str(config.teacher.path or default_teacher_path())
     tokenizer = load_tokenizer(teacher_source, config.teacher.trust_remote_code)
-    teacher = load_causal_lm(teacher_source, config.teacher.dtype, config.teacher.trust_remote_code)
+    # From a cache, the teacher's weights are needed only to build a student from its layers.
+    teacher = (
+        None
+        if config.teacher.cache and config.student.path is not None
+        else load_causal_lm(teacher_source, config.teacher.dtype, config.teacher.trust_remote_code)
+    )
     if config.student.path is not None:
         student = load_causal_lm(
             config.student.path, config.teacher.dtype, config.teacher.trust_remote_code
@@ -76,19 +86,29 @@ def prepare_models(config: RunConfig) -> Models:
         student_tokenizer = load_tokenizer(config.student.path, config.teacher.trust_remote_code)
         student_name = config.student.path
     else:
-        layers = select_layers(teacher.config.num_hidden_layers, config.student)
-        log.info("student keeps teacher layers %s", layers)
-        student = build_student(teacher, layers)
+        calibration = None
+        if needs_calibration(config.student):  # a layer search or width pruning
+            train_blocks = prepare_data(config, tokenizer)[0]
+            calibration = calibration_blocks(
+                train_blocks, config.student.calibration_blocks, config.seed
+            )
+        built = make_student(teacher, config.student, calibration)
+        student, layers = built.model, built.layers
         student_tokenizer, student_name = tokenizer, "student"
     vocab_rows = shared_vocab_rows(
         tokenizer,
         student_tokenizer,
-        teacher.get_output_embeddings().weight.shape[0],
+        teacher.get_output_embeddings().weight.shape[0]
+        if teacher is not None
+        else read_manifest(config.teacher.cache)["teacher"]["vocab_rows"],
         student.get_output_embeddings().weight.shape[0],
         teacher_name=teacher_source,
         student_name=student_name,
     )
-    return Models(teacher, student, tokenizer, vocab_rows, teacher_source)
+    if config.teacher.cache:  # freed before training; loaded again only for evaluation
+        teacher = None
+    origin = layers if config.student.path is None else None
+    return Models(teacher, student, tokenizer, vocab_rows, teacher_source, origin)
 
 
 def prepare_data(
@@ -115,7 +135,9 @@ def _print_plan(
     optimizer_bytes = 2 * student_params * 4  # AdamW's two float32 moments, created at step 1
     runs = 2 if config.baseline else 1
     plan = {
-        "teacher_params": count_params(models.teacher),
+        "teacher_params": count_params(models.teacher)
+        if models.teacher is not None
+        else read_manifest(config.teacher.cache)["teacher"]["params"],
         "student_params": student_params,
         "tokens_per_step": tokens_per_step,
         "train_blocks": n_train_blocks,
@@ -125,7 +147,8 @@ def _print_plan(
     }
     lines = [
         "plan:",
-        f"  teacher {plan['teacher_params']:,} params ({models.teacher_source})",
+        f"  teacher {plan['teacher_params']:,} params ({models.teacher_source})"
+        + (f", from the cache {config.teacher.cache}" if config.teacher.cache else ""),
         f"  student {student_params:,} params, {models.student.config.num_hidden_layers} layers",
         f"  {tokens_per_step} tokens/step = {train_cfg.batch_size} x {config.data.block_size} x "
         f"accumulation {train_cfg.grad_accum}; {n_train_blocks} training blocks",
@@ -149,11 +172,60 @@ def _measure_speed(config: RunConfig, model_dirs: dict[str, Path], threads: int)
     return results
 
 
-def distill(config: RunConfig | dict | str | Path, overrides: list[str] | None = None) -> RunResult:
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume_config(
+    run_dir: str | Path,
+    config_path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    force: bool = False,
+) -> RunConfig:
+    """The config to resume ``run_dir`` with: its saved config.yaml, plus any file/overrides.
+
+    A change to any key is refused (naming the keys) unless ``force``.
+    """
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a distill run directory)")
+    saved = load_config(saved_path)
+    requested = saved
+    if config_path is not None or overrides:
+        base = saved.model_dump()
+        if config_path is not None:
+            base = load_config(config_path).model_dump()
+        requested = load_config(overrides=overrides, base=base)
+    old, new = _flatten(saved.model_dump(mode="json")), _flatten(requested.model_dump(mode="json"))
+    changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    if changed and not force:
+        raise ConfigError(
+            f"--resume {run_dir}: config differs from the saved run in {', '.join(changed)}; "
+            "pass --force to resume anyway"
+        )
+    if changed:
+        log.warning("resuming with changed keys: %s", ", ".join(changed))
+    return requested
+
+
+def distill(
+    config: RunConfig | dict | str | Path,
+    overrides: list[str] | None = None,
+    *,
+    resume: bool = False,
+) -> RunResult:
     """Run distillation end to end and return the run directory and its report.
 
     ``config`` is a :class:`RunConfig`, a dict of sections, or a YAML path; ``overrides`` are
-    ``key=value`` strings applied on top.
+    ``key=value`` strings applied on top. With ``resume``, training continues exactly from the
+    newest valid checkpoint in the run directory (see :func:`resume_config`). Under ``torchrun``
+    every rank runs this function; rank 0 alone writes files, evaluates and reports.
     """
     if isinstance(config, RunConfig):
         config = load_config(overrides=overrides, base=config.model_dump())
@@ -162,20 +234,43 @@ def distill(config: RunConfig | dict | str | Path, overrides: list[str] | None =
     else:
         config = load_config(config, overrides)
     run_dir = config.run_dir
-    if (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"run directory {run_dir} already holds a run: choose another name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-    )
+    context = init_distributed(config.parallel.backend)
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(
+            f"run directory {run_dir} already holds a run: choose another name (--name) or "
+            f"continue it with --resume {run_dir}"
+        )
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(
+            run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+        )
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     threads = torch.get_num_threads()
     torch.manual_seed(config.seed)
+    if config.task != "causal_lm":  # classification / embedding: the encoder path
+        from distill.encoders import run_encoder
+
+        encoder_run = run_encoder(config)
+        return RunResult(encoder_run.run_dir, encoder_run.report, encoder_run.student)
 
     models = prepare_models(config)
+    if torch.cuda.is_available():
+        if models.teacher is not None:
+            models.teacher.to(f"cuda:{context.local_rank}")
+        models.student.to(f"cuda:{context.local_rank}")
     train_blocks, heldout_blocks = prepare_data(config, models.tokenizer)
-    teacher = LiveTeacher(models.teacher, models.vocab_rows)
+    if config.teacher.cache:  # refuses a cache that does not match this run (exit 2)
+        teacher = open_run_cache(
+            config,
+            teacher_source=models.teacher_source,
+            tokenizer=models.tokenizer,
+            train_blocks=train_blocks,
+            vocab_rows=models.vocab_rows,
+        )
+    else:
+        teacher = LiveTeacher(models.teacher, models.vocab_rows)
     student_before = copy.deepcopy(models.student).eval()
 
     plan: dict[str, Any] = {}
@@ -183,38 +278,77 @@ def distill(config: RunConfig | dict | str | Path, overrides: list[str] | None =
     def on_warmup(warmup: dict[str, float]) -> None:
         plan.update(_print_plan(config, models, warmup, train_blocks.shape[0]))
 
-    batches = BlockBatches(train_blocks, config.train.batch_size, config.seed)
+    global_batch = config.train.batch_size * config.train.grad_accum * context.world_size
+    if context.is_main:
+        log.info(
+            "global batch = %d blocks = per-device batch %d x accumulation %d x world size %d",
+            global_batch,
+            config.train.batch_size,
+            config.train.grad_accum,
+            context.world_size,
+        )
+
+    def checkpoint_plan(folder: str) -> CheckpointPlan:
+        every, keep = config.checkpoint.every, config.checkpoint.keep
+        return CheckpointPlan(run_dir / folder, every, keep, resume)
+
+    def global_batches() -> BlockBatches:
+        return BlockBatches(train_blocks, config.train.batch_size * context.world_size, config.seed)
+
+    distiller = None
+    if is_enabled(config.intermediate):  # hooks on the mapped layers; removed after training
+        if models.teacher is None:
+            raise ConfigError(
+                "intermediate-layer distillation needs the live teacher: unset teacher.cache"
+            )
+        distiller = IntermediateDistiller(
+            models.student, models.teacher, config.intermediate, models.layers
+        )
     train(
         models.student,
         teacher,
-        batches,
+        global_batches(),
         config.loss,
         config.train,
         vocab_rows=models.vocab_rows,
         metrics_path=run_dir / "metrics.jsonl",
         description="distill",
         on_warmup=on_warmup,
+        checkpoints=checkpoint_plan("checkpoints"),
+        context=context,
+        extra_terms=distiller,
     )
+    if distiller is not None:
+        distiller.remove()
     compared = {"student_before": student_before, "student_after": models.student}
     if config.baseline:
         labels_only = copy.deepcopy(student_before).train()
-        labels_loss = config.loss.model_copy(update={"alpha": 1.0})
+        labels_loss = config.loss.model_copy(update={"alpha": 1.0, "alpha_schedule": "constant"})
         train(
             labels_only,
             None,
-            BlockBatches(train_blocks, config.train.batch_size, config.seed),
+            global_batches(),
             labels_loss,
             config.train,
             vocab_rows=models.vocab_rows,
             metrics_path=run_dir / "metrics_labels_only.jsonl",
             description="labels only",
+            checkpoints=checkpoint_plan("checkpoints_labels_only"),
+            context=context,
         )
         compared["student_labels_only"] = labels_only
+    if not context.is_main:
+        return RunResult(run_dir, {}, models.student)
 
     with atomic_directory(run_dir / "student") as tmp:
         models.student.save_pretrained(tmp, safe_serialization=True)
         models.tokenizer.save_pretrained(tmp)
 
+    if models.teacher is None:  # trained from the cache: the teacher is needed to evaluate
+        models.teacher = load_causal_lm(
+            models.teacher_source, config.teacher.dtype, config.teacher.trust_remote_code
+        ).to(models.student.device)
+        teacher = LiveTeacher(models.teacher, models.vocab_rows)
     quality = heldout_metrics(
         compared,
         teacher,

@@ -17,7 +17,7 @@ from distill.losses import IGNORE_INDEX
 from distill.teacher import Teacher
 from distill.train.loop import labels_for, student_logits
 
-__all__ = ["heldout_metrics"]
+__all__ = ["heldout_metrics", "heldout_quality", "model_logits"]
 
 
 @torch.no_grad()
@@ -60,6 +60,61 @@ def heldout_metrics(
             "perplexity": math.exp(values["nll"] / n_tokens),
             "kl_to_teacher": values["kl"] / n_tokens,
             "top1_agreement": values["agree"] / n_tokens,
+        }
+        for name, values in sums.items()
+    }
+
+
+def model_logits(model: PreTrainedModel, input_ids: torch.Tensor, vocab_rows: int) -> torch.Tensor:
+    """Logits ``[B, T, vocab_rows]`` from the model's own forward (works for quantized heads)."""
+    return model(input_ids=input_ids, use_cache=False).logits[..., :vocab_rows].float()
+
+
+@torch.no_grad()
+def heldout_quality(
+    models: dict[str, PreTrainedModel],
+    teacher: Teacher,
+    blocks: torch.Tensor,
+    *,
+    vocab_rows: int,
+    batch_size: int,
+) -> dict[str, dict[str, float]]:
+    """Like :func:`heldout_metrics`, plus ``top5_agreement``, for any model with a forward.
+
+    ``top5_agreement``: share of tokens whose teacher top-1 token is among the model's 5 most
+    likely tokens. Models are run through their own forward (not the head weight), so int8 and
+    GGUF-loaded models are scored the same way as float ones.
+    """
+    names = ["teacher", *models]
+    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0, "agree5": 0.0} for name in names}
+    n_tokens = 0
+    for start in range(0, blocks.shape[0], batch_size):
+        input_ids = blocks[start : start + batch_size]
+        keep = labels_for(input_ids).reshape(-1) != IGNORE_INDEX
+        targets = labels_for(input_ids).reshape(-1)[keep]
+        teacher_logprobs = F.log_softmax(
+            teacher.logits(input_ids).reshape(-1, vocab_rows)[keep].double(), dim=-1
+        )  # (n, V)
+        teacher_top1 = teacher_logprobs.argmax(dim=-1)
+        n_tokens += int(keep.sum())
+        for name in names:
+            if name == "teacher":
+                logprobs = teacher_logprobs
+            else:
+                logits = model_logits(models[name].eval(), input_ids, vocab_rows)
+                logprobs = F.log_softmax(logits.reshape(-1, vocab_rows)[keep].double(), dim=-1)
+            sums[name]["nll"] -= float(logprobs.gather(1, targets[:, None]).sum())
+            kl_rows = (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(dim=-1)
+            sums[name]["kl"] += float(kl_rows.sum())
+            sums[name]["agree"] += float((logprobs.argmax(dim=-1) == teacher_top1).sum())
+            top5 = logprobs.topk(min(5, vocab_rows), dim=-1).indices  # (n, 5)
+            sums[name]["agree5"] += float((top5 == teacher_top1[:, None]).any(dim=-1).sum())
+    return {
+        name: {
+            "perplexity": math.exp(values["nll"] / n_tokens),
+            "kl_to_teacher": values["kl"] / n_tokens,
+            "top1_agreement": values["agree"] / n_tokens,
+            "top5_agreement": values["agree5"] / n_tokens,
         }
         for name, values in sums.items()
     }

@@ -15,6 +15,7 @@ import yaml
 
 from distill.errors import DistillError
 from distill.io import atomic_write_json, atomic_write_text
+from distill.report.html import write_html
 
 __all__ = ["build_report", "read_jsonl", "MODEL_ORDER", "METRICS"]
 
@@ -170,4 +171,8 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
     atomic_write_json(run_path / "report.json", report)
     atomic_write_text(run_path / "report.md", _markdown(report))
     _plot_losses(run_path / "loss.png", curves, models)
+    html_curves = dict(curves)
+    for heal_path in sorted(run_path.glob("metrics_heal_*.jsonl")):
+        html_curves[heal_path.stem.removeprefix("metrics_")] = read_jsonl(heal_path)
+    write_html(run_path, report, html_curves, MODEL_ORDER)
     return report

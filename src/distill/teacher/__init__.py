@@ -10,15 +10,19 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from distill.losses.sparse import SparseTargets
+from distill.teacher.cache import CachedTeacher
 from distill.teacher.live import LiveTeacher
 
-__all__ = ["Teacher", "LiveTeacher"]
+__all__ = ["Teacher", "LiveTeacher", "CachedTeacher", "SparseTargets"]
 
 
 @runtime_checkable
 class Teacher(Protocol):
     vocab_rows: int
 
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Teacher logits ``[B, T, V]`` (float32) for ``input_ids`` ``[B, T]``, without gradients."""
+    def soft_targets(self, input_ids: torch.Tensor) -> torch.Tensor | SparseTargets:
+        """Soft targets for ``input_ids`` ``[B, T]``, without gradients: full float32 logits
+        ``[B, T, V]`` (a live model) or the top-k :class:`SparseTargets` (a cache);
+        ``distill.losses.sparse.soft_target_loss`` takes either."""
         ...

@@ -19,3 +19,7 @@ class LiveTeacher:
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, use_cache=False)
         return out.logits[..., : self.vocab_rows].float()  # (B, T, V)
+
+    def soft_targets(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The :class:`~distill.teacher.Teacher` protocol: full logits ``[B, T, V]``."""
+        return self.logits(input_ids)

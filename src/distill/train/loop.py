@@ -10,6 +10,7 @@ Before step 1 of the run, one warm-up micro-batch is timed and measured for the 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -22,13 +23,31 @@ from transformers import PreTrainedModel
 
 from distill.config import LossConfig, TrainConfig
 from distill.data import BlockBatches
-from distill.io import append_jsonl
-from distill.losses import IGNORE_INDEX, LossTerms, distillation_loss
+from distill.errors import DistillError
+from distill.io import append_jsonl, atomic_write_text
+from distill.losses import IGNORE_INDEX, LossTerms
+from distill.losses.objective import head_distillation_loss
+from distill.losses.schedule import scheduled_value
 from distill.sysinfo import peak_rss_bytes
 from distill.teacher import Teacher
+from distill.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from distill.train.distributed import DistContext, all_reduce_gradients, all_reduce_sum
 from distill.train.optim import build_optimizer
 
-__all__ = ["TrainState", "student_logits", "train", "labels_for", "measure_warmup"]
+__all__ = [
+    "CheckpointPlan",
+    "TrainState",
+    "student_logits",
+    "train",
+    "labels_for",
+    "measure_warmup",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +75,16 @@ def student_logits(
 ) -> torch.Tensor:
     """Student logits ``[B, T, vocab_rows]``: decoder hidden states, then the output head rows."""
     hidden = student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
+    return torch.nn.functional.linear(hidden, *output_head(student, vocab_rows))
+
+
+def output_head(
+    student: PreTrainedModel, vocab_rows: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output projection's first ``vocab_rows`` rows ``[V, H]`` and its bias ``[V]`` (or None)."""
     head = student.get_output_embeddings()
-    weight = head.weight[:vocab_rows]
     bias = head.bias[:vocab_rows] if getattr(head, "bias", None) is not None else None
-    return torch.nn.functional.linear(hidden, weight, bias)
+    return head.weight[:vocab_rows], bias
 
 
 def micro_batch_terms(
@@ -68,19 +93,41 @@ def micro_batch_terms(
     input_ids: torch.Tensor,
     loss_config: LossConfig,
     vocab_rows: int,
+    *,
+    step: int = 0,
+    total_steps: int = 1,
 ) -> LossTerms:
-    """Summed loss terms of one micro-batch ``[B, T]``."""
+    """Summed loss terms of one micro-batch ``[B, T]`` at optimizer step ``step`` (0-based).
+
+    The student forward stops before its head: the loss takes the hidden states and the head
+    (fused: the ``[B*T, V]`` student logits are never built) and dispatches on the targets' kind.
+    """
+    cfg = loss_config
+    temperature = scheduled_value(
+        cfg.temperature_schedule, cfg.temperature, cfg.temperature_end, step, total_steps
+    )
+    alpha = scheduled_value(cfg.alpha_schedule, cfg.alpha, cfg.alpha_end, step, total_steps)
     labels = labels_for(input_ids)
-    needs_teacher = loss_config.alpha < 1.0
-    teacher_logits = teacher.logits(input_ids) if needs_teacher and teacher is not None else None
-    logits = student_logits(student, input_ids, vocab_rows)
-    vocab = logits.shape[-1]
-    return distillation_loss(
-        logits.reshape(-1, vocab),  # (B*T, V)
-        None if teacher_logits is None else teacher_logits.reshape(-1, vocab),
+    needs_teacher = alpha < 1.0
+    targets = teacher.soft_targets(input_ids) if needs_teacher and teacher is not None else None
+    hidden = student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
+    weight, bias = output_head(student, vocab_rows)
+    return head_distillation_loss(
+        hidden.reshape(-1, hidden.shape[-1]),  # (B*T, H)
+        weight,
+        bias,
+        targets,
         labels.reshape(-1),
-        temperature=loss_config.temperature,
-        alpha=loss_config.alpha,
+        temperature=temperature,
+        alpha=alpha,
+        divergence=cfg.divergence,
+        beta=cfg.beta,
+        skew=cfg.skew,
+        scale_by_t2=cfg.scale_by_t2,
+        fused=cfg.fused,
+        chunk_size=cfg.chunk_size,
+        memory_budget_mb=cfg.memory_budget_mb,
+        sparse=cfg.sparse,
     )
 
 
@@ -107,6 +154,16 @@ def measure_warmup(
     return {"micro_batch_seconds": seconds, "peak_rss_bytes": float(peak_rss_bytes())}
 
 
+@dataclass
+class CheckpointPlan:
+    """Where and how often ``train`` checkpoints, and whether it resumes from there."""
+
+    directory: Path
+    every: int = 0
+    keep: int = 2
+    resume: bool = False
+
+
 def train(
     student: PreTrainedModel,
     teacher: Teacher | None,
@@ -118,28 +175,73 @@ def train(
     metrics_path: Path | None = None,
     description: str = "distill",
     on_warmup: Callable[[dict[str, float]], None] | None = None,
+    checkpoints: CheckpointPlan | None = None,
+    context: DistContext | None = None,
+    extra_terms: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
 ) -> TrainState:
-    """Train ``student`` in place for ``train_config.steps`` optimizer steps; see the module map."""
+    """Train ``student`` in place for ``train_config.steps`` optimizer steps; see the module map.
+
+    ``batches`` yields global micro-batches (per-device batch x world size); each rank trains on
+    its own rows. Only rank 0 writes metrics and checkpoints. ``extra_terms(input_ids)``, called
+    after each micro-batch's forward, returns more summed loss terms (intermediate layers) that
+    are added to the loss and logged under their names; an ``nn.Module`` one has its own
+    parameters trained too (a projection), though they are not checkpointed.
+    """
+    context = context or DistContext()
     student.train()
-    optimizer, scheduler = build_optimizer(student, train_config)
+    trainable = student
+    if isinstance(extra_terms, torch.nn.Module):
+        trainable = torch.nn.ModuleList([student, extra_terms])
+    optimizer, scheduler = build_optimizer(trainable, train_config)
     state = TrainState()
-    if on_warmup is not None:
-        probe = batches.blocks[: batches.batch_size]
+    elapsed_before = 0.0
+    if checkpoints is not None and checkpoints.resume:
+        elapsed_before = _resume(
+            state, student, optimizer, scheduler, batches, checkpoints, metrics_path, context
+        )
+    elif on_warmup is not None:
+        probe = _rank_rows(batches.blocks[: batches.batch_size], context)
         on_warmup(measure_warmup(student, teacher, probe, loss_config, vocab_rows))
     tokens_per_step = batches.batch_size * batches.blocks.shape[1] * train_config.grad_accum
-    bar = tqdm(total=train_config.steps, desc=description, unit="step", dynamic_ncols=True)
-    run_start = time.perf_counter()
+    bar = tqdm(
+        total=train_config.steps,
+        initial=state.step,
+        desc=description,
+        unit="step",
+        dynamic_ncols=True,
+        disable=None if context.is_main else True,
+    )
+    run_start = time.perf_counter() - elapsed_before
     while state.step < train_config.steps:
         step_start = time.perf_counter()
-        micro_batches = [batches.next_batch() for _ in range(train_config.grad_accum)]
-        window_tokens = sum(int((labels_for(ids) != IGNORE_INDEX).sum()) for ids in micro_batches)
+        global_batches = [batches.next_batch() for _ in range(train_config.grad_accum)]
+        window_tokens = int(
+            sum(int((labels_for(ids) != IGNORE_INDEX).sum()) for ids in global_batches)
+        )
         totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
-        for input_ids in micro_batches:
-            terms = micro_batch_terms(student, teacher, input_ids, loss_config, vocab_rows)
-            (terms.loss_sum / window_tokens).backward()
+        for input_ids in global_batches:
+            terms = micro_batch_terms(
+                student,
+                teacher,
+                _rank_rows(input_ids, context),
+                loss_config,
+                vocab_rows,
+                step=state.step,
+                total_steps=train_config.steps,
+            )
+            # Intermediate-layer terms (weighted sums from this forward's hooks), logged apart.
+            extra = extra_terms(_rank_rows(input_ids, context)) if extra_terms else {}
+            ((terms.loss_sum + sum(extra.values())) / window_tokens).backward()
+            for name, value in extra.items():
+                totals[name] = totals.get(name, 0.0) + value.item() / window_tokens
+                totals["loss"] += value.item() / window_tokens
             totals["loss"] += terms.loss_sum.item() / window_tokens
             totals["ce"] += terms.ce_sum.item() / window_tokens
             totals["kl"] += terms.kl_sum.item() / window_tokens
+        comm_start = time.perf_counter()
+        all_reduce_gradients(student, context)
+        comm_seconds = time.perf_counter() - comm_start
+        totals = dict(zip(totals, all_reduce_sum(list(totals.values()), context), strict=True))
         grad_norm = _clip_gradients(student, train_config.grad_clip)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -155,16 +257,82 @@ def train(
             "tokens": tokens_per_step,
             "tokens_per_s": tokens_per_step / seconds,
             "elapsed_s": time.perf_counter() - run_start,
+            "comm_s": comm_seconds,
         }
         if state.step % train_config.log_every == 0 or state.step == train_config.steps:
             state.history.append(record)
-            if metrics_path is not None:
+            if metrics_path is not None and context.is_main:
                 append_jsonl(metrics_path, record)
+        if checkpoints is not None and (
+            state.step == train_config.steps
+            or (checkpoints.every and state.step % checkpoints.every == 0)
+        ):
+            _save(state, student, optimizer, scheduler, batches, checkpoints, context)
         bar.set_postfix(loss=f"{totals['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
     bar.close()
     student.eval()
     return state
+
+
+def _rank_rows(global_batch: torch.Tensor, context: DistContext) -> torch.Tensor:
+    """This rank's rows of a global micro-batch ``[world * b, T]`` -> ``[b, T]``."""
+    if not context.enabled:
+        return global_batch
+    per_rank = global_batch.shape[0] // context.world_size
+    return global_batch[context.rank * per_rank : (context.rank + 1) * per_rank]
+
+
+def _trainer_state(
+    state: TrainState, scheduler, batches: BlockBatches, context: DistContext
+) -> dict:
+    rng_states = [rng_state()]
+    if context.enabled:
+        rng_states = [None] * context.world_size
+        torch.distributed.all_gather_object(rng_states, rng_state())
+    return {
+        "scheduler": scheduler.state_dict(),
+        "data": batches.state_dict(),
+        "rng": rng_states,
+        "history": state.history,
+    }
+
+
+def _save(state, student, optimizer, scheduler, batches, checkpoints, context) -> None:
+    trainer_state = _trainer_state(state, scheduler, batches, context)
+    if context.is_main:
+        save_checkpoint(
+            checkpoints.directory, state.step, student, optimizer, trainer_state, checkpoints.keep
+        )
+    if context.enabled:
+        torch.distributed.barrier()
+
+
+def _resume(
+    state, student, optimizer, scheduler, batches, checkpoints, metrics_path, context
+) -> float:
+    """Restore the newest valid checkpoint (if any); return the elapsed seconds it had logged."""
+    checkpoint = latest_checkpoint(checkpoints.directory)
+    if checkpoint is None:
+        if metrics_path is not None and context.is_main and metrics_path.exists():
+            metrics_path.unlink()
+        return 0.0
+    saved = load_checkpoint(checkpoint, student, optimizer)
+    scheduler.load_state_dict(saved["scheduler"])
+    batches.load_state_dict(saved["data"])
+    rng_states = saved["rng"]
+    if len(rng_states) != context.world_size:
+        raise DistillError(
+            f"checkpoint {checkpoint} was written by {len(rng_states)} process(es); resume it "
+            f"with the same number, not {context.world_size}"
+        )
+    set_rng_state(rng_states[context.rank])
+    state.step = saved["step"]
+    state.history = list(saved["history"])
+    if metrics_path is not None and context.is_main:
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in state.history))
+    log.info("resumed from %s at step %d", checkpoint, state.step)
+    return state.history[-1]["elapsed_s"] if state.history else 0.0
 
 
 def _clip_gradients(model: torch.nn.Module, max_norm: float) -> float:

@@ -1,4 +1,4 @@
-"""Building a student from the teacher by keeping a subset of its decoder layers."""
+"""Students from a subset of the teacher's decoder layers (depth pruning by layer keeping)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,31 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from distill.config import StudentConfig
 from distill.errors import ModelError
 
-__all__ = ["select_layers", "build_student"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "check_supported", "select_layers", "build_student"]
 
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+# Decoder-only families whose layers are self-contained ``model.layers.N`` blocks with
+# q/k/v/o attention projections and a gate/up/down MLP (SmolLM is a Llama).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def check_supported(model: PreTrainedModel, what: str) -> None:
+    """Raise :class:`ModelError` naming the architecture when ``what`` cannot handle it."""
+    model_type = getattr(model.config, "model_type", type(model).__name__)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelError(
+            f"{what} supports the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)}), not "
+            f"model_type '{model_type}' ({type(model).__name__}); set student.path to an "
+            "existing student instead"
+        )
 
 
 def select_layers(num_layers: int, config: StudentConfig) -> list[int]:
-    """Teacher layer indices the student keeps, sorted, per the config's recipe."""
+    """Teacher layer indices the student keeps, sorted, per the config's fixed recipe.
+
+    Searched recipes (``student.search``) need calibration data: see
+    :func:`distill.student.search.search_layers`.
+    """
     if config.layers is not None:
         chosen = []
         for index in config.layers:

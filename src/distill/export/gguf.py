@@ -1,0 +1,197 @@
+"""GGUF export (F16, Q8_0) of Llama-family students, for llama.cpp and the tools built on it.
+
+Tensor names and the rotary permutation of ``attn_q`` / ``attn_k`` follow llama.cpp's
+``convert_hf_to_gguf.py`` (llama.cpp rotates adjacent pairs, Hugging Face rotates halves).
+Norms stay float32; 2-D weights are F16 or Q8_0 (blocks of 32 int8 values with one F16 scale),
+quantized by the ``gguf`` package. A byte-level BPE tokenizer is written as ``gpt2``.
+:func:`verify_gguf` loads the file back through ``transformers``' GGUF loader and compares logits
+with the per-type tolerances in :data:`TOLERANCES`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.errors import ModelError
+
+__all__ = ["GGUF_TYPES", "TOLERANCES", "gguf_tensor_name", "export_gguf", "verify_gguf"]
+
+GGUF_TYPES = ("f16", "q8_0")
+# max |logit difference| / max |logit| allowed after the round trip, per weight type
+TOLERANCES = {"f16": 5e-3, "q8_0": 5e-2}
+
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """llama.cpp's name for a Hugging Face Llama tensor name."""
+    if hf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[hf_name]
+    parts = hf_name.split(".")  # model.layers.N.<module...>.weight
+    if parts[:2] != ["model", "layers"] or parts[-1] != "weight":
+        raise ModelError(f"no GGUF name for tensor {hf_name}")
+    module = ".".join(parts[3:-1])
+    if module not in _LAYER_NAMES:
+        raise ModelError(f"no GGUF name for tensor {hf_name}")
+    return f"blk.{parts[2]}.{_LAYER_NAMES[module]}.weight"
+
+
+def _permute_rotary(weight: np.ndarray, heads: int) -> np.ndarray:
+    """HF half-rotation rows -> llama.cpp pair-rotation rows, per head. ``[heads*d, in]``."""
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _check_llama(model: PreTrainedModel) -> None:
+    config = model.config
+    if config.model_type != "llama":
+        raise ModelError(f"GGUF export supports Llama-family models, not {config.model_type!r}")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ModelError(f"GGUF export: rope_type {rope.get('rope_type')!r} is not supported")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ModelError("GGUF export: Llama models with attention or MLP biases are not supported")
+
+
+def _add_metadata(writer, model: PreTrainedModel, kind: str, name: str) -> None:
+    import gguf
+
+    config = model.config
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_name(name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    file_type = gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tokenizer(writer, tokenizer: PreTrainedTokenizerBase, vocab_rows: int) -> None:
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
+    if spec.get("type") != "BPE":
+        raise ModelError(f"GGUF export supports byte-level BPE tokenizers, not {spec.get('type')}")
+    by_id = {index: token for token, index in tokenizer.get_vocab().items()}
+    special = set(tokenizer.all_special_ids)
+    tokens, types = [], []
+    for index in range(vocab_rows):
+        if index in by_id:
+            tokens.append(by_id[index])
+            types.append(gguf.TokenType.CONTROL if index in special else gguf.TokenType.NORMAL)
+        else:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for setter, token_id in (
+        (writer.add_bos_token_id, tokenizer.bos_token_id),
+        (writer.add_eos_token_id, tokenizer.eos_token_id),
+        (writer.add_pad_token_id, tokenizer.pad_token_id),
+    ):
+        if token_id is not None:
+            setter(token_id)
+
+
+def export_gguf(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    path: str | Path,
+    kind: str = "f16",
+    name: str = "distill-student",
+) -> Path:
+    """Write ``model`` (float, Llama family) and its tokenizer to a GGUF file of type ``kind``."""
+    import gguf
+    from gguf.quants import quantize
+
+    if kind not in GGUF_TYPES:
+        raise ValueError(f"kind must be one of {GGUF_TYPES}, got {kind!r}")
+    _check_llama(model)
+    config = model.config
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    _add_metadata(writer, model, kind, name)
+    _add_tokenizer(writer, tokenizer, config.vocab_size)
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue
+        data = tensor.detach().float().numpy()
+        if hf_name.endswith("q_proj.weight"):
+            data = _permute_rotary(data, config.num_attention_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            data = _permute_rotary(data, config.num_key_value_heads)
+        gguf_name = gguf_tensor_name(hf_name)
+        if data.ndim == 1:
+            writer.add_tensor(gguf_name, data.astype(np.float32))
+        elif kind == "f16":
+            writer.add_tensor(gguf_name, data.astype(np.float16))
+        else:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(gguf_name, quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(target)
+    return target
+
+
+@torch.no_grad()
+def verify_gguf(
+    model: PreTrainedModel, gguf_path: str | Path, input_ids: torch.Tensor, kind: str
+) -> float:
+    """Relative max logit difference between ``model`` and the GGUF file loaded by transformers.
+
+    Raises :class:`ModelError` when it exceeds ``TOLERANCES[kind]``.
+    """
+    path = Path(gguf_path)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    reference = model.eval()(input_ids=input_ids).logits
+    logits = loaded(input_ids=input_ids).logits
+    error = float((logits - reference).abs().max() / reference.abs().max())
+    if error > TOLERANCES[kind]:
+        raise ModelError(
+            f"{path}: logits differ from the original by {error:.2e} (relative), more than the "
+            f"{kind} tolerance {TOLERANCES[kind]:.0e}"
+        )
+    return error

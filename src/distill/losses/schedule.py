@@ -1,0 +1,33 @@
+"""Schedules for loss hyper-parameters (temperature, alpha) over the optimizer steps."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+__all__ = ["ScheduleKind", "scheduled_value"]
+
+ScheduleKind = Literal["constant", "linear", "cosine"]
+
+
+def scheduled_value(
+    kind: ScheduleKind, start: float, end: float | None, step: int, total_steps: int
+) -> float:
+    """The value at optimizer step ``step`` (0-based) of ``total_steps``.
+
+    ``constant``: ``start`` throughout. ``linear``: ``start`` at step 0 to ``end`` at the last
+    step. ``cosine``: the same ends, ``end + (start - end) * (1 + cos(pi * progress)) / 2``, slow
+    near both. ``end=None`` means ``end = start``.
+    """
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0 <= step < total_steps:
+        raise ValueError(f"step must be in [0, {total_steps}), got {step}")
+    if end is None or kind == "constant" or total_steps == 1:
+        return start
+    progress = step / (total_steps - 1)
+    if kind == "linear":
+        return start + (end - start) * progress
+    if kind == "cosine":
+        return end + (start - end) * (1.0 + math.cos(math.pi * progress)) / 2.0
+    raise ValueError(f"kind must be constant, linear or cosine, got {kind!r}")

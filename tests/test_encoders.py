@@ -1,0 +1,300 @@
+"""distill.encoders: pooling and embedding losses vs float64, layer-dropped students, metrics,
+classification and embedding runs end to end through distill.distill, saved embedder reload."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from tokenizers import BertWordPieceTokenizer
+from transformers import (
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    BertTokenizerFast,
+)
+
+import distill
+from distill.cli import main
+from distill.data import default_documents
+from distill.encoders import Pooling, build_encoder_student, encode, losses, pool, save_embedder
+from distill.encoders.data import label_ids, to_sentences
+from distill.encoders.evaluate import accuracy_macro_f1, retrieval_agreement
+from distill.errors import ConfigError, DataError
+
+# ---------------------------------------------------------------- fixtures: tiny random BERTs
+
+
+@pytest.fixture(scope="module")
+def wordpiece(tmp_path_factory) -> BertTokenizerFast:
+    """A lower-cased WordPiece tokenizer trained here on the first default documents."""
+    trainer = BertWordPieceTokenizer(lowercase=True)
+    trainer.train_from_iterator(
+        default_documents()[:20],
+        vocab_size=400,
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    )
+    directory = tmp_path_factory.mktemp("wordpiece")
+    trainer.save_model(str(directory))
+    return BertTokenizerFast.from_pretrained(directory)  # builds the fast tokenizer from vocab.txt
+
+
+def _bert_config(vocab: int, **extra) -> BertConfig:
+    return BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,  # deterministic training steps
+        attention_probs_dropout_prob=0.0,
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory, wordpiece) -> Path:
+    torch.manual_seed(0)
+    config = _bert_config(
+        len(wordpiece),
+        num_labels=2,
+        label2id={"prose": 0, "code": 1},
+        id2label={0: "prose", 1: "code"},
+    )
+    directory = tmp_path_factory.mktemp("classifier")
+    BertForSequenceClassification(config).save_pretrained(directory)
+    wordpiece.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def embedder_dir(tmp_path_factory, wordpiece) -> Path:
+    torch.manual_seed(1)
+    directory = tmp_path_factory.mktemp("embedder")
+    save_embedder(
+        BertModel(_bert_config(len(wordpiece))).eval(),
+        wordpiece,
+        Pooling("mean", True),
+        directory,
+        64,
+    )
+    return directory
+
+
+# ---------------------------------------------------------------- float64 references
+
+
+def _mean_pool_reference(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    rows = []
+    for h, m in zip(hidden.double(), mask, strict=True):
+        rows.append(sum(h[t] for t in range(len(m)) if m[t]) / int(m.sum()))
+    return torch.stack(rows)
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_pool_and_embedding_losses_match_float64():
+    hidden_s, hidden_t = torch.randn(5, 7, 16), torch.randn(5, 7, 16)
+    mask = torch.ones(5, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    mask[3, 2:] = 0
+    s, t = pool(hidden_s, mask, "mean"), pool(hidden_t, mask, "mean")
+    s64, t64 = _mean_pool_reference(hidden_s, mask), _mean_pool_reference(hidden_t, mask)
+    torch.testing.assert_close(s.double(), s64, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pool(hidden_s, mask, "cls"), hidden_s[:, 0])
+
+    mse = sum(float(((a - b) ** 2).mean()) for a, b in zip(s64, t64, strict=True))
+    cosine = sum(1 - _cos(a, b) for a, b in zip(s64, t64, strict=True))
+    relational = sum(
+        sum((_cos(s64[i], s64[j]) - _cos(t64[i], t64[j])) ** 2 for j in range(5)) / 5
+        for i in range(5)
+    )
+    assert float(losses.embedding_mse(s, t)) == pytest.approx(mse, rel=1e-5)
+    assert float(losses.embedding_cosine(s, t)) == pytest.approx(cosine, rel=1e-5)
+    assert float(losses.relational(s, t)) == pytest.approx(relational, rel=1e-4)
+    assert float(losses.embedding_cosine(s, 3 * s)) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_layer_losses_match_float64():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    states_s = [torch.randn(2, 4, 6) for _ in range(2)]
+    states_t = [torch.randn(2, 4, 6) for _ in range(2)]
+    maps_s = [torch.randn(2, 3, 4, 4).softmax(-1) for _ in range(2)]
+    maps_t = [torch.randn(2, 3, 4, 4).softmax(-1) for _ in range(2)]
+    hidden_ref = attention_ref = 0.0
+    for b in range(2):
+        real = [t for t in range(4) if mask[b, t]]
+        for k in range(2):
+            diff = (states_s[k][b].double() - states_t[k][b].double()) ** 2
+            hidden_ref += sum(float(diff[t].mean()) for t in real) / len(real) / 2
+            for h in range(3):
+                for q in real:
+                    p, r = maps_t[k][b, h, q].double(), maps_s[k][b, h, q].double()
+                    attention_ref += float((p * (p.log() - r.log())).sum()) / len(real) / 3 / 2
+    assert float(losses.hidden_mse(states_s, states_t, mask)) == pytest.approx(hidden_ref, rel=1e-5)
+    assert float(losses.attention_kl(maps_s, maps_t, mask)) == pytest.approx(
+        attention_ref, rel=1e-5
+    )
+
+
+def test_metrics_match_references():
+    predictions = torch.tensor([0, 1, 2, 2, 1, 0, 2, 1])
+    labels = torch.tensor([0, 1, 1, 2, 1, 2, 2, 0])
+    metrics = accuracy_macro_f1(predictions, labels, 4)  # class 3 appears nowhere
+    assert metrics["accuracy"] == pytest.approx(5 / 8)
+    assert metrics["macro_f1"] == pytest.approx(f1_score(labels, predictions, average="macro"))
+
+    teacher = torch.randn(30, 8)
+    assert retrieval_agreement(teacher * 2.0, teacher, k=5) == 1.0
+    shuffled = teacher[torch.randperm(30)]
+    assert retrieval_agreement(shuffled, teacher, k=5) < 0.6
+    with pytest.raises(ValueError, match="k"):
+        retrieval_agreement(teacher, teacher, k=30)
+
+
+def test_data_helpers():
+    assert label_ids(["code", "prose"], {"prose": 0, "code": 1}, 2) == [1, 0]
+    assert label_ids(["1", "0"], None, 2) == [1, 0]
+    with pytest.raises(DataError, match="label2id"):
+        label_ids(["poetry"], {"prose": 0}, 2)
+    with pytest.raises(DataError, match="outside"):
+        label_ids(["2"], None, 2)
+    sentences = to_sentences(
+        ["First sentence has five words. Then a second one follows here.\n\nx = 1"]
+    )
+    assert sentences == ["First sentence has five words.", "Then a second one follows here."]
+
+
+def test_layer_dropped_student_copies_teacher_layers(classifier_dir):
+    teacher = AutoModelForSequenceClassification.from_pretrained(classifier_dir).eval()
+    student = build_encoder_student(teacher, [1, 3])
+    assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
+    torch.testing.assert_close(
+        student.bert.encoder.layer[1].attention.self.query.weight,
+        teacher.bert.encoder.layer[3].attention.self.query.weight,
+    )
+    full = build_encoder_student(teacher, [0, 1, 2, 3])
+    ids = torch.randint(5, 100, (2, 9))
+    torch.testing.assert_close(full(input_ids=ids).logits, teacher(input_ids=ids).logits)
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def _labelled_jsonl(path: Path) -> Path:
+    sentences = to_sentences(default_documents()[:40])[:120]
+    rows = [{"text": s, "label": "code" if '"' in s else "prose"} for s in sentences]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_classification_end_to_end(tmp_path, classifier_dir):
+    config = {
+        "name": "cls",
+        "output_dir": str(tmp_path / "runs"),
+        "task": "classification",
+        "baseline": True,
+        "teacher": {"path": str(classifier_dir)},
+        "student": {"layers": [0, 3]},
+        "data": {"path": str(_labelled_jsonl(tmp_path / "rows.jsonl")), "heldout_fraction": 0.25},
+        "loss": {"alpha": 0.2},
+        "train": {"steps": 12, "batch_size": 8, "lr": 2e-3, "warmup_steps": 0, "threads": 1},
+        "encoder": {"hidden_weight": 1.0, "attention_weight": 1.0, "max_length": 48},
+        "eval": {"speed": False},
+    }
+    result = distill.distill(config)
+    report = json.loads((result.run_dir / "report.json").read_text())
+    models = report["models"]
+    assert set(models) == {"teacher", "student_before", "student_after", "student_labels_only"}
+    assert models["student_after"]["params"] < models["teacher"]["params"]
+    for name in models:
+        assert 0.0 <= models[name]["macro_f1"] <= 1.0
+    assert set(report["retention"]) == {"accuracy", "macro_f1", "top1_agreement"}
+    records = [
+        json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(records) == 12 and {"ce", "kl", "hidden", "attention"} <= set(records[0])
+    assert records[-1]["loss"] < records[0]["loss"]
+    reloaded = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "student").eval()
+    tokenizer = AutoTokenizer.from_pretrained(result.run_dir / "student")
+    batch = tokenizer(
+        ["A class definition.", "The for statement"], padding=True, return_tensors="pt"
+    )
+    torch.testing.assert_close(reloaded(**batch).logits, result.student.eval()(**batch).logits)
+
+
+def test_classification_needs_a_teacher_path(tmp_path):
+    with pytest.raises(ConfigError, match="teacher.path"):
+        distill.distill({"task": "classification", "output_dir": str(tmp_path)})
+
+
+def test_embedding_end_to_end_and_reload(tmp_path, embedder_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(default_documents()[:40]))
+    result = distill.distill(
+        {
+            "name": "emb",
+            "output_dir": str(tmp_path / "runs"),
+            "task": "embedding",
+            "teacher": {"path": str(embedder_dir)},
+            "data": {"path": str(corpus), "heldout_fraction": 0.2},
+            "train": {"steps": 15, "batch_size": 8, "lr": 5e-4, "warmup_steps": 0, "threads": 1},
+            "encoder": {
+                "max_length": 48,
+                "eval_texts": 40,
+                "retrieval_k": 5,
+                "relational_weight": 1.0,
+            },
+        }
+    )
+    models = result.report["models"]
+    assert result.student.config.num_hidden_layers == 2  # every second of 4 layers
+    assert models["teacher"]["cosine_to_teacher"] == pytest.approx(1.0)
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert {"mse", "cosine", "relational"} <= set(records[0])
+    assert sum(r["loss"] for r in records[-3:]) < sum(r["loss"] for r in records[:3])
+    assert models["student_after"]["cosine_to_teacher"] > 0.9
+    assert models["student_after"]["texts_per_s"] > 0
+    assert {"cosine_to_teacher", "retrieval_agreement", "texts_per_s"} <= set(
+        result.report["retention"]
+    )
+
+    (result.run_dir / "report.md").unlink()
+    main(["report", str(result.run_dir)])  # the CLI rebuilds an encoder run's report from files
+    assert "| student_after |" in (result.run_dir / "report.md").read_text()
+
+    # Reload with plain transformers + mean pooling + L2 normalisation, as the saved files say.
+    student_dir = result.run_dir / "student"
+    modules = json.loads((student_dir / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == [
+        "Transformer",
+        "Pooling",
+        "Normalize",
+    ]
+    assert json.loads((student_dir / "1_Pooling" / "config.json").read_text())[
+        "pooling_mode_mean_tokens"
+    ]
+    model = AutoModel.from_pretrained(student_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    texts = [
+        "A class definition defines a class object.",
+        "Exceptions are raised when errors occur.",
+    ]
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    reloaded = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    expected = encode(result.student, tokenizer, texts, Pooling("mean", True), max_length=48)
+    torch.testing.assert_close(reloaded, expected, atol=1e-6, rtol=0)

@@ -1,0 +1,229 @@
+"""distill eval: held-out quality vs float64 references, the multiple-choice scorer by hand,
+the shipped task, the end-to-end suite on tiny models, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import make_llama, make_tokenizer, save_model
+
+from distill.cli import main
+from distill.compress.store import model_bytes
+from distill.compress.store import save_model as save_compressed
+from distill.errors import DataError
+from distill.evaluate.choice import (
+    Question,
+    choice_logprobs,
+    default_task_path,
+    multiple_choice_accuracy,
+    read_questions,
+)
+from distill.evaluate.generation import GenerationSettings
+from distill.evaluate.heldout import heldout_quality
+from distill.evaluate.suite import EvalSettings, evaluate_models, format_tables, retention
+from distill.teacher import LiveTeacher
+
+
+def reference_quality(teacher_logits, logits, input_ids):
+    """Token by token in Python floats (float64): ppl, KL(teacher||model), top-1/top-5 agreement."""
+    nll = kl = agree = agree5 = 0.0
+    count = 0
+    for b in range(input_ids.shape[0]):
+        for t in range(input_ids.shape[1] - 1):
+            target = int(input_ids[b, t + 1])
+            p_row = [float(x) for x in teacher_logits[b, t]]
+            q_row = [float(x) for x in logits[b, t]]
+            p_log_z = math.log(sum(math.exp(x - max(p_row)) for x in p_row)) + max(p_row)
+            q_log_z = math.log(sum(math.exp(x - max(q_row)) for x in q_row)) + max(q_row)
+            log_p = [x - p_log_z for x in p_row]
+            log_q = [x - q_log_z for x in q_row]
+            nll -= log_q[target]
+            kl += sum(math.exp(lp) * (lp - lq) for lp, lq in zip(log_p, log_q, strict=True))
+            teacher_top = max(range(len(p_row)), key=p_row.__getitem__)
+            ranked = sorted(range(len(q_row)), key=q_row.__getitem__, reverse=True)
+            agree += ranked[0] == teacher_top
+            agree5 += teacher_top in ranked[:5]
+            count += 1
+    return {
+        "perplexity": math.exp(nll / count),
+        "kl_to_teacher": kl / count,
+        "top1_agreement": agree / count,
+        "top5_agreement": agree5 / count,
+    }
+
+
+def test_heldout_quality_matches_float64_reference():
+    vocab = 40
+    teacher = make_llama(vocab, layers=2, hidden=16, seed=1)
+    student = make_llama(vocab, layers=1, hidden=16, seed=2)
+    blocks = torch.randint(0, vocab, (3, 12), generator=torch.Generator().manual_seed(0))
+    got = heldout_quality(
+        {"student": student}, LiveTeacher(teacher, vocab), blocks, vocab_rows=vocab, batch_size=2
+    )
+    with torch.no_grad():
+        teacher_logits = teacher(blocks).logits
+        student_logits = student(blocks).logits
+    expected = reference_quality(teacher_logits, student_logits, blocks)
+    for key, value in expected.items():  # float32 logits, float64 sums: 1e-6 relative
+        assert got["student"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert got["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-12)
+    assert got["teacher"]["top5_agreement"] == 1.0
+    assert got["student"]["top1_agreement"] < 1.0  # a different random model disagrees somewhere
+
+
+class BigramModel(torch.nn.Module):
+    """Next-token probabilities depend on the previous token only (hand-checkable)."""
+
+    PROBS = torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]], dtype=torch.float64)
+
+    def forward(self, input_ids, attention_mask=None, use_cache=None):
+        return SimpleNamespace(logits=self.PROBS.log()[input_ids].float())
+
+
+class CharTokenizer:
+    """'y' -> 1, 'z' -> 2, every other character -> 0."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [{"y": 1, "z": 2}.get(ch, 0) for ch in text]}
+
+
+def test_choice_logprobs_hand_checked():
+    scores = choice_logprobs(BigramModel(), [0], [[1], [2, 2], [1, 1]], vocab_rows=3)
+    # p(1|0) = .25; p(2|0) p(2|2) = .25 * .6; p(1|0) p(1|1) = .25 * .8
+    assert scores == pytest.approx([math.log(0.25), math.log(0.15), math.log(0.2)], abs=1e-6)
+
+
+def test_accuracy_and_length_normalised_accuracy_hand_checked():
+    # context ends in ':' (token 0). " y" = [0, 1]: log(.5 * .25) = -2.079, per byte (2) -1.040.
+    # " zz" = [0, 2, 2]: log(.5 * .25 * .6) = -2.590, per byte (3) -0.863.
+    # acc picks " y" (the answer), acc_norm picks " zz".
+    question = Question("q", ["y", "zz"], answer=0)
+    result = multiple_choice_accuracy(BigramModel(), CharTokenizer(), [question], vocab_rows=3)
+    assert result == {"mc_accuracy": 1.0, "mc_accuracy_norm": 0.0, "mc_questions": 1}
+
+
+def test_shipped_task_has_200_valid_questions():
+    questions = read_questions(default_task_path())
+    assert len(questions) >= 200
+    assert len({q.question for q in questions}) == len(questions)
+    positions = {q.answer for q in questions}
+    assert positions == {0, 1, 2, 3}  # the right answer is not always in the same place
+
+
+def test_bad_task_rows_are_named(tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"question": "q", "choices": ["a", "b"], "answer": 5}\n')
+    with pytest.raises(DataError, match="task.jsonl:1"):
+        read_questions(task)
+
+
+def test_retention_orientation():
+    metrics = {
+        "teacher": {"perplexity": 10.0, "mc_accuracy": 0.5, "ttft_s": 0.2},
+        "s": {"perplexity": 20.0, "mc_accuracy": 0.4, "ttft_s": 0.1},
+    }
+    assert retention(metrics)["s"] == pytest.approx(
+        {"perplexity": 50.0, "mc_accuracy": 80.0, "ttft_s": 200.0}
+    )
+
+
+@pytest.fixture
+def eval_data(tmp_path):
+    from distill.data import default_documents
+
+    path = tmp_path / "data.txt"
+    path.write_text("\n\n".join(default_documents()[:30]))
+    task = tmp_path / "task.jsonl"
+    task.write_text(
+        "".join(line + "\n" for line in default_task_path().read_text().splitlines()[:4])
+    )
+    return path, task
+
+
+def test_evaluate_models_end_to_end(tmp_path, tiny_teacher_dir, tiny_tokenizer, eval_data):
+    data, task = eval_data
+    student = make_llama(len(tiny_tokenizer), layers=2, seed=3)
+    int8_dir = save_compressed(student, tiny_tokenizer, tmp_path / "student_int8", quantize="int8")
+    settings = EvalSettings(
+        data=str(data),
+        block_size=32,
+        max_blocks=4,
+        task=str(task),
+        generation=GenerationSettings(prompts=["def f"], new_tokens=3, batch_sizes=(1, 8), runs=1),
+    )
+    result = evaluate_models([str(int8_dir)], str(tiny_teacher_dir), settings)
+    rows = result["models"]
+    assert set(rows) == {"teacher", "student_int8"}
+    for row in rows.values():
+        for key in (
+            "perplexity",
+            "top5_agreement",
+            "mc_accuracy",
+            "tokens_per_s_batch1",
+            "tokens_per_s_batch8",
+            "ttft_s",
+            "peak_rss_bytes",
+            "params",
+        ):
+            assert row[key] > 0 or key == "mc_accuracy", key
+    assert rows["student_int8"]["bytes"] == (int8_dir / "model.safetensors").stat().st_size
+    assert rows["student_int8"]["params"] == sum(p.numel() for p in student.parameters())
+    assert rows["teacher"]["bytes"] == model_bytes(tiny_teacher_dir)
+    assert rows["student_int8"]["mc_questions"] == 4
+    assert set(result["retention"]) == {"student_int8"}
+    assert "retention" in format_tables(result)
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("distill: error")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_eval_cli_missing_model_exits_2(tmp_path, tiny_teacher_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(tmp_path / "nope"), "--teacher", str(tiny_teacher_dir), "--no-speed"])
+    assert exit_info.value.code == 2
+    assert "nope" in _one_error_line(capsys)
+
+
+def test_eval_cli_mismatched_vocabulary_exits_2(tmp_path, tiny_teacher_dir, capsys):
+    other_tokenizer = make_tokenizer(vocab_size=300)
+    other = save_model(make_llama(len(other_tokenizer)), other_tokenizer, tmp_path / "other")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", str(other), "--teacher", str(tiny_teacher_dir), "--no-speed"])
+    assert exit_info.value.code == 2
+    assert "tokenizers differ" in _one_error_line(capsys)
+
+
+def test_eval_cli_writes_json(tmp_path, tiny_teacher_dir, tiny_tokenizer, eval_data, capsys):
+    data, task = eval_data
+    student = save_model(make_llama(len(tiny_tokenizer), layers=1), tiny_tokenizer, tmp_path / "s")
+    out = tmp_path / "eval.json"
+    main(
+        [
+            "eval",
+            str(student),
+            "--teacher",
+            str(tiny_teacher_dir),
+            "--data",
+            str(data),
+            "--block-size",
+            "32",
+            "--max-blocks",
+            "2",
+            "--task",
+            str(task),
+            "--no-speed",
+            "--out",
+            str(out),
+        ]
+    )
+    result = json.loads(out.read_text())
+    assert result["models"]["s"]["perplexity"] > 1
+    assert "| s |" in capsys.readouterr().out

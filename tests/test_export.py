@@ -1,0 +1,71 @@
+"""GGUF export: tiny Llama -> GGUF F16 / Q8_0 -> transformers' GGUF loader -> close logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_llama, save_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from distill.cli import main
+from distill.compress import save_model as save_compressed
+from distill.errors import ModelError
+from distill.export import TOLERANCES, export_gguf, export_model
+from distill.export.gguf import _permute_rotary, gguf_tensor_name
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_gguf_round_trip_logits(tmp_path, tiny_tokenizer, kind):
+    model = make_llama(len(tiny_tokenizer), hidden=64)
+    path = export_gguf(model, tiny_tokenizer, tmp_path / f"tiny-{kind}.gguf", kind)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name).eval()
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 20))
+    with torch.no_grad():
+        reference = model(ids).logits
+        logits = loaded(ids).logits
+    relative = float((logits - reference).abs().max() / reference.abs().max())
+    assert relative <= TOLERANCES[kind]
+    assert relative > 0 or kind == "f16"  # Q8_0 really is quantized
+    assert loaded.config.tie_word_embeddings and loaded.config.num_key_value_heads == 2
+
+
+def test_gguf_tokenizer_round_trip(tmp_path, tiny_tokenizer):
+    export_gguf(make_llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "t.gguf", "f16")
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="t.gguf")
+    text = "The for statement iterates: for x in items:\n    print(x)  # done"
+    assert loaded(text, add_special_tokens=False).input_ids == tiny_tokenizer(text).input_ids
+
+
+def test_rotary_permutation_is_undone_by_the_reference_inverse():
+    heads, head_dim, hidden = 4, 8, 12
+    weight = np.arange(heads * head_dim * hidden, dtype=np.float32).reshape(-1, hidden)
+    permuted = _permute_rotary(weight, heads)
+    # inverse as llama.cpp documents it: rows (head, pair, 2) -> (head, 2, pair)
+    inverse = permuted.reshape(heads, head_dim // 2, 2, hidden).swapaxes(1, 2).reshape(weight.shape)
+    assert np.array_equal(inverse, weight)
+    assert not np.array_equal(permuted, weight)
+
+
+def test_tensor_names_and_errors(tmp_path, tiny_tokenizer):
+    assert gguf_tensor_name("model.layers.3.self_attn.o_proj.weight") == "blk.3.attn_output.weight"
+    assert gguf_tensor_name("model.embed_tokens.weight") == "token_embd.weight"
+    with pytest.raises(ModelError, match="no GGUF name"):
+        gguf_tensor_name("model.layers.0.mystery.weight")
+    int8_dir = save_compressed(
+        make_llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "q", quantize="int8"
+    )
+    with pytest.raises(ModelError, match="int8-quantized"):
+        export_model(int8_dir, tmp_path / "out", ["f16"])
+
+
+def test_export_cli_writes_hf_and_verified_gguf(tmp_path, tiny_tokenizer, capsys):
+    source = save_model(make_llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "student")
+    main(["export", str(source), "--out", str(tmp_path / "out"), "--gguf", "f16", "--gguf", "q8_0"])
+    out = capsys.readouterr().out
+    assert "relative_logit_error" in out
+    assert (tmp_path / "out" / "hf" / "model.safetensors").is_file()
+    for kind in ("f16", "q8_0"):
+        assert (tmp_path / "out" / f"student-{kind}.gguf").stat().st_size > 0
+    f16 = (tmp_path / "out" / "student-f16.gguf").stat().st_size
+    assert (tmp_path / "out" / "student-q8_0.gguf").stat().st_size < 0.7 * f16
