@@ -7,6 +7,7 @@ Sums are accumulated in float64.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,6 @@ from distill.train.loop import labels_for, student_logits
 __all__ = ["heldout_metrics", "heldout_quality", "model_logits"]
 
 
-@torch.no_grad()
 def heldout_metrics(
     models: dict[str, PreTrainedModel],
     teacher: Teacher,
@@ -29,13 +29,49 @@ def heldout_metrics(
     vocab_rows: int,
     batch_size: int,
 ) -> dict[str, dict[str, float]]:
-    """``{name: {perplexity, kl_to_teacher, top1_agreement}}`` for the teacher and each model."""
+    """``{name: {perplexity, kl_to_teacher, top1_agreement, top5_agreement}}`` for the teacher
+    and each model, the students scored through their decoder + output-head rows (as trained)."""
+    return _score(models, teacher, blocks, vocab_rows, batch_size, student_logits, progress=True)
+
+
+def model_logits(model: PreTrainedModel, input_ids: torch.Tensor, vocab_rows: int) -> torch.Tensor:
+    """Logits ``[B, T, vocab_rows]`` from the model's own forward (works for quantized heads)."""
+    return model(input_ids=input_ids, use_cache=False).logits[..., :vocab_rows].float()
+
+
+def heldout_quality(
+    models: dict[str, PreTrainedModel],
+    teacher: Teacher,
+    blocks: torch.Tensor,
+    *,
+    vocab_rows: int,
+    batch_size: int,
+) -> dict[str, dict[str, float]]:
+    """Like :func:`heldout_metrics`, for any model with a forward.
+
+    ``top5_agreement``: share of tokens whose teacher top-1 token is among the model's 5 most
+    likely tokens. Models are run through their own forward (not the head weight), so int8 and
+    GGUF-loaded models are scored the same way as float ones.
+    """
+    return _score(models, teacher, blocks, vocab_rows, batch_size, model_logits, progress=False)
+
+
+@torch.no_grad()
+def _score(
+    models: dict[str, PreTrainedModel],
+    teacher: Teacher,
+    blocks: torch.Tensor,
+    vocab_rows: int,
+    batch_size: int,
+    logits_fn: Callable[[PreTrainedModel, torch.Tensor, int], torch.Tensor],
+    progress: bool,
+) -> dict[str, dict[str, float]]:
     names = ["teacher", *models]
-    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0} for name in names}
+    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0, "agree5": 0.0} for name in names}
     n_tokens = 0
-    for model in models.values():
-        model.eval()
-    for start in tqdm(range(0, blocks.shape[0], batch_size), desc="evaluate", unit="batch"):
+    starts = range(0, blocks.shape[0], batch_size)
+    bar_options = {} if progress else {"disable": True}
+    for start in tqdm(starts, desc="evaluate", unit="batch", **bar_options):
         input_ids = blocks[start : start + batch_size]
         labels = labels_for(input_ids).reshape(-1)
         keep = labels != IGNORE_INDEX
@@ -49,59 +85,7 @@ def heldout_metrics(
             if name == "teacher":
                 logprobs = teacher_logprobs
             else:
-                logits = student_logits(models[name], input_ids, vocab_rows)
-                logprobs = F.log_softmax(logits.reshape(-1, vocab_rows)[keep].double(), dim=-1)
-            sums[name]["nll"] -= float(logprobs.gather(1, targets[:, None]).sum())
-            kl_rows = (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(dim=-1)
-            sums[name]["kl"] += float(kl_rows.sum())
-            sums[name]["agree"] += float((logprobs.argmax(dim=-1) == teacher_top1).sum())
-    return {
-        name: {
-            "perplexity": math.exp(values["nll"] / n_tokens),
-            "kl_to_teacher": values["kl"] / n_tokens,
-            "top1_agreement": values["agree"] / n_tokens,
-        }
-        for name, values in sums.items()
-    }
-
-
-def model_logits(model: PreTrainedModel, input_ids: torch.Tensor, vocab_rows: int) -> torch.Tensor:
-    """Logits ``[B, T, vocab_rows]`` from the model's own forward (works for quantized heads)."""
-    return model(input_ids=input_ids, use_cache=False).logits[..., :vocab_rows].float()
-
-
-@torch.no_grad()
-def heldout_quality(
-    models: dict[str, PreTrainedModel],
-    teacher: Teacher,
-    blocks: torch.Tensor,
-    *,
-    vocab_rows: int,
-    batch_size: int,
-) -> dict[str, dict[str, float]]:
-    """Like :func:`heldout_metrics`, plus ``top5_agreement``, for any model with a forward.
-
-    ``top5_agreement``: share of tokens whose teacher top-1 token is among the model's 5 most
-    likely tokens. Models are run through their own forward (not the head weight), so int8 and
-    GGUF-loaded models are scored the same way as float ones.
-    """
-    names = ["teacher", *models]
-    sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0, "agree5": 0.0} for name in names}
-    n_tokens = 0
-    for start in range(0, blocks.shape[0], batch_size):
-        input_ids = blocks[start : start + batch_size]
-        keep = labels_for(input_ids).reshape(-1) != IGNORE_INDEX
-        targets = labels_for(input_ids).reshape(-1)[keep]
-        teacher_logprobs = F.log_softmax(
-            teacher.logits(input_ids).reshape(-1, vocab_rows)[keep].double(), dim=-1
-        )  # (n, V)
-        teacher_top1 = teacher_logprobs.argmax(dim=-1)
-        n_tokens += int(keep.sum())
-        for name in names:
-            if name == "teacher":
-                logprobs = teacher_logprobs
-            else:
-                logits = model_logits(models[name].eval(), input_ids, vocab_rows)
+                logits = logits_fn(models[name].eval(), input_ids, vocab_rows)
                 logprobs = F.log_softmax(logits.reshape(-1, vocab_rows)[keep].double(), dim=-1)
             sums[name]["nll"] -= float(logprobs.gather(1, targets[:, None]).sum())
             kl_rows = (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(dim=-1)

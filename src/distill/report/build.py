@@ -25,7 +25,7 @@ METRICS = [
     ("params", "params", "{:,.0f}", "lower"),
     ("bytes", "safetensors MB", "{:.1f}", "lower"),
     ("perplexity", "held-out ppl", "{:.2f}", "lower"),
-    ("kl_to_teacher", "KL(teacher||model) nats/tok", "{:.4f}", "lower"),
+    ("kl_to_teacher", "KL(teacher ‖ model) nats/tok", "{:.4f}", "lower"),
     ("top1_agreement", "top-1 agreement", "{:.3f}", "higher"),
     ("tokens_per_s", "gen tokens/s (batch 1)", "{:.1f}", "higher"),
     ("peak_rss_bytes", "peak RSS MB", "{:.0f}", "lower"),
@@ -68,12 +68,21 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{training['train_seconds']:.0f} s, final loss {training['final_loss']:.4f}.",
         "Held-out metrics use the same held-out blocks for every model; speed and peak RSS are "
         "measured for each model in a fresh process with the same prompts and thread count "
-        f"({report['speed_settings']}).",
+        f"({_describe_speed(report['speed_settings'])}).",
     ]
     verdict = report.get("verdict")
     if verdict:
         lines += ["", verdict]
     return "\n".join(lines) + "\n"
+
+
+def _describe_speed(settings: dict[str, Any]) -> str:
+    if not settings:
+        return "not measured"
+    return (
+        f"{settings['threads']} threads, {settings['prompts']} prompts x {settings['new_tokens']} "
+        f"new tokens, batch {settings['batch']}, {settings['decoding']} decoding"
+    )
 
 
 def _plot_losses(
@@ -89,7 +98,9 @@ def _plot_losses(
         steps = [record["step"] for record in history]
         loss_axis.plot(steps, [record["ce"] for record in history], label=f"{label}: train CE")
         if any(record["kl"] for record in history):
-            kl_axis.plot(steps, [record["kl"] for record in history], label=f"{label}: train KL")
+            kl_axis.plot(
+                steps, [record["kl"] for record in history], label=f"{label}: train divergence at T"
+            )
     styles = {"teacher": "k--", "student_before": "r:", "student_after": "g-."}
     for name, style in styles.items():
         if name in models and models[name].get("perplexity"):
@@ -105,11 +116,12 @@ def _plot_losses(
                 models[name]["kl_to_teacher"],
                 color=style[0],
                 linestyle=style[1:],
-                label=f"{name}: held-out KL",
+                label=f"{name}: held-out KL at T=1",
             )
     loss_axis.set(xlabel="step", ylabel="nats / token", title="cross-entropy")
     kl_axis.set(xlabel="step", ylabel="nats / token", title="KL(teacher || student)")
     kl_axis.set_yscale("symlog", linthresh=0.1)
+    kl_axis.set_ylim(bottom=0)
     for axis in (loss_axis, kl_axis):
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)

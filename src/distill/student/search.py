@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from distill.student.depth import check_supported
@@ -142,6 +143,7 @@ def greedy_kl_layers(runner: LayerRunner, n_keep: int) -> tuple[list[int], list[
     """
     current = list(range(len(runner.layers)))
     trace = []
+    bar = tqdm(total=len(current) - n_keep, desc="greedy layer search", unit="layer")
     while len(current) > n_keep:
         inputs, hidden = [], runner.embeddings
         for index in current:
@@ -151,6 +153,9 @@ def greedy_kl_layers(runner: LayerRunner, n_keep: int) -> tuple[list[int], list[
         best = min(range(len(scores)), key=lambda k: (scores[k], k))
         trace.append(scores[best])
         del current[best]
+        bar.set_postfix(kl=f"{scores[best]:.3f}")
+        bar.update(1)
+    bar.close()
     return current, trace
 
 

@@ -209,7 +209,7 @@ def train(
         desc=description,
         unit="step",
         dynamic_ncols=True,
-        disable=None if context.is_main else True,
+        **({} if context.is_main else {"disable": True}),  # TQDM_DISABLE still applies on rank 0
     )
     run_start = time.perf_counter() - elapsed_before
     while state.step < train_config.steps:
