@@ -7,7 +7,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 
 .PHONY: demo install dev test test-slow lint format bench clean
 
-demo: install  ## distil the embedded default teacher into a 15-layer student (~15 min on 2 cores)
+demo: install  ## distil the embedded default teacher into a 15-layer student (~10 min on 2 cores)
 	$(VENV)/bin/distill run
 
 $(PY):
