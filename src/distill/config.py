@@ -30,6 +30,9 @@ __all__ = [
     "CheckpointConfig",
     "ParallelConfig",
     "EncoderConfig",
+    "SamplingConfig",
+    "OnPolicyConfig",
+    "GenerateConfig",
     "load_config",
     "apply_overrides",
     "describe_defaults",
@@ -170,6 +173,14 @@ class DataConfig(_Section):
         "field; empty = CPython's pydoc_data.topics (English prose about Python).",
     )
     text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet rows.")
+    format: Literal["auto", "text", "chat", "prompt_response"] = Field(
+        "auto",
+        description="text = documents packed into blocks, every token a target; chat = .jsonl "
+        "rows with `messages` (system/user/assistant) rendered by the tokenizer's chat template, "
+        "targets = assistant tokens only; prompt_response = .jsonl rows with `prompt` and "
+        "`response`, targets = response tokens (+ EOS); auto = chat if the first row has "
+        "`messages`, prompt_response if it has `prompt` and `response`, else text.",
+    )
     block_size: int = Field(256, ge=8, description="Tokens per packed training block.")
     heldout_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="Share of characters held out, as whole documents."
@@ -410,6 +421,64 @@ class CompressConfig(_Section):
         return self
 
 
+class SamplingConfig(_Section):
+    max_new_tokens: int = Field(64, ge=1, description="Most tokens sampled per continuation.")
+    temperature: float = Field(
+        1.0, ge=0.0, description="Sampling temperature; 0 = greedy decoding."
+    )
+    top_p: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus sampling: keep the smallest set of tokens "
+        "holding this much probability; 1 = all tokens.",
+    )
+
+
+class OnPolicyConfig(SamplingConfig):
+    """On-policy (generalized) KD: the student writes the continuations the loss is taken on."""
+
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, populate_by_name=True, serialize_by_alias=True
+    )
+
+    lambda_: float = Field(
+        0.0,
+        alias="lambda",
+        ge=0.0,
+        le=1.0,
+        description="Probability per micro-batch that its continuations are sampled from the "
+        "student (from the batch's prompts) and the divergence is taken on those generated "
+        "tokens only (no label CE); 0 = always the supervised batch.",
+    )
+    prompt_tokens: int = Field(
+        64,
+        ge=1,
+        description="Packed text (data.format=text): the first this many tokens of each block "
+        "are the prompt. Chat / prompt_response rows: the prompt is everything before the "
+        "first target token.",
+    )
+
+
+class GenerateConfig(SamplingConfig):
+    """``distill generate``: the teacher writes responses (sequence-level KD data)."""
+
+    prompts: str | None = Field(
+        None,
+        description="Prompts file: .txt (one prompt per line) or .jsonl rows with `messages` or "
+        "`prompt`; empty = the shipped distill/data/files/prompts.jsonl.",
+    )
+    output: str | None = Field(
+        None,
+        description="Output .jsonl (chat `messages` rows when the tokenizer has a chat "
+        "template, else prompt/response rows); empty = <output_dir>/<name>/generations.jsonl.",
+    )
+    batch_size: int = Field(8, ge=1, description="Prompts sampled together.")
+    max_new_tokens: int = Field(128, ge=1, description="Most tokens per response.")
+    temperature: float = Field(0.7, ge=0.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling threshold.")
+
+
 class RunConfig(_Section):
     name: str = Field("default", description="Run name: outputs go to <output_dir>/<name>/.")
     task: Literal["causal_lm", "classification", "embedding"] = Field(
@@ -437,6 +506,8 @@ class RunConfig(_Section):
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
+    onpolicy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -515,7 +586,8 @@ def describe_defaults() -> str:
     lines: list[str] = []
 
     def walk(model: type[BaseModel], prefix: str, indent: str) -> None:
-        for name, field in model.model_fields.items():
+        for field_name, field in model.model_fields.items():
+            name = field.alias or field_name
             annotation = field.annotation
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 lines.append(f"{indent}{name}:")

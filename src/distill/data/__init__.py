@@ -1,9 +1,14 @@
-"""Data: documents from the default corpus or local files, packed into token blocks."""
+"""Data: documents from the default corpus or local files, packed into token blocks; chat and
+prompt/response examples with their own targets."""
 
 from distill.data.blocks import BlockBatches, batch_order, pack_documents
 from distill.data.corpus import default_documents, read_documents, split_documents
+from distill.data.examples import Batch, ExampleBatches, Examples
 
 __all__ = [
+    "Batch",
+    "ExampleBatches",
+    "Examples",
     "BlockBatches",
     "batch_order",
     "pack_documents",

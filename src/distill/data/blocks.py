@@ -59,13 +59,17 @@ class BlockBatches:
         self._order = batch_order(blocks.shape[0], seed, 0)
 
     def next_batch(self) -> torch.Tensor:
+        return self.blocks[self._next_indices()]
+
+    def _next_indices(self) -> torch.Tensor:
+        """The next ``batch_size`` row indices, starting a new epoch's order when one runs out."""
         if self.cursor + self.batch_size > len(self._order):
             self.epoch += 1
             self.cursor = 0
             self._order = batch_order(self.blocks.shape[0], self.seed, self.epoch)
         indices = self._order[self.cursor : self.cursor + self.batch_size]
         self.cursor += self.batch_size
-        return self.blocks[indices]
+        return indices
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "cursor": self.cursor}

@@ -1,7 +1,9 @@
 """The distillation training loop, in plain PyTorch.
 
 Map of one optimizer step:
-  1. draw ``grad_accum`` micro-batches and count their target tokens (the window's normaliser);
+  1. draw ``grad_accum`` micro-batches, take this rank's rows, replace a batch by the student's
+     own continuations with probability ``onpolicy.lambda``, and count the target tokens of the
+     window over all ranks (the normaliser);
   2. per micro-batch: teacher logits under no_grad, student logits, summed loss terms,
      ``backward(loss_sum / window_tokens)``;
   3. clip the global gradient norm, AdamW step, schedule step, one metrics.jsonl record.
@@ -22,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from distill.config import LossConfig, TrainConfig
-from distill.data import BlockBatches
+from distill.data import Batch, BlockBatches
 from distill.errors import DistillError
 from distill.io import append_jsonl, atomic_write_text
 from distill.losses import IGNORE_INDEX, LossTerms
@@ -38,6 +40,7 @@ from distill.train.checkpoint import (
     set_rng_state,
 )
 from distill.train.distributed import DistContext, all_reduce_gradients, all_reduce_sum
+from distill.train.onpolicy import OnPolicy
 from distill.train.optim import build_optimizer
 
 __all__ = [
@@ -94,23 +97,32 @@ def micro_batch_terms(
     loss_config: LossConfig,
     vocab_rows: int,
     *,
+    labels: torch.Tensor | None = None,
+    on_policy: bool = False,
     step: int = 0,
     total_steps: int = 1,
 ) -> LossTerms:
     """Summed loss terms of one micro-batch ``[B, T]`` at optimizer step ``step`` (0-based).
 
-    The student forward stops before its head: the loss takes the hidden states and the head
-    (fused: the ``[B*T, V]`` student logits are never built) and dispatches on the targets' kind.
+    ``labels`` ``[B, T]`` default to every next token (packed text). An ``on_policy`` batch
+    (student-written targets) takes the divergence alone (alpha = 0). The student forward stops
+    before its head: the loss takes the hidden states and the head (fused: the ``[B*T, V]``
+    student logits are never built) and dispatches on the targets' kind. A batch without any
+    target gives zero terms (its rows were all prompt or padding).
     """
     cfg = loss_config
     temperature = scheduled_value(
         cfg.temperature_schedule, cfg.temperature, cfg.temperature_end, step, total_steps
     )
     alpha = scheduled_value(cfg.alpha_schedule, cfg.alpha, cfg.alpha_end, step, total_steps)
-    labels = labels_for(input_ids)
+    alpha = 0.0 if on_policy else alpha
+    labels = labels_for(input_ids) if labels is None else labels
+    hidden = student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
+    if not bool((labels != IGNORE_INDEX).any()):
+        zero = hidden.sum() * 0.0  # keeps every parameter in the graph (gradients of zero)
+        return LossTerms(zero, zero.detach(), zero.detach(), 0)
     needs_teacher = alpha < 1.0
     targets = teacher.soft_targets(input_ids) if needs_teacher and teacher is not None else None
-    hidden = student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
     weight, bias = output_head(student, vocab_rows)
     return head_distillation_loss(
         hidden.reshape(-1, hidden.shape[-1]),  # (B*T, H)
@@ -178,11 +190,14 @@ def train(
     checkpoints: CheckpointPlan | None = None,
     context: DistContext | None = None,
     extra_terms: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    onpolicy: OnPolicy | None = None,
 ) -> TrainState:
     """Train ``student`` in place for ``train_config.steps`` optimizer steps; see the module map.
 
-    ``batches`` yields global micro-batches (per-device batch x world size); each rank trains on
-    its own rows. Only rank 0 writes metrics and checkpoints. ``extra_terms(input_ids)``, called
+    ``batches`` yields global micro-batches (per-device batch x world size): token blocks (every
+    next token a target) or :class:`~distill.data.Batch` es with their own labels; each rank
+    trains on its own rows. ``onpolicy`` (with lambda > 0) turns micro-batches into the
+    student's own continuations. Only rank 0 writes metrics and checkpoints. ``extra_terms(input_ids)``, called
     after each micro-batch's forward, returns more summed loss terms (intermediate layers) that
     are added to the loss and logged under their names; an ``nn.Module`` one has its own
     parameters trained too (a projection), though they are not checkpointed.
@@ -197,12 +212,20 @@ def train(
     elapsed_before = 0.0
     if checkpoints is not None and checkpoints.resume:
         elapsed_before = _resume(
-            state, student, optimizer, scheduler, batches, checkpoints, metrics_path, context
+            state,
+            student,
+            optimizer,
+            scheduler,
+            batches,
+            checkpoints,
+            metrics_path,
+            context,
+            onpolicy,
         )
     elif on_warmup is not None:
         probe = _rank_rows(batches.blocks[: batches.batch_size], context)
         on_warmup(measure_warmup(student, teacher, probe, loss_config, vocab_rows))
-    tokens_per_step = batches.batch_size * batches.blocks.shape[1] * train_config.grad_accum
+    prompt_tokens = onpolicy.config.prompt_tokens if onpolicy is not None else 1
     bar = tqdm(
         total=train_config.steps,
         initial=state.step,
@@ -214,23 +237,34 @@ def train(
     run_start = time.perf_counter() - elapsed_before
     while state.step < train_config.steps:
         step_start = time.perf_counter()
-        global_batches = [batches.next_batch() for _ in range(train_config.grad_accum)]
-        window_tokens = int(
-            sum(int((labels_for(ids) != IGNORE_INDEX).sum()) for ids in global_batches)
+        local_batches, on_policy_flags, generated = _draw_window(
+            student, batches, train_config.grad_accum, prompt_tokens, onpolicy, context
+        )
+        window_tokens, tokens = (
+            int(count)
+            for count in all_reduce_sum(
+                [
+                    sum(batch.n_targets for batch in local_batches),
+                    sum(batch.input_ids.numel() for batch in local_batches),
+                ],
+                context,
+            )
         )
         totals = {"loss": 0.0, "ce": 0.0, "kl": 0.0}
-        for input_ids in global_batches:
+        for batch, on_policy in zip(local_batches, on_policy_flags, strict=True):
             terms = micro_batch_terms(
                 student,
                 teacher,
-                _rank_rows(input_ids, context),
+                batch.input_ids,
                 loss_config,
                 vocab_rows,
+                labels=batch.labels,
+                on_policy=on_policy,
                 step=state.step,
                 total_steps=train_config.steps,
             )
             # Intermediate-layer terms (weighted sums from this forward's hooks), logged apart.
-            extra = extra_terms(_rank_rows(input_ids, context)) if extra_terms else {}
+            extra = extra_terms(batch.input_ids) if extra_terms else {}
             ((terms.loss_sum + sum(extra.values())) / window_tokens).backward()
             for name, value in extra.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / window_tokens
@@ -254,11 +288,14 @@ def train(
             **totals,
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens": tokens_per_step,
-            "tokens_per_s": tokens_per_step / seconds,
+            "tokens": tokens,
+            "tokens_per_s": tokens / seconds,
             "elapsed_s": time.perf_counter() - run_start,
             "comm_s": comm_seconds,
         }
+        if onpolicy is not None and onpolicy.config.lambda_ > 0:
+            record["onpolicy_fraction"] = sum(on_policy_flags) / len(on_policy_flags)
+            record["generated_tokens_mean"] = sum(generated) / len(generated) if generated else None
         if state.step % train_config.log_every == 0 or state.step == train_config.steps:
             state.history.append(record)
             if metrics_path is not None and context.is_main:
@@ -267,7 +304,7 @@ def train(
             state.step == train_config.steps
             or (checkpoints.every and state.step % checkpoints.every == 0)
         ):
-            _save(state, student, optimizer, scheduler, batches, checkpoints, context)
+            _save(state, student, optimizer, scheduler, batches, checkpoints, context, onpolicy)
         bar.set_postfix(loss=f"{totals['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
     bar.close()
@@ -283,8 +320,38 @@ def _rank_rows(global_batch: torch.Tensor, context: DistContext) -> torch.Tensor
     return global_batch[context.rank * per_rank : (context.rank + 1) * per_rank]
 
 
+def _draw_window(
+    student: PreTrainedModel,
+    batches: BlockBatches,
+    grad_accum: int,
+    prompt_tokens: int,
+    onpolicy: OnPolicy | None,
+    context: DistContext,
+) -> tuple[list[Batch], list[bool], list[int]]:
+    """This rank's micro-batches of one optimizer step, whether each is on-policy, and the
+    lengths of the continuations the student wrote."""
+    local_batches, flags, generated = [], [], []
+    for _ in range(grad_accum):
+        drawn = batches.next_batch()
+        if isinstance(drawn, torch.Tensor):
+            drawn = Batch.from_blocks(drawn, prompt_tokens)
+        per_rank = drawn.input_ids.shape[0] // context.world_size
+        batch = drawn.rows(context.rank * per_rank, (context.rank + 1) * per_rank)
+        on_policy = onpolicy is not None and onpolicy.draw()
+        if on_policy:
+            batch, lengths = onpolicy.continue_batch(student, batch)
+            generated.extend(lengths)
+        local_batches.append(batch)
+        flags.append(on_policy)
+    return local_batches, flags, generated
+
+
 def _trainer_state(
-    state: TrainState, scheduler, batches: BlockBatches, context: DistContext
+    state: TrainState,
+    scheduler,
+    batches: BlockBatches,
+    context: DistContext,
+    onpolicy: OnPolicy | None,
 ) -> dict:
     rng_states = [rng_state()]
     if context.enabled:
@@ -295,11 +362,12 @@ def _trainer_state(
         "data": batches.state_dict(),
         "rng": rng_states,
         "history": state.history,
+        "onpolicy": onpolicy.state_dict() if onpolicy is not None else None,
     }
 
 
-def _save(state, student, optimizer, scheduler, batches, checkpoints, context) -> None:
-    trainer_state = _trainer_state(state, scheduler, batches, context)
+def _save(state, student, optimizer, scheduler, batches, checkpoints, context, onpolicy) -> None:
+    trainer_state = _trainer_state(state, scheduler, batches, context, onpolicy)
     if context.is_main:
         save_checkpoint(
             checkpoints.directory, state.step, student, optimizer, trainer_state, checkpoints.keep
@@ -309,7 +377,7 @@ def _save(state, student, optimizer, scheduler, batches, checkpoints, context) -
 
 
 def _resume(
-    state, student, optimizer, scheduler, batches, checkpoints, metrics_path, context
+    state, student, optimizer, scheduler, batches, checkpoints, metrics_path, context, onpolicy
 ) -> float:
     """Restore the newest valid checkpoint (if any); return the elapsed seconds it had logged."""
     checkpoint = latest_checkpoint(checkpoints.directory)
@@ -327,6 +395,8 @@ def _resume(
             f"with the same number, not {context.world_size}"
         )
     set_rng_state(rng_states[context.rank])
+    if onpolicy is not None and saved.get("onpolicy") is not None:
+        onpolicy.load_state_dict(saved["onpolicy"])
     state.step = saved["step"]
     state.history = list(saved["history"])
     if metrics_path is not None and context.is_main:
