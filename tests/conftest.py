@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from distill.data import default_documents  # noqa: E402
@@ -38,10 +38,38 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(default_documents()[:20], trainer)
-    from tokenizers import decoders
-
     tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def make_chat_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with ``<|im_start|>``/``<|im_end|>`` specials and a ChatML template; EOS =
+    ``<|im_end|>`` (the end of an assistant turn, as in SmolLM2-Instruct), pad = ``<|endoftext|>``."""
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(default_documents()[:20], trainer)
+    tokenizer.decoder = decoders.ByteLevel()
+    chat = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+    )
+    chat.chat_template = CHATML_TEMPLATE
+    return chat
 
 
 def make_llama(
@@ -94,3 +122,15 @@ def tiny_run_config(tmp_path, tiny_teacher_dir) -> dict:
         "train": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "threads": 1},
         "eval": {"max_blocks": 4, "batch_size": 2, "gen_new_tokens": 4, "gen_prompts": ["def f"]},
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_tokenizer() -> PreTrainedTokenizerFast:
+    return make_chat_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_teacher_dir(tmp_path_factory, tiny_chat_tokenizer) -> Path:
+    """A 2-layer, 32-wide random Llama saved with the chat tokenizer."""
+    path = tmp_path_factory.mktemp("chat_teacher")
+    return save_model(make_llama(len(tiny_chat_tokenizer), layers=2), tiny_chat_tokenizer, path)

@@ -3,8 +3,10 @@ with them: terms logged apart, projection trained but not saved."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -13,11 +15,15 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from distill import distill
-from distill.config import IntermediateConfig
+from distill.config import IntermediateConfig, LossConfig, TrainConfig
+from distill.data import BlockBatches
 from distill.errors import ConfigError
 from distill.losses.intermediate import attention_kl, hidden_state_loss, value_relation_kl
 from distill.student import WidthTargets, build_student, measure_importance, prune_width
 from distill.student.intermediate import IntermediateDistiller, uniform_layer_map
+from distill.teacher import LiveTeacher
+from distill.train import train
+from distill.train.loop import CheckpointPlan
 
 VOCAB = 64
 
@@ -288,3 +294,74 @@ def test_run_logs_terms_and_saves_no_projection(tiny_run_config):
     assert set(reloaded.state_dict()) >= keys
     assert reloaded.config.hidden_size == 24
     assert not any(layer._forward_hooks for layer in result.student.model.layers)
+
+
+def test_resume_with_projection_is_bit_exact(tmp_path, ids):
+    """The projection is checkpointed with the student: a run resumed from step 2 (with a fresh,
+    differently initialised projection) ends exactly like the uninterrupted run."""
+    teacher = make_llama(VOCAB, layers=2, seed=1)
+    narrow = prune_width(
+        build_student(teacher, [0, 1]),
+        measure_importance(teacher, ids),
+        WidthTargets(hidden=24, heads=2),
+    )
+    blocks = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(4))
+
+    def run(directory, resume: bool, seed: int):
+        student = copy.deepcopy(narrow)
+        torch.manual_seed(seed)  # the projection's initial weights
+        config = IntermediateConfig(hidden_weight=1.0)
+        distiller = IntermediateDistiller(student, teacher, config, origin=[0, 1])
+        train(
+            student,
+            LiveTeacher(teacher),
+            BlockBatches(blocks, 4, seed=0),
+            LossConfig(alpha=0.5),
+            TrainConfig(steps=4, batch_size=4, warmup_steps=0, lr=1e-2),
+            vocab_rows=VOCAB,
+            checkpoints=CheckpointPlan(directory, every=1, keep=4, resume=resume),
+            extra_terms=distiller,
+        )
+        distiller.remove()
+        return student, distiller.projection.weight
+
+    straight, projection = run(tmp_path / "straight", False, 0)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    for late in ("step-00000003", "step-00000004"):
+        shutil.rmtree(tmp_path / "resumed" / late)
+    resumed, resumed_projection = run(tmp_path / "resumed", True, 1)
+    assert torch.equal(resumed_projection, projection)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert not torch.equal(straight.model.norm.weight, narrow.model.norm.weight)
+
+
+def test_warmup_leaves_a_run_with_projection_unchanged(ids):
+    """The plan's warm-up micro-batch discards the projection's gradients too."""
+    teacher = make_llama(VOCAB, layers=2, seed=1)
+    narrow = prune_width(
+        build_student(teacher, [0, 1]),
+        measure_importance(teacher, ids),
+        WidthTargets(hidden=24, heads=2),
+    )
+    blocks = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(4))
+    projections, warmups = [], []
+    for on_warmup in (None, warmups.append):
+        student = copy.deepcopy(narrow)
+        torch.manual_seed(0)
+        config = IntermediateConfig(hidden_weight=1.0)
+        distiller = IntermediateDistiller(student, teacher, config, origin=[0, 1])
+        train(
+            student,
+            LiveTeacher(teacher),
+            BlockBatches(blocks, 4, seed=0),
+            LossConfig(alpha=0.5),
+            TrainConfig(steps=3, batch_size=4, warmup_steps=0, lr=1e-2),
+            vocab_rows=VOCAB,
+            extra_terms=distiller,
+            on_warmup=on_warmup,
+        )
+        distiller.remove()
+        projections.append(distiller.projection.weight.detach().clone())
+    assert len(warmups) == 1
+    assert torch.equal(projections[0], projections[1])

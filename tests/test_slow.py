@@ -39,3 +39,38 @@ def test_real_teacher_predicts_python_prose(real_teacher):
     with torch.no_grad():
         loss = real_teacher(input_ids, labels=input_ids).loss
     assert float(loss.exp()) < 100
+
+
+def test_real_chat_template_masks_and_on_policy_samples(real_teacher):
+    """SmolLM2's own template: targets are exactly the assistant turns (with <|im_end|>), and
+    a student sampled from those prompts stops at <|im_end|> or max_new_tokens."""
+    from distill.data import Batch
+    from distill.data.examples import encode_examples
+    from distill.losses import IGNORE_INDEX
+    from distill.sampling import Sampling
+    from distill.train.onpolicy import student_batch
+
+    tokenizer = load_tokenizer(default_teacher_path())
+    chat = [
+        {"role": "user", "content": "What is a list?"},
+        {"role": "assistant", "content": "A mutable sequence."},
+        {"role": "user", "content": "And a tuple?"},
+        {"role": "assistant", "content": "An immutable one."},
+    ]
+    examples = encode_examples([{"messages": chat}], "chat", tokenizer, 256, "chat")
+    targets = examples.labels[0][examples.labels[0] != IGNORE_INDEX]
+    assert (
+        tokenizer.decode(targets) == "A mutable sequence.<|im_end|>\nAn immutable one.<|im_end|>\n"
+    )
+    batch = Batch(examples.input_ids, examples.labels, examples.prompt_lengths)
+    torch.manual_seed(0)
+    sampled, lengths = student_batch(
+        real_teacher,
+        batch,
+        Sampling(max_new_tokens=24, temperature=0.7, top_p=0.9),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    generated = sampled.labels[0][sampled.labels[0] != IGNORE_INDEX].tolist()
+    assert 1 <= len(generated) == lengths[0] <= 24
+    assert tokenizer.eos_token_id not in generated[:-1]

@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--inspect", metavar="DIR", help="print a cache's manifest and verify every shard's sha256"
     )
 
+    generate = commands.add_parser(
+        "generate", help="the teacher answers a prompt set: sequence-level KD data (.jsonl)"
+    )
+    _add_config_args(generate)
+    generate.add_argument(
+        "--prompts", metavar="FILE", help=".txt or .jsonl prompts (= --set generate.prompts=FILE)"
+    )
+    generate.add_argument("--out", metavar="FILE", help="output .jsonl (= generate.output)")
+    generate.add_argument("--name", help="run name (same as --set name=...)")
+
     _add_eval_compress_export(commands)
     _add_student(commands)
 
@@ -114,6 +124,20 @@ def _cache(args: argparse.Namespace) -> None:
     config = load_config(args.config, overrides)
     if cache_job(config):
         print(f"wrote {config.teacher.cache}; check it with `distill cache --inspect`")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from distill.config import load_config
+    from distill.generate import generate_responses
+
+    overrides = list(args.overrides)
+    if args.prompts:
+        overrides.append(f"generate.prompts={args.prompts}")
+    if args.out:
+        overrides.append(f"generate.output={args.out}")
+    if args.name:
+        overrides.append(f"name={args.name}")
+    print(generate_responses(load_config(args.config, overrides)))
 
 
 def _add_student(commands) -> None:
@@ -263,6 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     handlers = {"run": _run, "config": _config, "report": _report, "cache": _cache}
     handlers |= {"eval": _eval, "compress": _compress, "export": _export}
     handlers["student"] = _student
+    handlers["generate"] = _generate
     try:
         handlers[args.command](args)
     except DistillError as err:

@@ -285,6 +285,12 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0.0, description="Max global gradient norm; 0 disables.")
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl record every N steps.")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores.")
+    max_seconds: float = Field(
+        0.0,
+        ge=0.0,
+        description="Wall-clock budget of training: stop after the step that reaches it (the "
+        "schedule still spans train.steps); 0 = no budget, train.steps decides.",
+    )
 
 
 class EvalConfig(_Section):
@@ -347,6 +353,12 @@ class EncoderConfig(_Section):
         description="KL between the attention maps of student layer i and its teacher layer "
         "(needs eager attention; layer-dropped students only).",
     )
+    cache_teacher: bool = Field(
+        True,
+        description="embedding: run the frozen teacher once over the training sentences and "
+        "reuse its pooled embeddings, instead of a teacher forward every step (when the run "
+        "sees at least as many sentences and hidden/attention weights are 0).",
+    )
     eval_texts: int = Field(
         1000, ge=2, description="Held-out texts (sentences or rows) used for evaluation."
     )
@@ -370,8 +382,17 @@ class ParallelConfig(_Section):
         "auto",
         description="torch.distributed backend under torchrun: auto = nccl with CUDA, else gloo.",
     )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: ddp = a full student on every rank, gradients all-reduced; "
+        "fsdp = FSDP2 (fully_shard) shards the student and a live teacher (frozen: no gradients, "
+        "no optimizer state) layer by layer over the ranks, for models that do not fit one device.",
+    )
     mixed_precision: Literal["no", "bf16"] = Field(
-        "no", description="bf16 autocast for the forward passes on GPU (ignored on CPU)."
+        "no",
+        description="GPU only (on CPU: a warning, float32): bf16 compute with float32 weights, "
+        "optimizer and loss; ddp autocasts the forward, fsdp gathers bf16 parameters and reduces "
+        "gradients in float32.",
     )
 
 

@@ -23,11 +23,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distill.config import RunConfig, load_config
 from distill.data import (
     BlockBatches,
+    ExampleBatches,
+    Examples,
     default_documents,
     pack_documents,
     read_documents,
     split_documents,
 )
+from distill.data.examples import detect_format, encode_examples, read_rows, split_rows
 from distill.errors import ConfigError
 from distill.evaluate import heldout_metrics, measure_in_subprocess, weights_bytes
 from distill.io import atomic_directory, atomic_write_json, atomic_write_text
@@ -46,6 +49,7 @@ from distill.teacher.cache import open_run_cache, read_manifest
 from distill.train import train
 from distill.train.distributed import init_distributed
 from distill.train.loop import CheckpointPlan
+from distill.train.onpolicy import OnPolicy
 
 __all__ = ["distill", "resume_config", "RunResult", "prepare_models", "prepare_data"]
 
@@ -89,6 +93,8 @@ def prepare_models(config: RunConfig) -> Models:
         calibration = None
         if needs_calibration(config.student):  # a layer search or width pruning
             train_blocks = prepare_data(config, tokenizer)[0]
+            if isinstance(train_blocks, Examples):  # padded rows; the padding is calibration too
+                train_blocks = train_blocks.input_ids
             calibration = calibration_blocks(
                 train_blocks, config.student.calibration_blocks, config.seed
             )
@@ -113,8 +119,26 @@ def prepare_models(config: RunConfig) -> Models:
 
 def prepare_data(
     config: RunConfig, tokenizer: PreTrainedTokenizerBase
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train_blocks, heldout_blocks), each ``[n, block_size]``."""
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[Examples, Examples]:
+    """(train, heldout): packed text blocks ``[n, block_size]``, or encoded chat /
+    prompt-response :class:`Examples` (``data.format``)."""
+    data_format = detect_format(config.data.path, config.data.format)
+    if data_format != "text":
+        if config.data.path is None:
+            raise ConfigError(f"data.format={data_format} needs data.path (a .jsonl file)")
+        rows = read_rows(config.data.path)
+        train_rows, heldout_rows = split_rows(rows, config.data.heldout_fraction)
+        block_size, source = config.data.block_size, str(config.data.path)
+        train = encode_examples(train_rows, data_format, tokenizer, block_size, source)
+        heldout = encode_examples(heldout_rows, data_format, tokenizer, block_size, source)
+        keep = config.eval.max_blocks
+        heldout = Examples(
+            heldout.input_ids[:keep],
+            heldout.labels[:keep],
+            heldout.lengths[:keep],
+            heldout.prompt_lengths[:keep],
+        )
+        return train, heldout
     if config.data.path is None:
         documents = default_documents()
     else:
@@ -143,7 +167,8 @@ def _print_plan(
         "train_blocks": n_train_blocks,
         "step_seconds_measured": step_seconds,
         "estimated_peak_rss_bytes": warmup["peak_rss_bytes"] + optimizer_bytes,
-        "estimated_train_seconds": step_seconds * train_cfg.steps * runs,
+        "estimated_train_seconds": runs
+        * min(step_seconds * train_cfg.steps, train_cfg.max_seconds or float("inf")),
     }
     lines = [
         "plan:",
@@ -155,7 +180,9 @@ def _print_plan(
         f"  measured warm-up: {step_seconds:.2f} s/step, peak RSS "
         f"{warmup['peak_rss_bytes'] / 1e9:.2f} GB + optimizer state {optimizer_bytes / 1e9:.2f} GB"
         f" = ~{plan['estimated_peak_rss_bytes'] / 1e9:.2f} GB",
-        f"  {train_cfg.steps} steps x {runs} run(s): ~{plan['estimated_train_seconds'] / 60:.1f} min"
+        f"  {train_cfg.steps} steps x {runs} run(s)"
+        + (f" (budget {train_cfg.max_seconds:.0f} s each)" if train_cfg.max_seconds else "")
+        + f": ~{plan['estimated_train_seconds'] / 60:.1f} min"
         " of training, plus evaluation",
     ]
     print("\n".join(lines), flush=True)
@@ -252,15 +279,32 @@ def distill(
     if config.task != "causal_lm":  # classification / embedding: the encoder path
         from distill.encoders import run_encoder
 
-        encoder_run = run_encoder(config)
+        encoder_run = run_encoder(config, resume=resume)
         return RunResult(encoder_run.run_dir, encoder_run.report, encoder_run.student)
 
     models = prepare_models(config)
-    if torch.cuda.is_available():
+    sharded = config.parallel.strategy == "fsdp" and context.enabled  # placed by the sharding
+    if torch.cuda.is_available() and not sharded:
         if models.teacher is not None:
             models.teacher.to(f"cuda:{context.local_rank}")
         models.student.to(f"cuda:{context.local_rank}")
     train_blocks, heldout_blocks = prepare_data(config, models.tokenizer)
+    examples = isinstance(train_blocks, Examples)
+    onpolicy = None
+    if config.onpolicy.lambda_ > 0:
+        if config.teacher.cache:
+            raise ConfigError(
+                "onpolicy.lambda > 0 needs the live teacher to score the student's samples: "
+                "unset teacher.cache"
+            )
+        eos = models.tokenizer.eos_token_id
+        pad = models.tokenizer.pad_token_id
+        onpolicy = OnPolicy(config.onpolicy, eos, pad if pad is not None else eos or 0, config.seed)
+    if config.teacher.cache and examples:
+        raise ConfigError(
+            "teacher.cache holds packed text blocks: it cannot serve chat or prompt/response "
+            "data (data.format); unset teacher.cache"
+        )
     if config.teacher.cache:  # refuses a cache that does not match this run (exit 2)
         teacher = open_run_cache(
             config,
@@ -276,7 +320,8 @@ def distill(
     plan: dict[str, Any] = {}
 
     def on_warmup(warmup: dict[str, float]) -> None:
-        plan.update(_print_plan(config, models, warmup, train_blocks.shape[0]))
+        if context.is_main:
+            plan.update(_print_plan(config, models, warmup, len(train_blocks)))
 
     global_batch = config.train.batch_size * config.train.grad_accum * context.world_size
     if context.is_main:
@@ -293,7 +338,10 @@ def distill(
         return CheckpointPlan(run_dir / folder, every, keep, resume)
 
     def global_batches() -> BlockBatches:
-        return BlockBatches(train_blocks, config.train.batch_size * context.world_size, config.seed)
+        size = config.train.batch_size * context.world_size
+        if examples:
+            return ExampleBatches(train_blocks, size, config.seed)
+        return BlockBatches(train_blocks, size, config.seed)
 
     distiller = None
     if is_enabled(config.intermediate):  # hooks on the mapped layers; removed after training
@@ -317,6 +365,8 @@ def distill(
         checkpoints=checkpoint_plan("checkpoints"),
         context=context,
         extra_terms=distiller,
+        onpolicy=onpolicy,
+        parallel=config.parallel,
     )
     if distiller is not None:
         distiller.remove()
@@ -335,8 +385,11 @@ def distill(
             description="labels only",
             checkpoints=checkpoint_plan("checkpoints_labels_only"),
             context=context,
+            parallel=config.parallel,
         )
         compared["student_labels_only"] = labels_only
+    if sharded:  # the teacher is sharded over the ranks: rank 0 loads it whole to evaluate
+        models.teacher = None
     if not context.is_main:
         return RunResult(run_dir, {}, models.student)
 
@@ -344,7 +397,7 @@ def distill(
         models.student.save_pretrained(tmp, safe_serialization=True)
         models.tokenizer.save_pretrained(tmp)
 
-    if models.teacher is None:  # trained from the cache: the teacher is needed to evaluate
+    if models.teacher is None:  # trained from the cache (or sharded): needed to evaluate
         models.teacher = load_causal_lm(
             models.teacher_source, config.teacher.dtype, config.teacher.trust_remote_code
         ).to(models.student.device)
@@ -352,9 +405,10 @@ def distill(
     quality = heldout_metrics(
         compared,
         teacher,
-        heldout_blocks,
+        heldout_blocks.input_ids if examples else heldout_blocks,
         vocab_rows=models.vocab_rows,
         batch_size=config.eval.batch_size,
+        labels=heldout_blocks.labels if examples else None,
     )
     all_models = {"teacher": models.teacher, **compared}
     scratch = run_dir / ".eval_models"

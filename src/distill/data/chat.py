@@ -59,9 +59,17 @@ def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, s
 
 
 def render_chat(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], where: str = "chat"
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    where: str = "chat",
+    finished: bool = True,
 ) -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered conversation and, per token, whether an assistant wrote it."""
+    """Token ids of the rendered conversation and, per token, whether an assistant wrote it.
+
+    ``finished=False`` (a last answer cut at a length limit, as ``distill generate`` marks it)
+    leaves the end-of-turn marker after the last assistant turn out of the targets: the
+    student should not learn to stop where the teacher was interrupted.
+    """
     full = _render(tokenizer, messages, generation=False)
     spans: list[tuple[int, int]] = []
     for index, message in enumerate(messages):
@@ -74,7 +82,11 @@ def render_chat(
                 f"{where}: the chat template renders turn {index} differently once later turns "
                 "follow, so assistant tokens cannot be located"
             )
-        spans.append((start, len(end_text)))
+        end = len(end_text)
+        content_at = end_text.find(message["content"], start)
+        if not finished and index == len(messages) - 1 and content_at >= 0:
+            end = content_at + len(message["content"])
+        spans.append((start, end))
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     assistant = [
         any(start <= char_start < end for start, end in spans)

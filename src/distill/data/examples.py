@@ -72,6 +72,9 @@ class Examples:
     lengths: torch.Tensor
     prompt_lengths: torch.Tensor
 
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
 
 def read_rows(path: str | Path) -> list[dict]:
     """The JSON objects of a .jsonl file (blank lines skipped), or a DataError naming file:line."""
@@ -139,7 +142,7 @@ def _prompt_response_tokens(
         raise DataError(f"{where}: expected text fields `prompt` and `response`")
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
+    if tokenizer.eos_token_id is not None and row.get("finished", True) is not False:
         response_ids.append(tokenizer.eos_token_id)
     return prompt_ids + response_ids, [False] * len(prompt_ids) + [True] * len(response_ids)
 
@@ -153,7 +156,8 @@ def encode_examples(
 ) -> Examples:
     """Tokenise rows into right-padded ``[N, block_size]`` examples; longer ones are cut.
 
-    Rows left without a target once cut (a prompt of ``block_size`` tokens or more, or a chat
+    A row with ``"finished": false`` (an answer cut at ``max_new_tokens`` by ``distill
+    generate``) gets no end-of-turn / EOS target. Rows left without a target once cut (a prompt of ``block_size`` tokens or more, or a chat
     without an assistant turn) are dropped with a warning; none left is a DataError.
     """
     if data_format == "chat":
@@ -164,7 +168,8 @@ def encode_examples(
         where = f"{source} row {index + 1}"
         if data_format == "chat":
             messages = check_messages(row.get("messages"), where)
-            input_ids, is_target = render_chat(tokenizer, messages, where)
+            finished = row.get("finished", True) is not False
+            input_ids, is_target = render_chat(tokenizer, messages, where, finished)
         else:
             input_ids, is_target = _prompt_response_tokens(tokenizer, row, where)
         input_ids, is_target = input_ids[:block_size], is_target[:block_size]

@@ -28,10 +28,14 @@ def heldout_metrics(
     *,
     vocab_rows: int,
     batch_size: int,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     """``{name: {perplexity, kl_to_teacher, top1_agreement, top5_agreement}}`` for the teacher
-    and each model, the students scored through their decoder + output-head rows (as trained)."""
-    return _score(models, teacher, blocks, vocab_rows, batch_size, student_logits, progress=True)
+    and each model, the students scored through their decoder + output-head rows (as trained).
+
+    ``labels`` ``[n, T]`` choose the scored positions (chat data: the assistant's tokens);
+    default every next token of the blocks."""
+    return _score(models, teacher, blocks, vocab_rows, batch_size, student_logits, True, labels)
 
 
 def model_logits(model: PreTrainedModel, input_ids: torch.Tensor, vocab_rows: int) -> torch.Tensor:
@@ -65,6 +69,7 @@ def _score(
     batch_size: int,
     logits_fn: Callable[[PreTrainedModel, torch.Tensor, int], torch.Tensor],
     progress: bool,
+    all_labels: torch.Tensor | None = None,
 ) -> dict[str, dict[str, float]]:
     names = ["teacher", *models]
     sums = {name: {"nll": 0.0, "kl": 0.0, "agree": 0.0, "agree5": 0.0} for name in names}
@@ -73,7 +78,11 @@ def _score(
     bar_options = {} if progress else {"disable": True}
     for start in tqdm(starts, desc="evaluate", unit="batch", **bar_options):
         input_ids = blocks[start : start + batch_size]
-        labels = labels_for(input_ids).reshape(-1)
+        labels = (
+            labels_for(input_ids) if all_labels is None else all_labels[start : start + batch_size]
+        ).reshape(-1)
+        device = teacher.model.device if hasattr(teacher, "model") else input_ids.device
+        input_ids, labels = input_ids.to(device), labels.to(device)
         keep = labels != IGNORE_INDEX
         targets = labels[keep]
         teacher_logprobs = F.log_softmax(
@@ -85,7 +94,8 @@ def _score(
             if name == "teacher":
                 logprobs = teacher_logprobs
             else:
-                logits = logits_fn(models[name].eval(), input_ids, vocab_rows)
+                model = models[name].eval()
+                logits = logits_fn(model, input_ids.to(model.device), vocab_rows).to(device)
                 logprobs = F.log_softmax(logits.reshape(-1, vocab_rows)[keep].double(), dim=-1)
             sums[name]["nll"] -= float(logprobs.gather(1, targets[:, None]).sum())
             kl_rows = (teacher_logprobs.exp() * (teacher_logprobs - logprobs)).sum(dim=-1)

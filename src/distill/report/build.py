@@ -65,7 +65,13 @@ def _markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Training: {training['steps']} steps, {training['tokens_per_step']} tokens/step, "
-        f"{training['train_seconds']:.0f} s, final loss {training['final_loss']:.4f}.",
+        f"{training['train_seconds']:.0f} s, final loss {training['final_loss']:.4f}."
+        + (
+            f" On-policy micro-batches: {training['onpolicy_fraction']:.0%}, student "
+            f"continuations {training['generated_tokens_mean']:.1f} tokens on average."
+            if "onpolicy_fraction" in training
+            else ""
+        ),
         "Held-out metrics use the same held-out blocks for every model; speed and peak RSS are "
         "measured for each model in a fresh process with the same prompts and thread count "
         f"({_describe_speed(report['speed_settings'])}).",
@@ -152,6 +158,18 @@ def _verdict(models: dict[str, Any]) -> str | None:
     return text
 
 
+def _onpolicy_summary(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Share of on-policy micro-batches and mean student continuation length over the run."""
+    records = [r for r in history if "onpolicy_fraction" in r]
+    if not records:
+        return {}
+    lengths = [r["generated_tokens_mean"] for r in records if r["generated_tokens_mean"]]
+    return {
+        "onpolicy_fraction": sum(r["onpolicy_fraction"] for r in records) / len(records),
+        "generated_tokens_mean": sum(lengths) / len(lengths) if lengths else 0.0,
+    }
+
+
 def build_report(run_dir: str | Path) -> dict[str, Any]:
     """Write report.json, report.md and loss.png for a finished run; return the report dict."""
     run_path = Path(run_dir)
@@ -174,6 +192,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
             "tokens_per_step": history[-1]["tokens"] if history else 0,
             "train_seconds": history[-1]["elapsed_s"] if history else 0.0,
             "final_loss": history[-1]["loss"] if history else float("nan"),
+            **_onpolicy_summary(history),
         },
         "speed_settings": evaluation.get("speed_settings", {}),
         "plan": evaluation.get("plan", {}),

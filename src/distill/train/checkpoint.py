@@ -4,11 +4,13 @@ A checkpoint is a directory ``step-NNNNNNNN/`` written whole or not at all (temp
 
     model.safetensors   student weights (shared/tied tensors handled by safetensors)
     optimizer.pt        optimizer state dict (tensors and numbers only: loads with weights_only)
-    trainer.pt          step, scheduler, data position, per-rank RNG states, metric history
+    trainer.pt          step, scheduler, data position, per-rank RNG states, metric history,
+                        the intermediate-layer projection (when there is one)
     checksums.json      sha256 of each file above, written last
 
-Loading verifies every checksum; a corrupt or truncated checkpoint is skipped with a warning and
-the previous one is used.
+Under FSDP the student and optimizer are gathered on rank 0 into these same files (the optimizer
+state keyed by parameter index, as an unsharded optimizer's). Loading verifies every checksum;
+a corrupt or truncated checkpoint is skipped with a warning and the previous one is used.
 """
 
 from __future__ import annotations
@@ -40,11 +42,14 @@ def rng_state() -> dict[str, Any]:
     Plain types load with ``weights_only=True`` and travel through ``all_gather_object``.
     """
     numpy_state = np.random.get_state()
-    return {
+    state = {
         "python": random.getstate(),
         "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         "torch": torch.get_rng_state().tolist(),
     }
+    if torch.cuda.is_available():  # this process's device (GPU sampling draws from it)
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -52,6 +57,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def _sha256(path: Path) -> str:
@@ -66,15 +73,18 @@ def save_checkpoint(
     directory: Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | dict[str, Any],
     trainer_state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write ``directory/step-NNNNNNNN`` atomically, then prune to the newest ``keep``."""
+    """Write ``directory/step-NNNNNNNN`` atomically, then prune to the newest ``keep``.
+
+    ``optimizer``: the optimizer, or its state dict (gathered from FSDP shards, same format)."""
     target = directory / f"step-{step:08d}"
+    optimizer_state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     with atomic_directory(target) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save({"step": step, **trainer_state}, tmp / "trainer.pt")
         checksums = {name: _sha256(tmp / name) for name in _FILES}
         (tmp / "checksums.json").write_text(json.dumps(checksums, indent=1))
@@ -109,13 +119,20 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def load_checkpoint(
-    checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
 ) -> dict[str, Any]:
-    """Restore model and optimizer in place; return the trainer state (step, schedule, ...)."""
+    """Restore model and optimizer in place; return the trainer state (step, schedule, ...).
+
+    With ``optimizer`` None its state dict is returned under ``"optimizer"`` instead (FSDP
+    scatters it to the shards)."""
     missing, unexpected = load_model(model, str(checkpoint / "model.safetensors"), strict=True)
     if missing or unexpected:
         raise RuntimeError(
             f"checkpoint {checkpoint} does not match the model: {missing or unexpected}"
         )
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-    return torch.load(checkpoint / "trainer.pt", weights_only=True)
+    optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    trainer_state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    if optimizer is None:
+        return {**trainer_state, "optimizer": optimizer_state}
+    optimizer.load_state_dict(optimizer_state)
+    return trainer_state

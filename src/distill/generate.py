@@ -1,0 +1,279 @@
+"""``distill generate``: the teacher answers a prompt set (sequence-level KD data).
+
+Each prompt gets one sampled teacher response, written as one JSONL record: a chat ``messages``
+row (prompt turns + the assistant's answer) when the tokenizer has a chat template, else a
+``prompt``/``response`` row. ``distill run --set data.path=<output>`` trains a student on them.
+
+The run is resumable: a record is appended (flushed and fsynced) as soon as its batch is sampled,
+a restart skips the ids already written, and every batch is sampled from its own seed
+(``seed + batch index``, batches fixed by the whole prompt set), so an interrupted and resumed run
+writes the same records as an uninterrupted one. The settings a file was written with are kept
+beside it in ``<output>.meta.json``; a resume with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from distill.config import RunConfig
+from distill.data.chat import check_messages, render_prompt, require_chat_template
+from distill.errors import ConfigError, DataError
+from distill.io import append_jsonl, atomic_write_bytes, atomic_write_json
+from distill.models import default_teacher_path, load_causal_lm, load_tokenizer
+from distill.sampling import Sampling, sample_continuations
+
+__all__ = [
+    "Prompt",
+    "default_prompts_path",
+    "generate_responses",
+    "read_existing",
+    "read_prompts",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: chat ``messages`` (a .jsonl row with them) or plain ``text``."""
+
+    index: int
+    where: str  # file:line, for errors
+    messages: list[dict[str, str]] | None = None
+    text: str | None = None
+
+
+def default_prompts_path() -> Path:
+    """The shipped prompt set: short instructions of many kinds (``distill/data/files``)."""
+    return Path(str(files("distill.data") / "files" / "prompts.jsonl"))
+
+
+def _prompt_row(row: Any, index: int, where: str) -> Prompt:
+    if not isinstance(row, dict) or ("messages" not in row and "prompt" not in row):
+        raise DataError(f"{where}: expected a JSON object with `messages` or `prompt`")
+    if "messages" in row:
+        messages = check_messages(row["messages"], where)
+        if messages[-1]["role"] != "user":
+            raise DataError(f"{where}: the last message must be the user's (the teacher answers)")
+        return Prompt(index, where, messages=messages)
+    text = row["prompt"]
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{where}: `prompt` must be non-empty text")
+    return Prompt(index, where, text=text)
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts of a .txt file (one per non-blank line) or a .jsonl file (``messages`` or
+    ``prompt`` rows, blank lines skipped); a DataError naming file:line for a bad row."""
+    file = Path(path)
+    if file.suffix not in (".txt", ".jsonl"):
+        raise DataError(f"generate.prompts {file}: expected a .txt or .jsonl file")
+    if not file.is_file():
+        raise DataError(f"generate.prompts {file} does not exist")
+    prompts: list[Prompt] = []
+    with file.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{file}:{line_number}"
+            if file.suffix == ".txt":
+                prompts.append(Prompt(len(prompts), where, text=line.rstrip("\r\n")))
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"{where}: not valid JSON") from None
+            prompts.append(_prompt_row(row, len(prompts), where))
+    if not prompts:
+        raise DataError(f"generate.prompts {file}: no prompts")
+    return prompts
+
+
+def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool) -> list[int]:
+    """Chat: the prompt turns + the assistant generation prompt; else the plain text's tokens."""
+    if chat:
+        messages = prompt.messages or [{"role": "user", "content": prompt.text or ""}]
+        return render_prompt(tokenizer, messages)
+    if prompt.messages is not None:
+        require_chat_template(tokenizer, prompt.where)
+    ids = tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DataError(f"{prompt.where}: the prompt has no tokens")
+    return ids
+
+
+def read_existing(path: Path, n_prompts: int) -> dict[int, dict]:
+    """Records already in ``path`` by id. A truncated or unparsable last line (a write cut off
+    by a kill) is dropped and the file rewritten without it; any other bad line is a DataError."""
+    if not path.is_file():
+        return {}
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # tail: after the last newline (b"" if none)
+    records: dict[int, dict] = {}
+    drop_last = bool(tail)
+    for line_number, raw in enumerate(complete, start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if line_number == len(complete) and not tail:
+                drop_last = True
+                complete = complete[:-1]
+                break
+            raise DataError(
+                f"{path}:{line_number}: not valid JSON (and not a partial last line)"
+            ) from None
+        index = record.get("id") if isinstance(record, dict) else None
+        if not isinstance(index, int) or not 0 <= index < n_prompts or index in records:
+            raise DataError(
+                f"{path}:{line_number}: record id {index!r} is not a new prompt index "
+                f"in [0, {n_prompts})"
+            )
+        records[index] = record
+    if drop_last:
+        log.warning("%s: dropping a partial last line (an interrupted write)", path)
+        kept = b"".join(raw + b"\n" for raw in complete)
+        atomic_write_bytes(path, kept)
+    return records
+
+
+def _meta_path(output: Path) -> Path:
+    return output.with_name(output.name + ".meta.json")
+
+
+def _check_meta(output: Path, meta: dict[str, Any], has_records: bool) -> None:
+    """Write ``meta`` beside a new output; refuse to resume one written with other settings."""
+    meta_file = _meta_path(output)
+    if has_records:
+        if not meta_file.is_file():
+            raise ConfigError(
+                f"{output} holds records but no {meta_file.name}, so its settings are unknown; "
+                "delete it or write elsewhere (--out)"
+            )
+        try:
+            old = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ConfigError(
+                f"{meta_file}: not valid JSON; delete the output or write elsewhere (--out)"
+            ) from None
+        changed = [
+            f"{key}={old.get(key)!r} (now {value!r})"
+            for key, value in meta.items()
+            if old.get(key) != value
+        ]
+        if changed:
+            raise ConfigError(
+                f"{output} was written with other settings: {', '.join(changed)}; "
+                "resume with the same settings, or write elsewhere (--out)"
+            )
+    atomic_write_json(meta_file, meta)
+
+
+def _record(
+    prompt: Prompt, chat: bool, response: str, n_tokens: int, finished: bool
+) -> dict[str, Any]:
+    head: dict[str, Any] = {"id": prompt.index}
+    if chat:
+        messages = prompt.messages or [{"role": "user", "content": prompt.text or ""}]
+        head["messages"] = [*messages, {"role": "assistant", "content": response}]
+    else:
+        head |= {"prompt": prompt.text, "response": response}
+    return head | {"response_tokens": n_tokens, "finished": finished}
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of similar length (longest first, ties by index)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def generate_responses(config: RunConfig) -> Path:
+    """Sample one teacher response per prompt of ``generate.prompts`` into ``generate.output``
+    (resuming a partial file); returns the output path."""
+    settings = config.generate
+    prompts_file = Path(settings.prompts) if settings.prompts else default_prompts_path()
+    output = Path(settings.output) if settings.output else config.run_dir / "generations.jsonl"
+    prompts = read_prompts(prompts_file)
+    source = str(config.teacher.path or default_teacher_path())
+    tokenizer = load_tokenizer(source, config.teacher.trust_remote_code)
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    prompt_ids = [_prompt_ids(tokenizer, prompt, chat) for prompt in prompts]
+
+    sampling = Sampling(settings.max_new_tokens, settings.temperature, settings.top_p)
+    meta = {
+        "teacher": source,
+        "teacher_dtype": config.teacher.dtype,
+        "prompts": str(prompts_file.resolve()),
+        "prompts_sha256": hashlib.sha256(prompts_file.read_bytes()).hexdigest(),
+        "n_prompts": len(prompts),
+        "format": "chat" if chat else "prompt_response",
+        "seed": config.seed,
+        "batch_size": settings.batch_size,
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _check_meta(output, meta, has_records=output.is_file() and output.stat().st_size > 0)
+    done = set(read_existing(output, len(prompts)))
+    batches = _batches([len(ids) for ids in prompt_ids], settings.batch_size)
+    todo = [(b, batch) for b, batch in enumerate(batches) if not done.issuperset(batch)]
+    if todo:
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        model = load_causal_lm(source, config.teacher.dtype, config.teacher.trust_remote_code)
+        if torch.cuda.is_available():
+            model.to("cuda")
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        pad = pad if pad is not None else 0
+        bar = tqdm(total=len(prompts), initial=len(done), desc="generate", unit="prompt")
+        tokens, seconds = 0, 0.0
+        for batch_index, batch in todo:
+            torch.manual_seed(config.seed + batch_index)  # a resumed batch samples the same
+            start = time.perf_counter()
+            continuations = sample_continuations(
+                model, [prompt_ids[i] for i in batch], sampling, eos_token_id=eos, pad_token_id=pad
+            )
+            seconds += time.perf_counter() - start
+            tokens += sum(len(ids) for ids in continuations)
+            for index, ids in zip(batch, continuations, strict=True):
+                if index in done:  # written before an interruption
+                    continue
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                finished = eos is not None and bool(ids) and ids[-1] == eos
+                append_jsonl(output, _record(prompts[index], chat, text, len(ids), finished))
+                done.add(index)
+                bar.update(1)
+            bar.set_postfix_str(f"{tokens / max(seconds, 1e-9):.1f} tok/s")
+        bar.close()
+        log.info(
+            "generated %d tokens in %.1f s (%.1f tokens/s)",
+            tokens,
+            seconds,
+            tokens / max(seconds, 1e-9),
+        )
+    _sort_by_id(output)
+    return output
+
+
+def _sort_by_id(path: Path) -> None:
+    """Rewrite a finished output in prompt order (records are appended in batch order)."""
+    with path.open(encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    ordered = sorted(records, key=lambda record: record["id"])
+    if ordered != records:
+        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in ordered).encode("utf-8"))
