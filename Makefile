@@ -5,10 +5,15 @@ PY := $(VENV)/bin/python
 # CPU PyTorch where there is no NVIDIA GPU (torch==2.13.0 is the CPU build found on this machine).
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 
-.PHONY: demo install dev test test-slow lint format bench clean
+.PHONY: demo demo-onpolicy install dev test test-slow lint format bench clean
 
 demo: install  ## distil the embedded default teacher into a 15-layer student (~10 min on 2 cores)
 	$(VENV)/bin/distill run
+
+demo-onpolicy: install  ## teacher answers to the shipped prompts, then on-policy KD on them
+	$(VENV)/bin/distill generate --name generations
+	$(VENV)/bin/distill run --name onpolicy --set data.path=runs/generations/generations.jsonl \
+		--set onpolicy.lambda=0.5 --set loss.divergence=jsd --set loss.beta=0.5
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,7 +50,8 @@ format: dev
 	$(VENV)/bin/ruff format src tests benchmarks examples
 
 bench: install  ## every benchmark script (minutes each); results go to benchmarks/results/
-	for script in benchmarks/*.py; do $(PY) $$script || exit 1; done
+	for script in $(filter-out benchmarks/common.py benchmarks/table.py,$(wildcard benchmarks/*.py)); do $(PY) $$script || exit 1; done
+	$(PY) benchmarks/table.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -349,8 +349,9 @@ def test_teacher_scores_on_student_samples_match_a_float64_reference(chat_tokeni
     for prompt, continuation in zip(prompts, samples, strict=True):
         ids = torch.tensor([prompt + continuation])
         positions = range(len(prompt) - 1, len(prompt) - 1 + len(continuation))
-        p = torch.log_softmax(teacher64(input_ids=ids).logits[0], -1)
-        q = torch.log_softmax(student64(input_ids=ids).logits[0], -1)
+        with torch.no_grad():
+            p = torch.log_softmax(teacher64(input_ids=ids).logits[0], -1)
+            q = torch.log_softmax(student64(input_ids=ids).logits[0], -1)
         for position, token in zip(positions, continuation, strict=True):
             nll -= float(p[position, token])
             kl += float((q[position].exp() * (q[position] - p[position])).sum())
