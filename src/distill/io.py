@@ -1,4 +1,5 @@
-"""Atomic file and directory writes: a crash never leaves a half-written result behind."""
+"""Atomic file and directory writes (a crash never leaves a half-written result behind), and
+reading JSON-lines files row by row."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from distill.errors import DataError
+
 __all__ = [
     "atomic_write_text",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_directory",
     "append_jsonl",
+    "jsonl_objects",
 ]
 
 
@@ -75,3 +79,20 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line_number, object)`` for each non-blank line of a .jsonl file; a line that is not a
+    JSON object is a :class:`DataError` naming ``file:line``."""
+    file = Path(path)
+    with file.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise DataError(f"{file}:{line_number}: not valid JSON") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{file}:{line_number}: expected a JSON object")
+            yield line_number, row

@@ -8,10 +8,10 @@ requested share of characters, so it never changes with file order or seed.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from distill.errors import DataError
+from distill.io import jsonl_objects
 
 __all__ = ["default_documents", "read_documents", "split_documents"]
 
@@ -27,17 +27,10 @@ def default_documents() -> list[str]:
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     documents = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{line_number}: not valid JSON") from None
-            if not isinstance(row, dict) or text_field not in row:
-                raise DataError(f"{path}:{line_number}: row has no '{text_field}' field")
-            documents.append(str(row[text_field]))
+    for line_number, row in jsonl_objects(path):
+        if text_field not in row:
+            raise DataError(f"{path}:{line_number}: row has no '{text_field}' field")
+        documents.append(str(row[text_field]))
     return documents
 
 

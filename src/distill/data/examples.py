@@ -21,6 +21,7 @@ from distill.data.blocks import BlockBatches
 from distill.data.chat import check_messages, render_chat, require_chat_template
 from distill.data.corpus import split_documents
 from distill.errors import DataError
+from distill.io import jsonl_objects
 from distill.losses import IGNORE_INDEX
 
 __all__ = [
@@ -81,18 +82,7 @@ def read_rows(path: str | Path) -> list[dict]:
     file = Path(path)
     if file.suffix != ".jsonl" or not file.is_file():
         raise DataError(f"data.path {file}: chat and prompt/response data must be a .jsonl file")
-    rows = []
-    with file.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{file}:{line_number}: not valid JSON") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{file}:{line_number}: expected a JSON object")
-            rows.append(row)
+    rows = [row for _, row in jsonl_objects(file)]
     if not rows:
         raise DataError(f"data.path {file}: no rows")
     return rows

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import re
 from pathlib import Path
 
 from distill.errors import DataError
+from distill.io import jsonl_objects
 
 __all__ = ["read_labelled", "split_by_hash", "label_ids", "to_sentences"]
 
@@ -30,17 +30,10 @@ def _rows_csv(path: Path, text_field: str, label_field: str) -> list[tuple[str, 
 
 def _rows_jsonl(path: Path, text_field: str, label_field: str) -> list[tuple[str, str]]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{path}:{number}: not valid JSON") from None
-            if not isinstance(row, dict) or text_field not in row or label_field not in row:
-                raise DataError(f"{path}:{number}: row needs '{text_field}' and '{label_field}'")
-            rows.append((str(row[text_field]), str(row[label_field])))
+    for number, row in jsonl_objects(path):
+        if text_field not in row or label_field not in row:
+            raise DataError(f"{path}:{number}: row needs '{text_field}' and '{label_field}'")
+        rows.append((str(row[text_field]), str(row[label_field])))
     return rows
 
 
