@@ -151,14 +151,8 @@ def test_keep_prunes_old_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003", "step-00000004"]
 
 
-def test_two_processes_equal_one_process(tmp_path, tiny_teacher_dir):
-    """2 gloo ranks x batch 1 == 1 process x batch 2 (same global batch), rtol/atol 1e-5.
-
-    The tolerance covers float32 summation order (see test_batch_8x1_equals_batch_2x4).
-    """
-    single = distill_cli("run", *tiny_args(tiny_teacher_dir, tmp_path, "one", steps=4))
-    assert single.returncode == 0, single.stderr
-    args = tiny_args(tiny_teacher_dir, tmp_path, "two", steps=4) + ["--set", "train.batch_size=1"]
+def torchrun(*args: str, port_offset: int = 0) -> subprocess.CompletedProcess:
+    """``python -m distill ARGS`` under torchrun with 2 CPU (gloo) processes, 1 thread each."""
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
@@ -167,13 +161,23 @@ def test_two_processes_equal_one_process(tmp_path, tiny_teacher_dir):
         "--nproc-per-node",
         "2",
         "--master-port",
-        str(29500 + os.getpid() % 1000),
+        str(30500 + (os.getpid() * 7 + port_offset) % 1000),
         "-m",
         "distill",
-        "run",
         *args,
     ]
-    double = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_two_processes_equal_one_process(tmp_path, tiny_teacher_dir):
+    """2 gloo ranks x batch 1 == 1 process x batch 2 (same global batch), rtol/atol 1e-5.
+
+    The tolerance covers float32 summation order (see test_batch_8x1_equals_batch_2x4).
+    """
+    single = distill_cli("run", *tiny_args(tiny_teacher_dir, tmp_path, "one", steps=4))
+    assert single.returncode == 0, single.stderr
+    args = tiny_args(tiny_teacher_dir, tmp_path, "two", steps=4) + ["--set", "train.batch_size=1"]
+    double = torchrun("run", *args, port_offset=3)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "world size 2" in double.stderr
     one, two = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")

@@ -7,17 +7,14 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from conftest import make_llama
-from test_checkpoint import distill_cli, steps_logged, student_weights, tiny_args
+from test_checkpoint import distill_cli, steps_logged, student_weights, tiny_args, torchrun
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
@@ -36,23 +33,6 @@ PROJECTION = [  # a narrower student: the hidden-state term needs a learned proj
     *("--set", "student.layers=[0,3]", "--set", "student.hidden=24"),
     *("--set", "intermediate.hidden_weight=1.0", "--set", "intermediate.attention_weight=0.5"),
 ]
-
-
-def torchrun(*args: str, port_offset: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(30500 + (os.getpid() * 7 + port_offset) % 1000),
-        "-m",
-        "distill",
-        *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
 def records(run_dir: Path) -> list[dict]:
