@@ -296,34 +296,47 @@ def test_run_logs_terms_and_saves_no_projection(tiny_run_config):
     assert not any(layer._forward_hooks for layer in result.student.model.layers)
 
 
-def test_resume_with_projection_is_bit_exact(tmp_path, ids):
-    """The projection is checkpointed with the student: a run resumed from step 2 (with a fresh,
-    differently initialised projection) ends exactly like the uninterrupted run."""
+def _narrow_pair(ids):
+    """A 2-layer teacher and a 24-wide student pruned from it: the hidden term needs a projection."""
     teacher = make_llama(VOCAB, layers=2, seed=1)
     narrow = prune_width(
         build_student(teacher, [0, 1]),
         measure_importance(teacher, ids),
         WidthTargets(hidden=24, heads=2),
     )
+    return teacher, narrow
+
+
+def _train_with_projection(narrow, teacher, blocks, steps: int, seed: int, **train_options):
+    """Train a copy of ``narrow`` with a fresh projection (initialised from ``seed``)."""
+    student = copy.deepcopy(narrow)
+    torch.manual_seed(seed)  # the projection's initial weights
+    distiller = IntermediateDistiller(
+        student, teacher, IntermediateConfig(hidden_weight=1.0), origin=[0, 1]
+    )
+    train(
+        student,
+        LiveTeacher(teacher),
+        BlockBatches(blocks, 4, seed=0),
+        LossConfig(alpha=0.5),
+        TrainConfig(steps=steps, batch_size=4, warmup_steps=0, lr=1e-2),
+        vocab_rows=VOCAB,
+        extra_terms=distiller,
+        **train_options,
+    )
+    distiller.remove()
+    return student, distiller.projection.weight.detach().clone()
+
+
+def test_resume_with_projection_is_bit_exact(tmp_path, ids):
+    """The projection is checkpointed with the student: a run resumed from step 2 (with a fresh,
+    differently initialised projection) ends exactly like the uninterrupted run."""
+    teacher, narrow = _narrow_pair(ids)
     blocks = torch.randint(0, VOCAB, (16, 12), generator=torch.Generator().manual_seed(4))
 
     def run(directory, resume: bool, seed: int):
-        student = copy.deepcopy(narrow)
-        torch.manual_seed(seed)  # the projection's initial weights
-        config = IntermediateConfig(hidden_weight=1.0)
-        distiller = IntermediateDistiller(student, teacher, config, origin=[0, 1])
-        train(
-            student,
-            LiveTeacher(teacher),
-            BlockBatches(blocks, 4, seed=0),
-            LossConfig(alpha=0.5),
-            TrainConfig(steps=4, batch_size=4, warmup_steps=0, lr=1e-2),
-            vocab_rows=VOCAB,
-            checkpoints=CheckpointPlan(directory, every=1, keep=4, resume=resume),
-            extra_terms=distiller,
-        )
-        distiller.remove()
-        return student, distiller.projection.weight
+        plan = CheckpointPlan(directory, every=1, keep=4, resume=resume)
+        return _train_with_projection(narrow, teacher, blocks, 4, seed, checkpoints=plan)
 
     straight, projection = run(tmp_path / "straight", False, 0)
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
@@ -338,30 +351,12 @@ def test_resume_with_projection_is_bit_exact(tmp_path, ids):
 
 def test_warmup_leaves_a_run_with_projection_unchanged(ids):
     """The plan's warm-up micro-batch discards the projection's gradients too."""
-    teacher = make_llama(VOCAB, layers=2, seed=1)
-    narrow = prune_width(
-        build_student(teacher, [0, 1]),
-        measure_importance(teacher, ids),
-        WidthTargets(hidden=24, heads=2),
-    )
+    teacher, narrow = _narrow_pair(ids)
     blocks = torch.randint(0, VOCAB, (8, 12), generator=torch.Generator().manual_seed(4))
-    projections, warmups = [], []
-    for on_warmup in (None, warmups.append):
-        student = copy.deepcopy(narrow)
-        torch.manual_seed(0)
-        config = IntermediateConfig(hidden_weight=1.0)
-        distiller = IntermediateDistiller(student, teacher, config, origin=[0, 1])
-        train(
-            student,
-            LiveTeacher(teacher),
-            BlockBatches(blocks, 4, seed=0),
-            LossConfig(alpha=0.5),
-            TrainConfig(steps=3, batch_size=4, warmup_steps=0, lr=1e-2),
-            vocab_rows=VOCAB,
-            extra_terms=distiller,
-            on_warmup=on_warmup,
-        )
-        distiller.remove()
-        projections.append(distiller.projection.weight.detach().clone())
+    warmups = []
+    projections = [
+        _train_with_projection(narrow, teacher, blocks, 3, 0, on_warmup=on_warmup)[1]
+        for on_warmup in (None, warmups.append)
+    ]
     assert len(warmups) == 1
     assert torch.equal(projections[0], projections[1])
