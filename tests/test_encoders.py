@@ -3,6 +3,7 @@ classification and embedding runs end to end through distill.distill, saved embe
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from distill.data import default_documents
 from distill.encoders import Pooling, build_encoder_student, encode, losses, pool, save_embedder
 from distill.encoders.data import label_ids, to_sentences
 from distill.encoders.evaluate import accuracy_macro_f1, retrieval_agreement
+from distill.encoders.models import keeping_layers
+from distill.encoders.run import search_layers
 from distill.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------- fixtures: tiny random BERTs
@@ -254,10 +257,18 @@ def test_embedding_end_to_end_and_reload(tmp_path, embedder_dir):
                 "eval_texts": 40,
                 "retrieval_k": 5,
                 "relational_weight": 1.0,
+                "freeze_embeddings": True,
             },
         }
     )
     models = result.report["models"]
+    teacher_table = AutoModel.from_pretrained(embedder_dir).get_input_embeddings().weight
+    assert torch.equal(result.student.get_input_embeddings().weight, teacher_table)
+    first = result.report["student_layers"][0]  # the layers moved, the table did not
+    assert not torch.equal(
+        result.student.encoder.layer[0].attention.self.query.weight,
+        AutoModel.from_pretrained(embedder_dir).encoder.layer[first].attention.self.query.weight,
+    )
     assert result.student.config.num_hidden_layers == 2  # every second of 4 layers
     assert models["teacher"]["cosine_to_teacher"] == pytest.approx(1.0)
     lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
@@ -298,3 +309,140 @@ def test_embedding_end_to_end_and_reload(tmp_path, embedder_dir):
     reloaded = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     expected = encode(result.student, tokenizer, texts, Pooling("mean", True), max_length=48)
     torch.testing.assert_close(reloaded, expected, atol=1e-6, rtol=0)
+
+
+def test_classification_crash_then_resume_is_bit_identical(tmp_path, classifier_dir, monkeypatch):
+    """Crash in the middle of training; ``distill.distill(..., resume=True)`` (what ``distill run
+    --resume`` calls) ends with the same weights and one metrics record per step."""
+    import distill.encoders.run as encoder_run
+
+    config = {
+        "output_dir": str(tmp_path / "runs"),
+        "task": "classification",
+        "teacher": {"path": str(classifier_dir)},
+        "student": {"layers": [0, 3]},
+        "data": {"path": str(_labelled_jsonl(tmp_path / "rows.jsonl")), "heldout_fraction": 0.25},
+        "loss": {"alpha": 0.2, "alpha_schedule": "linear", "alpha_end": 0.6, "divergence": "jsd"},
+        "train": {"steps": 8, "batch_size": 8, "lr": 2e-3, "warmup_steps": 2, "threads": 1},
+        "checkpoint": {"every": 3, "keep": 1},
+        "encoder": {"max_length": 32},
+        "eval": {"speed": False},
+    }
+    straight = distill.distill({**config, "name": "straight"})
+
+    forward = encoder_run._forward
+    calls = {"student": 0}
+
+    def crashing(model, batch, run_config):
+        if model.training:
+            calls["student"] += 1
+            if calls["student"] == 5:  # step 5: the newest checkpoint is step 3
+                raise KeyboardInterrupt
+        return forward(model, batch, run_config)
+
+    monkeypatch.setattr(encoder_run, "_forward", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        distill.distill({**config, "name": "resumed"})
+    monkeypatch.setattr(encoder_run, "_forward", forward)
+    run_dir = tmp_path / "runs" / "resumed"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000003"]
+    with pytest.raises(ConfigError, match="--resume"):
+        distill.distill({**config, "name": "resumed"})
+    resumed = distill.distill({**config, "name": "resumed"}, resume=True)
+
+    for name, tensor in straight.student.state_dict().items():
+        assert torch.equal(tensor, resumed.student.state_dict()[name]), name
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
+    models = resumed.report["models"]
+    student_file = run_dir / "student" / "model.safetensors"
+    assert models["student_after"]["bytes"] == student_file.stat().st_size
+    assert models["teacher"]["bytes"] == (classifier_dir / "model.safetensors").stat().st_size
+
+
+def test_keeping_layers_is_the_layer_dropped_student(embedder_dir, wordpiece):
+    teacher = AutoModel.from_pretrained(embedder_dir).eval()
+    batch = dict(
+        wordpiece(["A class definition.", "The for statement"], padding=True, return_tensors="pt")
+    )
+    built = build_encoder_student(teacher, [0, 3])
+    with torch.no_grad(), keeping_layers(teacher, [0, 3]) as view:
+        shared = view(**batch).last_hidden_state
+    torch.testing.assert_close(shared, built(**batch).last_hidden_state, atol=0, rtol=0)
+    assert len(teacher.encoder.layer) == 4  # restored
+
+
+@pytest.mark.parametrize("limit", [128, 1])  # exhaustive, then greedy removal
+def test_search_layers_scores_like_built_students(embedder_dir, wordpiece, monkeypatch, limit):
+    import distill.encoders.run as encoder_run
+
+    monkeypatch.setattr(encoder_run, "_EXHAUSTIVE_LIMIT", limit)
+    teacher = AutoModel.from_pretrained(embedder_dir).eval()
+    sentences = to_sentences(default_documents()[:10])[:24]
+    batches = [
+        dict(wordpiece(sentences[i : i + 8], padding=True, return_tensors="pt")) for i in (0, 8, 16)
+    ]
+
+    @torch.no_grad()
+    def built_score(layers):
+        student = build_encoder_student(teacher, list(layers))
+        cosines = [
+            F.cosine_similarity(
+                pool(student(**b).last_hidden_state, b["attention_mask"], "mean"),
+                pool(teacher(**b).last_hidden_state, b["attention_mask"], "mean"),
+            )
+            for b in batches
+        ]
+        return float(torch.cat(cosines).mean())
+
+    layers, score = search_layers(teacher, batches, 2, "embedding")
+    assert score == pytest.approx(built_score(layers), abs=1e-6)
+    scores = {c: built_score(c) for c in itertools.combinations(range(4), 2)}
+    if limit > 1:
+        assert tuple(layers) == max(scores, key=scores.get)
+    else:  # greedy: no worse than the median candidate, and a valid choice
+        assert score >= sorted(scores.values())[len(scores) // 2] - 1e-6
+    with pytest.raises(ConfigError, match="num_layers"):
+        search_layers(teacher, batches, 5, "embedding")
+
+
+def test_embedding_teacher_cache_gives_the_same_losses(tmp_path, embedder_dir, monkeypatch):
+    import distill.encoders.run as encoder_run
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(default_documents()[:12]))
+    forward = encoder_run._forward
+    teacher_calls = {"n": 0}
+
+    def counting(model, batch, config):
+        teacher_calls["n"] += not model.training
+        return forward(model, batch, config)
+
+    monkeypatch.setattr(encoder_run, "_forward", counting)
+    losses_by = {}
+    for cache in (True, False):
+        teacher_calls["n"] = 0
+        result = distill.distill(
+            {
+                "name": f"cache-{cache}",
+                "output_dir": str(tmp_path / "runs"),
+                "task": "embedding",
+                "teacher": {"path": str(embedder_dir)},
+                "student": {"search": "none"},
+                "data": {"path": str(corpus), "heldout_fraction": 0.2},
+                "train": {"steps": 40, "batch_size": 8, "lr": 5e-4, "threads": 1},
+                "encoder": {
+                    "max_length": 48,
+                    "eval_texts": 20,
+                    "retrieval_k": 3,
+                    "cache_teacher": cache,
+                    "relational_weight": 1.0,
+                },
+                "eval": {"speed": False},
+            }
+        )
+        assert result.report["train_texts"] <= 40 * 8  # the cache applies
+        assert (teacher_calls["n"] == 0) == cache
+        lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        losses_by[cache] = [json.loads(line)["loss"] for line in lines]
+    assert losses_by[True] == pytest.approx(losses_by[False], rel=1e-4)

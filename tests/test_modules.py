@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from references import reference_objective
 from safetensors.torch import load_model
 from torch import nn
 
-from distill.config import LossConfig, TrainConfig
-from distill.modules import default_labels, distill_module, evaluate_classifier
+from distill.config import CheckpointConfig, LossConfig, TrainConfig
+from distill.modules import LoaderPosition, default_labels, distill_module, evaluate_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,3 +150,190 @@ def test_digits_example_reduced():
     assert results["student_params"] < results["teacher_params"] / 10
     for key in ("student_kd_accuracy", "student_labels_only_accuracy"):
         assert 0.3 < results[key] <= 1.0 and not math.isnan(results[key])
+
+
+# ---------------------------------------------------------------- checkpoint / resume
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+class _Noisy(nn.Module):
+    """Dropout (process RNG) between two layers: a resume must restore the RNG exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _Jittered(torch.utils.data.Dataset):
+    """Random augmentation from the process RNG in __getitem__ (main-process loading)."""
+
+    def __init__(self) -> None:
+        generator = torch.Generator().manual_seed(3)
+        self.x = torch.randn(20, 4, generator=generator)
+        self.y = torch.randint(0, 5, (20,), generator=generator)
+
+    def __len__(self) -> int:
+        return 20
+
+    def __getitem__(self, i: int):
+        return self.x[i] + 0.1 * torch.randn(4), self.y[i]
+
+
+def _resume_setup(crash_at: int | None):
+    """Teacher, fresh student, shuffling loader (own generator) of 5 batches/epoch, logits fn
+    that raises on its ``crash_at``-th student call."""
+    torch.manual_seed(0)
+    teacher, student = _Noisy().eval(), _Noisy()
+    loader = torch.utils.data.DataLoader(
+        _Jittered(), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(7)
+    )
+    calls = {"student": 0}
+
+    def logits(model: nn.Module, batch) -> torch.Tensor:
+        if model is student:
+            calls["student"] += 1
+            if crash_at is not None and calls["student"] == crash_at:
+                raise _Crash
+        return model(batch[0])
+
+    return teacher, student, loader, logits
+
+
+def test_crash_then_resume_is_bit_identical(tmp_path):
+    config = {
+        "loss": LossConfig(alpha=0.3, temperature=2.0, alpha_schedule="linear", alpha_end=0.6),
+        "train": TrainConfig(steps=13, grad_accum=2, lr=1e-2, warmup_steps=2),
+        "checkpoint": CheckpointConfig(every=3, keep=2),
+    }
+    teacher, straight, loader, logits = _resume_setup(None)
+    distill_module(teacher, straight, loader, logits, run_dir=tmp_path / "straight", **config)
+
+    run = tmp_path / "resumed"
+    # Crash during step 8 (its 16th micro-batch): the newest checkpoint is step 6, mid-epoch 3.
+    teacher, student, loader, logits = _resume_setup(16)
+    with pytest.raises(_Crash):
+        distill_module(teacher, student, loader, logits, run_dir=run, **config)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-00000003",
+        "step-00000006",
+    ]
+    assert _logged_steps(run) == list(range(1, 8))  # step 7 logged, not checkpointed
+    with pytest.raises(ValueError, match="resume=True"):
+        distill_module(*_resume_setup(None)[:2], loader, logits, run_dir=run, **config)
+
+    torch.manual_seed(123)  # the process RNG is restored from the checkpoint, not reused
+    teacher, student, loader, logits = _resume_setup(None)
+    result = distill_module(teacher, student, loader, logits, run_dir=run, resume=True, **config)
+    for name, tensor in straight.state_dict().items():
+        assert torch.equal(tensor, result.student.state_dict()[name]), name
+    assert _logged_steps(run) == list(range(1, 14))
+    straight_records = _records(tmp_path / "straight")
+    for a, b in zip(straight_records, _records(run), strict=True):
+        assert a["loss"] == b["loss"] and a["lr"] == b["lr"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step-00000012",
+        "step-00000013",
+    ]
+
+
+def test_resume_without_checkpoint_starts_afresh(tmp_path):
+    teacher, student, loader, logits = _resume_setup(2)
+    config = {"train": TrainConfig(steps=4), "checkpoint": CheckpointConfig(every=3)}
+    with pytest.raises(_Crash):
+        distill_module(teacher, student, loader, logits, run_dir=tmp_path, **config)
+    teacher, student, loader, logits = _resume_setup(None)
+    distill_module(teacher, student, loader, logits, run_dir=tmp_path, resume=True, **config)
+    assert _logged_steps(tmp_path) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="run_dir"):
+        distill_module(teacher, student, loader, logits, resume=True)
+
+
+def test_loader_position_restores_a_plain_iterable():
+    batches = list(range(5))
+    position = LoaderPosition(batches)
+    drawn = [position.next() for _ in range(7)]
+    state = position.state_dict()
+    assert drawn == [0, 1, 2, 3, 4, 0, 1] and state["epoch"] == 1 and state["drawn"] == 2
+    again = LoaderPosition(batches)
+    again.restore(state)
+    assert [again.next() for _ in range(4)] == [2, 3, 4, 0]
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _logged_steps(run: Path) -> list[int]:
+    return [record["step"] for record in _records(run)]
+
+
+# ---------------------------------------------------------------- loss knobs
+
+
+@pytest.mark.parametrize(
+    ("divergence", "scale_by_t2"), [("reverse_kl", True), ("jsd", False), ("tv", True)]
+)
+def test_divergence_knobs_match_float64_reference(divergence, scale_by_t2):
+    teacher, student = nn.Linear(4, 5), nn.Linear(4, 5)
+    batches = _batches(2, 4)
+    loss = LossConfig(
+        alpha=0.3, temperature=3.0, divergence=divergence, beta=0.3, scale_by_t2=scale_by_t2
+    )
+    train = TrainConfig(steps=1, grad_accum=2, warmup_steps=0)
+    with torch.no_grad():
+        s = torch.cat([_logits(student, b).reshape(-1, 5) for b in batches]).double()
+        t = torch.cat([_logits(teacher, b).reshape(-1, 5) for b in batches]).double()
+    labels = torch.cat([y.reshape(-1) for _, y in batches])
+    expected = reference_objective(
+        s,
+        t,
+        labels,
+        temperature=3.0,
+        alpha=0.3,
+        divergence=divergence,
+        beta=0.3,
+        scale_by_t2=scale_by_t2,
+    )
+    forward = reference_objective(s, t, labels, temperature=3.0, alpha=0.3)
+    assert abs(float(expected) - float(forward)) > 1e-3  # the knob changes the objective
+    result = distill_module(
+        teacher, copy.deepcopy(student), batches, _logits, loss=loss, train=train
+    )
+    assert result.history.records[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_alpha_and_temperature_schedules_reach_the_loss():
+    """Step k of 3 uses alpha / T from the linear schedules (lr 1e-12: the student stays put)."""
+    teacher, student = nn.Linear(4, 5), nn.Linear(4, 5)
+    batches = _batches(3, 4)
+    loss = LossConfig(
+        alpha=0.2,
+        alpha_schedule="linear",
+        alpha_end=0.8,
+        temperature=1.0,
+        temperature_schedule="linear",
+        temperature_end=3.0,
+    )
+    train = TrainConfig(steps=3, lr=1e-12, warmup_steps=0)
+    result = distill_module(
+        teacher, copy.deepcopy(student), batches, _logits, loss=loss, train=train
+    )
+    for step, (alpha, temperature) in enumerate([(0.2, 1.0), (0.5, 2.0), (0.8, 3.0)]):
+        expected = _reference_loss(
+            copy.deepcopy(student), teacher, [batches[step]], alpha, temperature
+        )
+        assert result.history.records[step]["loss"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="teacher"):
+        distill_module(
+            None,
+            student,
+            batches,
+            _logits,
+            loss=LossConfig(alpha=1.0, alpha_schedule="linear", alpha_end=0.5),
+        )

@@ -10,14 +10,18 @@ and a function mapping ``(model, batch)`` to logits::
 
 Map of :func:`train_module` (shared with the encoder tasks): draw ``grad_accum`` micro-batches,
 count their items (the window's normaliser), ``backward(loss_sum / window_items)`` per
-micro-batch, clip, AdamW step, schedule step, one metrics.jsonl record. The run folder gets
-``metrics.jsonl``, ``student/model.safetensors``, ``evaluation.json`` and ``report.json``/``report.md``.
+micro-batch, clip, AdamW step, schedule step, one metrics.jsonl record, a checkpoint every
+``checkpoint.every`` steps and at the end. The run folder gets ``metrics.jsonl``,
+``checkpoints/step-N/``, ``student/model.safetensors``, ``evaluation.json`` and
+``report.json``/``report.md``; ``resume=True`` continues it exactly from the newest valid
+checkpoint (the loader is re-iterated and the batches already drawn this epoch skipped).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,26 +34,40 @@ from safetensors.torch import save_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from distill.config import LossConfig, TrainConfig
+from distill.config import CheckpointConfig, LossConfig, TrainConfig
 from distill.io import append_jsonl, atomic_directory, atomic_write_json, atomic_write_text
-from distill.losses import IGNORE_INDEX, distillation_loss
+from distill.losses import IGNORE_INDEX, LossTerms, distillation_loss
+from distill.losses.schedule import scheduled_value
 from distill.models import count_params
+from distill.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from distill.train.loop import CheckpointPlan
 from distill.train.optim import build_optimizer
 
 __all__ = [
+    "LoaderPosition",
     "ModuleResult",
     "TrainHistory",
     "default_labels",
     "distill_module",
     "evaluate_classifier",
+    "scheduled_alpha_temperature",
+    "scheduled_distillation_loss",
     "train_module",
     "write_report",
 ]
 
 LogitsFn = Callable[[nn.Module, Any], torch.Tensor]
 LabelsFn = Callable[[Any], torch.Tensor]
-# A micro-batch's summed objective and its named summed parts (each a 0-d tensor).
-TermsFn = Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# (micro-batch, 0-based optimizer step) -> its summed objective and named summed parts (0-d).
+TermsFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -81,15 +99,95 @@ def default_labels(batch: Any) -> torch.Tensor:
     )
 
 
-def _cycle(loader: Iterable) -> Iterator[Any]:
-    """Batches forever, re-iterating the loader (a shuffling DataLoader reshuffles) each epoch."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("loader: yields no batches")
+class LoaderPosition:
+    """Batches forever from a re-iterable loader, at a position that checkpoints can restore.
+
+    The position is the epoch, how many batches of it were drawn, and the RNG states taken just
+    before that epoch's iterator was created: the process RNGs (Python, NumPy, torch) and the
+    ``generator`` of the loader and of its sampler(s), if any. :meth:`restore` sets those states,
+    re-creates the epoch's iterator (so a shuffling ``DataLoader`` draws the same permutation and
+    worker seeds) and skips the drawn batches: exact for any loader whose order depends only on
+    these RNGs, at the cost of loading the skipped batches again. Each epoch re-iterates the
+    loader (a shuffling DataLoader reshuffles).
+    """
+
+    def __init__(self, loader: Iterable) -> None:
+        self.loader = loader
+        self.epoch = 0
+        self.drawn = 0
+        self._iterator: Iterator[Any] | None = None
+        self._epoch_rng: dict[str, Any] | None = None
+
+    def generators(self) -> list[torch.Generator]:
+        """The loader's own RNGs: ``generator`` of the loader, its sampler and batch sampler."""
+        owners = [self.loader, getattr(self.loader, "sampler", None)]
+        batch_sampler = getattr(self.loader, "batch_sampler", None)
+        owners += [batch_sampler, getattr(batch_sampler, "sampler", None)]
+        found: list[torch.Generator] = []
+        for owner in owners:
+            generator = getattr(owner, "generator", None)
+            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+                found.append(generator)
+        return found
+
+    def rng(self) -> dict[str, Any]:
+        """The process and loader RNG states now."""
+        return {"process": rng_state(), "loader": [g.get_state() for g in self.generators()]}
+
+    def set_rng(self, state: dict[str, Any]) -> None:
+        generators = self.generators()
+        if len(generators) != len(state["loader"]):
+            raise ValueError(
+                f"loader: the checkpoint holds {len(state['loader'])} loader generator state(s), "
+                f"this loader has {len(generators)}; resume with the same kind of loader"
+            )
+        set_rng_state(state["process"])
+        for generator, saved in zip(generators, state["loader"], strict=True):
+            generator.set_state(saved)
+
+    def _start_epoch(self) -> None:
+        self._epoch_rng = self.rng()
+        self._iterator = iter(self.loader)
+        self.drawn = 0
+
+    def next(self) -> Any:
+        if self._iterator is None:
+            self._start_epoch()
+        try:
+            batch = next(self._iterator)
+        except StopIteration:
+            if self.drawn == 0:
+                raise ValueError("loader: yields no batches") from None
+            self.epoch += 1
+            self._start_epoch()
+            try:
+                batch = next(self._iterator)
+            except StopIteration:
+                raise ValueError("loader: yields no batches") from None
+        self.drawn += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "drawn": self.drawn, "epoch_rng": self._epoch_rng}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Back to a saved position; the RNGs are left as at the start of its epoch plus the
+        skipped batches (the caller then restores the checkpoint's current RNG states)."""
+        self.epoch, self._iterator, self._epoch_rng, self.drawn = state["epoch"], None, None, 0
+        if state["epoch_rng"] is None:  # saved before the first batch
+            return
+        self.set_rng(state["epoch_rng"])
+        self._epoch_rng = state["epoch_rng"]
+        self._iterator = iter(self.loader)
+        for _ in range(state["drawn"]):
+            try:
+                next(self._iterator)
+            except StopIteration:
+                raise ValueError(
+                    f"loader: the checkpoint had drawn {state['drawn']} batches of epoch "
+                    f"{state['epoch']}, this loader yields fewer; resume with the same data"
+                ) from None
+        self.drawn = state["drawn"]
 
 
 def _clip(model: nn.Module, max_norm: float) -> float:
@@ -110,28 +208,52 @@ def train_module(
     *,
     metrics_path: Path | None = None,
     description: str = "distill",
+    checkpoints: CheckpointPlan | None = None,
 ) -> TrainHistory:
     """Train ``student`` in place for ``train_config.steps`` steps; see the module map.
 
-    ``terms_fn(batch)`` returns the micro-batch's summed loss and named summed parts;
-    ``count_fn(batch)`` the number of items those sums run over. Each step's gradient is the
-    window's total sum over the window's total count, so batch 8 x 1 == batch 2 x 4.
+    ``terms_fn(batch, step)`` returns the micro-batch's summed loss and named summed parts at
+    optimizer step ``step`` (0-based, for loss schedules); ``count_fn(batch)`` the number of
+    items those sums run over. Each step's gradient is the window's total sum over the window's
+    total count, so batch 8 x 1 == batch 2 x 4.
+
+    ``checkpoints``: save every ``every`` steps and at the end into ``directory`` (keeping the
+    newest ``keep``): student, optimizer, schedule, loader position (:class:`LoaderPosition`),
+    RNG states and the metric history. With ``resume``, continue from the newest valid one
+    (bit-identical on CPU to an uninterrupted run) and rewrite ``metrics_path`` to its history,
+    so no step is logged twice or missed; without a checkpoint there, start afresh.
     """
     student.train()
     optimizer, scheduler = build_optimizer(student, train_config)
     history = TrainHistory()
-    batches = _cycle(loader)
-    bar = tqdm(total=train_config.steps, desc=description, unit="step", dynamic_ncols=True)
-    start = time.perf_counter()
-    for step in range(1, train_config.steps + 1):
+    batches = LoaderPosition(loader)
+    step, elapsed_before = 0, 0.0
+    if checkpoints is not None and checkpoints.resume:
+        checkpoint = latest_checkpoint(checkpoints.directory)
+        if checkpoint is not None:
+            saved = load_checkpoint(checkpoint, student, optimizer)
+            scheduler.load_state_dict(saved["scheduler"])
+            batches.restore(saved["data"])
+            batches.set_rng(saved["rng"])
+            step, elapsed_before = saved["step"], saved["elapsed_s"]
+            history.records = list(saved["history"])
+            log.info("resumed from %s at step %d", checkpoint, step)
+        if metrics_path is not None:
+            lines = "".join(json.dumps(record) + "\n" for record in history.records)
+            atomic_write_text(metrics_path, lines)
+    bar = tqdm(
+        total=train_config.steps, initial=step, desc=description, unit="step", dynamic_ncols=True
+    )
+    start = time.perf_counter() - elapsed_before
+    while step < train_config.steps:
         step_start = time.perf_counter()
-        window = [next(batches) for _ in range(train_config.grad_accum)]
+        window = [batches.next() for _ in range(train_config.grad_accum)]
         items = sum(count_fn(batch) for batch in window)
         if items == 0:
-            raise ValueError(f"step {step}: the accumulation window holds no labelled items")
+            raise ValueError(f"step {step + 1}: the accumulation window holds no labelled items")
         totals: dict[str, float] = {"loss": 0.0}
         for batch in window:
-            loss_sum, parts = terms_fn(batch)
+            loss_sum, parts = terms_fn(batch, step)
             (loss_sum / items).backward()
             totals["loss"] += loss_sum.item() / items
             for name, value in parts.items():
@@ -141,6 +263,7 @@ def train_module(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        step += 1
         seconds = time.perf_counter() - step_start
         record = {
             "step": step,
@@ -155,6 +278,19 @@ def train_module(
             history.records.append(record)
             if metrics_path is not None:
                 append_jsonl(metrics_path, record)
+        if checkpoints is not None and (
+            step == train_config.steps or (checkpoints.every and step % checkpoints.every == 0)
+        ):
+            trainer_state = {
+                "scheduler": scheduler.state_dict(),
+                "data": batches.state_dict(),
+                "rng": batches.rng(),
+                "history": history.records,
+                "elapsed_s": record["elapsed_s"],
+            }
+            save_checkpoint(
+                checkpoints.directory, step, student, optimizer, trainer_state, checkpoints.keep
+            )
         bar.set_postfix(loss=f"{totals['loss']:.4f}")
         bar.update(1)
     bar.close()
@@ -211,6 +347,44 @@ def evaluate_classifier(
     return metrics
 
 
+def scheduled_alpha_temperature(
+    loss: LossConfig, step: int, total_steps: int
+) -> tuple[float, float]:
+    """``(alpha, temperature)`` of ``loss``'s schedules at optimizer step ``step`` (0-based)."""
+    alpha = scheduled_value(loss.alpha_schedule, loss.alpha, loss.alpha_end, step, total_steps)
+    temperature = scheduled_value(
+        loss.temperature_schedule, loss.temperature, loss.temperature_end, step, total_steps
+    )
+    return alpha, temperature
+
+
+def scheduled_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    loss: LossConfig,
+    step: int,
+    total_steps: int,
+    *,
+    labels_only: bool = False,
+) -> LossTerms:
+    """:func:`~distill.losses.distillation_loss` with every knob of ``loss``: divergence, beta,
+    skew, scale_by_t2, and temperature / alpha at optimizer step ``step`` of their schedules.
+    ``labels_only`` forces alpha = 1 (the labels-only baseline). Shapes ``[N, C]``, ``[N]``."""
+    alpha, temperature = scheduled_alpha_temperature(loss, step, total_steps)
+    return distillation_loss(
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=temperature,
+        alpha=1.0 if labels_only else alpha,
+        divergence=loss.divergence,
+        beta=loss.beta,
+        skew=loss.skew,
+        scale_by_t2=loss.scale_by_t2,
+    )
+
+
 def distill_module(
     teacher: nn.Module | None,
     student: nn.Module,
@@ -222,42 +396,61 @@ def distill_module(
     train: TrainConfig | None = None,
     eval_loader: Iterable | None = None,
     run_dir: str | Path | None = None,
+    checkpoint: CheckpointConfig | None = None,
+    resume: bool = False,
 ) -> ModuleResult:
-    """Train ``student`` in place on ``alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)``.
+    """Train ``student`` in place on ``alpha * CE + (1 - alpha) * T^2 * D(teacher, student)``.
 
+    Every :class:`~distill.config.LossConfig` knob applies: ``divergence`` (forward KL by
+    default; beta, skew), ``scale_by_t2``, and the temperature / alpha schedules over the steps.
     ``logits_fn(model, batch)`` returns logits ``[..., C]`` whose leading shape matches
-    ``labels_fn(batch)`` (labels equal to -100 are ignored). ``teacher=None`` (or
-    ``loss.alpha == 1``) trains on labels alone. With ``eval_loader``, teacher, student before and
+    ``labels_fn(batch)`` (labels equal to -100 are ignored). ``teacher=None`` (or alpha 1
+    throughout) trains on labels alone. With ``eval_loader``, teacher, student before and
     student after are evaluated; with ``run_dir``, metrics.jsonl, student/model.safetensors,
-    evaluation.json and report.json/report.md are written there.
+    evaluation.json and report.json/report.md are written there, and checkpoints go to
+    ``run_dir/checkpoints`` per ``checkpoint`` (default: every 20 steps and at the end, newest 2
+    kept). ``resume=True`` continues a run in ``run_dir`` from its newest valid checkpoint: pass
+    the same (freshly built) student, loader and configs; see :class:`LoaderPosition` for how the
+    data position is restored.
     """
     loss = loss or LossConfig()
     train = train or TrainConfig()
-    if teacher is None and loss.alpha < 1.0:
-        raise ValueError("teacher: None needs loss.alpha == 1 (labels only)")
+    checkpoint = checkpoint or CheckpointConfig()
+    alphas = (loss.alpha, loss.alpha if loss.alpha_schedule == "constant" else loss.alpha_end)
+    needs_teacher = min(alphas) < 1.0
+    if teacher is None and needs_teacher:
+        raise ValueError("teacher: None needs loss.alpha == 1 throughout (labels only)")
     run_path = Path(run_dir) if run_dir is not None else None
+    if resume and run_path is None:
+        raise ValueError("resume: needs the run_dir of the run to continue")
     if run_path is not None:
-        if (run_path / "metrics.jsonl").exists():
-            raise ValueError(f"run_dir: {run_path} already holds a run")
+        if not resume and (run_path / "metrics.jsonl").exists():
+            raise ValueError(
+                f"run_dir: {run_path} already holds a run (pass resume=True to continue it)"
+            )
         run_path.mkdir(parents=True, exist_ok=True)
     if teacher is not None:
         teacher.eval()
     student_before = copy.deepcopy(student) if eval_loader is not None else None
 
-    def terms(batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def terms(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = labels_fn(batch)
+        alpha, _ = scheduled_alpha_temperature(loss, step, train.steps)
         teacher_logits = None
-        if teacher is not None and loss.alpha < 1.0:
+        if teacher is not None and alpha < 1.0:
             with torch.no_grad():
                 teacher_logits = logits_fn(teacher, batch)
         logits, flat_labels = _flat(logits_fn(student, batch), labels)
         if teacher_logits is not None:
             teacher_logits = teacher_logits.reshape(logits.shape)  # (N, C)
-        parts = distillation_loss(
-            logits, teacher_logits, flat_labels, temperature=loss.temperature, alpha=loss.alpha
+        parts = scheduled_distillation_loss(
+            logits, teacher_logits, flat_labels, loss, step, train.steps
         )
         return parts.loss_sum, {"ce": parts.ce_sum.detach(), "kl": parts.kl_sum.detach()}
 
+    plan = None
+    if run_path is not None:
+        plan = CheckpointPlan(run_path / "checkpoints", checkpoint.every, checkpoint.keep, resume)
     history = train_module(
         student,
         loader,
@@ -266,6 +459,7 @@ def distill_module(
         train,
         metrics_path=None if run_path is None else run_path / "metrics.jsonl",
         description="distill" if teacher is not None else "labels only",
+        checkpoints=plan,
     )
     evaluation = None
     if eval_loader is not None:

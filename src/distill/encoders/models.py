@@ -10,9 +10,12 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
 from transformers import (
     AutoModel,
     AutoModelForSequenceClassification,
@@ -30,6 +33,7 @@ __all__ = [
     "build_encoder_student",
     "default_embedder_path",
     "encoder_layer_count",
+    "keeping_layers",
     "load_encoder",
     "read_pooling",
     "save_embedder",
@@ -89,6 +93,24 @@ def encoder_layer_count(model: PreTrainedModel) -> int:
             "'encoder.layer.N' or 'transformer.layer.N' (BERT-family architectures)"
         )
     return max(indices) + 1
+
+
+@contextmanager
+def keeping_layers(model: PreTrainedModel, layers: list[int]) -> Iterator[PreTrainedModel]:
+    """Inside the block ``model`` runs only ``layers`` (shared, not copied): a free view of the
+    layer-dropped student :func:`build_encoder_student` would build, for scoring candidates."""
+    encoder_layer_count(model)
+    prefix = next(m.group(1) for key in model.state_dict() if (m := _LAYER_KEY.match(key)))
+    stack = model.get_submodule(prefix.rstrip("."))
+    if not isinstance(stack, nn.ModuleList):
+        raise ModelError(f"{prefix.rstrip('.')} of {type(model).__name__} is not a ModuleList")
+    parent_name, _, child = prefix.rstrip(".").rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.ModuleList([stack[i] for i in layers]))
+    try:
+        yield model
+    finally:
+        setattr(parent, child, stack)
 
 
 def build_encoder_student(teacher: PreTrainedModel, layers: list[int]) -> PreTrainedModel:

@@ -1,20 +1,25 @@
 """``task: classification | embedding``: the encoder path of ``distill.distill(config)``.
 
-Phases: load teacher (+ tokenizer) -> load or layer-drop the student -> read texts, hold out by
-hash -> train with :func:`distill.modules.train_module` (same optimizer, schedule, metrics.jsonl)
--> save the student -> evaluate teacher / student before / student after on the held-out texts
--> evaluation.json -> report.json / report.md with retention.
+Phases: read texts, hold out by hash -> load teacher (+ tokenizer) -> load or layer-drop the
+student (layers given, or searched on calibration texts) -> cache the teacher's embeddings of the
+training sentences (embedding) -> train with :func:`distill.modules.train_module` (same
+optimizer, schedule, metrics.jsonl, checkpoints and resume) -> save the student -> evaluate
+teacher / student before / student after on the held-out texts -> evaluation.json ->
+report.json / report.md with retention.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -33,19 +38,26 @@ from distill.encoders.models import (
     build_encoder_student,
     default_embedder_path,
     encoder_layer_count,
+    keeping_layers,
     load_encoder,
     read_pooling,
     save_embedder,
 )
 from distill.encoders.pooling import encode, pool, tokenize
 from distill.errors import ConfigError, DataError
+from distill.evaluate import weights_bytes
 from distill.io import atomic_directory, atomic_write_json
-from distill.losses import distillation_loss
 from distill.models import count_params
-from distill.modules import train_module, write_report
+from distill.modules import (
+    scheduled_alpha_temperature,
+    scheduled_distillation_loss,
+    train_module,
+    write_report,
+)
 from distill.student import select_layers
+from distill.train.loop import CheckpointPlan
 
-__all__ = ["EncoderRun", "run_encoder", "encoder_student_layers"]
+__all__ = ["EncoderRun", "run_encoder", "encoder_student_layers", "search_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +75,98 @@ class _Models:
     student: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     layers: list[int] | None  # teacher layer of each student layer (None: a named student)
+    search: dict[str, Any] | None  # the layer search's choice and score, if one ran
 
 
-def encoder_student_layers(num_layers: int, config: RunConfig) -> list[int]:
-    """``student.layers`` or ``student.every_k`` when set, else every second layer (0, 2, ...)."""
+def encoder_student_layers(num_layers: int, config: RunConfig) -> list[int] | None:
+    """``student.layers`` or ``student.every_k`` when set, every second layer (0, 2, ...) with
+    ``student.search: none``, else None: search on calibration texts (:func:`search_layers`)."""
     student = config.student
     if student.layers is None and student.every_k is None:
+        if student.search != "none":
+            return None
         student = student.model_copy(update={"every_k": 2})
     return select_layers(num_layers, student)
 
 
-def _prepare_models(config: RunConfig) -> _Models:
-    if config.teacher.path is None and config.task == "classification":
-        raise ConfigError(
-            "task classification: set teacher.path to a sequence-classifier directory"
+# Candidates scored exhaustively up to this many combinations, else by greedy removal.
+_EXHAUSTIVE_LIMIT = 128
+CALIBRATION_TEXTS = 64
+
+
+@torch.no_grad()
+def search_layers(
+    teacher: PreTrainedModel,
+    batches: list[dict[str, torch.Tensor]],
+    keep: int,
+    task: str,
+    pooling_mode: str = "mean",
+) -> tuple[list[int], float]:
+    """The ``keep`` teacher layers whose layer-dropped student (before training) is closest to
+    the teacher on calibration ``batches``, and its score: the mean cosine between pooled
+    embeddings (embedding) or minus the mean KL(teacher || student) of the class
+    probabilities (classification). Every combination is scored when there are at most 128
+    of them (20 for 3 of 6 layers), else layers are dropped greedily, one at a time, the one
+    whose removal scores best. Candidates share the teacher's layers (no copies)."""
+    teacher.eval()
+    total = encoder_layer_count(teacher)
+    if not 1 <= keep <= total:
+        raise ConfigError(f"student.num_layers: must be in [1, {total}], got {keep}")
+
+    def outputs(model: PreTrainedModel) -> list[torch.Tensor]:
+        if task == "classification":
+            return [model(**batch).logits.log_softmax(-1) for batch in batches]  # (B, C)
+        return [
+            pool(model(**batch).last_hidden_state, batch["attention_mask"], pooling_mode)
+            for batch in batches
+        ]  # (B, H) each
+
+    reference = outputs(teacher)
+
+    def score(layers: list[int]) -> float:
+        with keeping_layers(teacher, layers):
+            candidate = outputs(teacher)
+        if task == "classification":
+            kl = sum(
+                float(F.kl_div(c, r, reduction="sum", log_target=True))
+                for c, r in zip(candidate, reference, strict=True)
+            )
+            return -kl / sum(r.shape[0] for r in reference)
+        cosines = torch.cat(
+            [F.cosine_similarity(c, r, dim=-1) for c, r in zip(candidate, reference, strict=True)]
         )
+        return float(cosines.mean())
+
+    if math.comb(total, keep) <= _EXHAUSTIVE_LIMIT:
+        scored = [(score(list(c)), list(c)) for c in itertools.combinations(range(total), keep)]
+    else:
+        layers = list(range(total))
+        scored = [(score(layers), layers)]
+        while len(layers) > keep:
+            scored = [
+                (score([x for x in layers if x != d]), [x for x in layers if x != d])
+                for d in layers
+            ]
+            layers = max(scored)[1]
+    best_score, best = max(scored)
+    return best, best_score
+
+
+def _calibration_batches(config: RunConfig, tokenizer, train_items: list[Any]):
+    step = max(1, len(train_items) // CALIBRATION_TEXTS)
+    items = train_items[::step][:CALIBRATION_TEXTS]
+    texts = items if config.task == "embedding" else [text for text, _ in items]
+    size = config.encoder.eval_batch_size
+    return [
+        tokenize(tokenizer, texts[i : i + size], config.encoder.max_length)
+        for i in range(0, len(texts), size)
+    ]
+
+
+def _prepare_models(config: RunConfig, train_items: list[Any], pooling: Pooling) -> _Models:
     source = config.teacher.path or default_embedder_path()
     teacher, tokenizer = load_encoder(source, config.task, config.teacher.trust_remote_code)
-    layers = None
+    layers, search = None, None
     if config.student.path is not None:
         student, _ = load_encoder(
             config.student.path, config.task, config.teacher.trust_remote_code
@@ -93,7 +179,14 @@ def _prepare_models(config: RunConfig) -> _Models:
                 "student and teacher embedding tables differ: make sure they share a tokenizer"
             )
     else:
-        layers = encoder_student_layers(encoder_layer_count(teacher), config)
+        total = encoder_layer_count(teacher)
+        layers = encoder_student_layers(total, config)
+        if layers is None:
+            keep = config.student.num_layers or (total + 1) // 2
+            batches = _calibration_batches(config, tokenizer, train_items)
+            layers, score = search_layers(teacher, batches, keep, config.task, pooling.mode)
+            search = {"layers": layers, "score": score, "calibration_texts": CALIBRATION_TEXTS}
+            log.info("layer search: keep %s (score %.4f)", layers, score)
         log.info("student keeps teacher layers %s", layers)
         student = build_encoder_student(teacher, layers)
     if (config.encoder.hidden_weight or config.encoder.attention_weight) and layers is None:
@@ -101,10 +194,12 @@ def _prepare_models(config: RunConfig) -> _Models:
             "encoder.hidden_weight / attention_weight need a student built from the teacher's "
             "layers (unset student.path)"
         )
+    if config.encoder.freeze_embeddings:
+        student.get_input_embeddings().weight.requires_grad_(False)  # build_optimizer skips it
     if config.encoder.attention_weight:
         teacher.set_attn_implementation("eager")  # attention probabilities are returned
         student.set_attn_implementation("eager")
-    return _Models(teacher, student, tokenizer, layers)
+    return _Models(teacher, student, tokenizer, layers, search)
 
 
 def _pooling(config: RunConfig, teacher_dir: Path) -> Pooling:
@@ -140,15 +235,21 @@ def _texts(config: RunConfig) -> tuple[list[Any], list[Any]]:
 
 
 def _loader(config: RunConfig, tokenizer, items: list[Any], label_map) -> DataLoader:
+    """Shuffled training micro-batches: tokenized texts plus ``labels`` (classification) or
+    ``index`` (embedding: each sentence's row in the teacher cache)."""
+    embedding = config.task == "embedding"
+
     def collate(chunk: list[Any]) -> dict[str, torch.Tensor]:
-        texts = chunk if config.task == "embedding" else [text for text, _ in chunk]
+        texts = [text for _, text in chunk] if embedding else [text for text, _ in chunk]
         batch = tokenize(tokenizer, texts, config.encoder.max_length)
-        if config.task == "classification":
+        if embedding:
+            batch["index"] = torch.tensor([index for index, _ in chunk])
+        else:
             batch["labels"] = torch.tensor(label_map([label for _, label in chunk]))
         return batch
 
     return DataLoader(
-        items,
+        list(enumerate(items)) if embedding else items,
         batch_size=config.train.batch_size,
         shuffle=True,
         drop_last=True,
@@ -158,7 +259,7 @@ def _loader(config: RunConfig, tokenizer, items: list[Any], label_map) -> DataLo
 
 
 def _forward(model: PreTrainedModel, batch: dict[str, torch.Tensor], config: RunConfig):
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "index")}
     return model(
         **inputs,
         output_hidden_states=bool(config.encoder.hidden_weight),
@@ -182,8 +283,42 @@ def _layer_terms(
     return terms
 
 
-def _terms_fn(models: _Models, student: PreTrainedModel, config: RunConfig, pooling, alpha):
-    """The micro-batch objective (summed over sentences) and its named parts."""
+@torch.no_grad()
+def _teacher_cache(
+    config: RunConfig, models: _Models, sentences: list[str], pooling: Pooling
+) -> torch.Tensor | None:
+    """The teacher's pooled (unnormalised) embeddings ``[N, H]`` of the training sentences,
+    computed once, when ``encoder.cache_teacher`` applies: task embedding, no layer losses
+    (they need the teacher's inner states), and a run that sees at least N sentences."""
+    encoder = config.encoder
+    if config.task != "embedding" or not encoder.cache_teacher:
+        return None
+    if encoder.hidden_weight or encoder.attention_weight:
+        return None
+    seen = config.train.steps * config.train.grad_accum * config.train.batch_size
+    if seen < len(sentences):
+        return None  # a teacher forward per step costs less
+    models.teacher.eval()
+    chunks = []
+    for start in range(0, len(sentences), encoder.eval_batch_size):
+        chunk = sentences[start : start + encoder.eval_batch_size]
+        batch = tokenize(models.tokenizer, chunk, encoder.max_length)
+        hidden = models.teacher(**batch).last_hidden_state  # (B, T, H)
+        chunks.append(pool(hidden, batch["attention_mask"], pooling.mode))
+    log.info("teacher embeddings of %d training sentences cached", len(sentences))
+    return torch.cat(chunks)
+
+
+def _terms_fn(
+    models: _Models,
+    student: PreTrainedModel,
+    config: RunConfig,
+    pooling,
+    labels_only: bool,
+    cache: torch.Tensor | None = None,
+):
+    """The micro-batch objective (summed over sentences) and its named parts at a step;
+    ``cache``: the teacher's pooled embeddings of the training sentences (rows by ``index``)."""
     weights = {
         "mse": config.encoder.mse_weight,
         "cosine": config.encoder.cosine_weight,
@@ -192,8 +327,14 @@ def _terms_fn(models: _Models, student: PreTrainedModel, config: RunConfig, pool
         "attention": config.encoder.attention_weight,
     }
 
-    def terms(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        use_teacher = config.task == "embedding" or alpha < 1.0
+    def terms(
+        batch: dict[str, torch.Tensor], step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        alpha, _ = scheduled_alpha_temperature(config.loss, step, config.train.steps)
+        if config.task == "embedding":
+            use_teacher = cache is None
+        else:
+            use_teacher = alpha < 1.0 and not labels_only
         teacher_out = None
         if use_teacher:
             with torch.no_grad():
@@ -201,19 +342,24 @@ def _terms_fn(models: _Models, student: PreTrainedModel, config: RunConfig, pool
         student_out = _forward(student, batch, config)
         parts: dict[str, torch.Tensor] = {}
         if config.task == "classification":
-            kd = distillation_loss(
+            kd = scheduled_distillation_loss(
                 student_out.logits,
                 None if teacher_out is None else teacher_out.logits,
                 batch["labels"],
-                temperature=config.loss.temperature,
-                alpha=alpha,
+                config.loss,
+                step,
+                config.train.steps,
+                labels_only=labels_only,
             )
             loss_sum = kd.loss_sum
             parts |= {"ce": kd.ce_sum, "kl": kd.kl_sum}
         else:
             mask = batch["attention_mask"]
             s = pool(student_out.last_hidden_state, mask, pooling.mode)  # (B, H)
-            t = pool(teacher_out.last_hidden_state, mask, pooling.mode)
+            if cache is not None:
+                t = cache[batch["index"]]  # (B, H)
+            else:
+                t = pool(teacher_out.last_hidden_state, mask, pooling.mode)
             parts |= {
                 "mse": losses.embedding_mse(s, t),
                 "cosine": losses.embedding_cosine(s, t),
@@ -247,8 +393,17 @@ def _predict(model, tokenizer, texts: list[str], config: RunConfig) -> torch.Ten
     return torch.cat(chunks)
 
 
-def _evaluate(config: RunConfig, models: _Models, compared: dict, heldout, label_map, pooling):
-    """Metrics of every compared model on the held-out items (speed measured in-process)."""
+def _evaluate(
+    config: RunConfig,
+    models: _Models,
+    compared: dict,
+    heldout,
+    label_map,
+    pooling,
+    file_bytes: dict[str, int],
+):
+    """Metrics of every compared model on the held-out items (speed measured in-process);
+    ``file_bytes`` maps each to the size of its saved weight file(s)."""
     results: dict[str, dict[str, Any]] = {}
     texts = heldout if config.task == "embedding" else [text for text, _ in heldout]
     max_len, batch = config.encoder.max_length, config.encoder.eval_batch_size
@@ -263,8 +418,7 @@ def _evaluate(config: RunConfig, models: _Models, compared: dict, heldout, label
         }
         labels = torch.tensor(label_map([label for _, label in heldout]))
     for name, model in compared.items():
-        metrics: dict[str, Any] = {"params": count_params(model)}
-        metrics["bytes"] = 4 * metrics["params"]
+        metrics: dict[str, Any] = {"params": count_params(model), "bytes": file_bytes[name]}
         if config.task == "embedding":
             metrics["cosine_to_teacher"] = mean_cosine(outputs[name], outputs["teacher"])
             metrics["retrieval_agreement"] = retrieval_agreement(
@@ -297,14 +451,28 @@ def _evaluate(config: RunConfig, models: _Models, compared: dict, heldout, label
     return results
 
 
-def run_encoder(config: RunConfig) -> EncoderRun:
+def run_encoder(config: RunConfig, *, resume: bool = False) -> EncoderRun:
     """Distil an encoder per ``config`` into ``config.run_dir`` (which already holds
-    config.yaml); returns the run folder, the report and the trained student."""
+    config.yaml); returns the run folder, the report and the trained student.
+
+    Checkpoints (``checkpoint.every`` / ``keep``) go to ``checkpoints/`` (and
+    ``checkpoints_labels_only/`` for the baseline); ``resume`` continues each training phase
+    from its newest valid checkpoint, exactly (see :func:`distill.modules.train_module`)."""
     run_dir = config.run_dir
-    models = _prepare_models(config)
+
+    def plan(folder: str) -> CheckpointPlan:
+        return CheckpointPlan(
+            run_dir / folder, config.checkpoint.every, config.checkpoint.keep, resume
+        )
+
+    if config.teacher.path is None and config.task == "classification":
+        raise ConfigError(
+            "task classification: set teacher.path to a sequence-classifier directory"
+        )
     teacher_dir = Path(config.teacher.path or default_embedder_path())
     pooling = _pooling(config, teacher_dir)
     train_items, heldout = _texts(config)
+    models = _prepare_models(config, train_items, pooling)
     label_map = None
     if config.task == "classification":
         num_labels, label2id = models.teacher.config.num_labels, models.teacher.config.label2id
@@ -313,15 +481,17 @@ def run_encoder(config: RunConfig) -> EncoderRun:
     if config.baseline and config.task == "embedding":
         raise ConfigError("baseline: needs labels; task embedding has none")
     log.info("%d training and %d held-out texts", len(train_items), len(heldout))
+    cache = _teacher_cache(config, models, train_items, pooling)
     student_before = copy.deepcopy(models.student).eval()
     train_module(
         models.student,
         _loader(config, models.tokenizer, train_items, label_map),
-        _terms_fn(models, models.student, config, pooling, config.loss.alpha),
+        _terms_fn(models, models.student, config, pooling, labels_only=False, cache=cache),
         lambda batch: int(batch["input_ids"].shape[0]),
         config.train,
         metrics_path=run_dir / "metrics.jsonl",
         description=f"distill {config.task}",
+        checkpoints=plan("checkpoints"),
     )
     compared = {
         "teacher": models.teacher,
@@ -329,28 +499,36 @@ def run_encoder(config: RunConfig) -> EncoderRun:
         "student_after": models.student,
     }
     if config.baseline:
-        labels_only = copy.deepcopy(student_before).train()
+        baseline_student = copy.deepcopy(student_before).train()
         train_module(
-            labels_only,
+            baseline_student,
             _loader(config, models.tokenizer, train_items, label_map),
-            _terms_fn(models, labels_only, config, pooling, 1.0),
+            _terms_fn(models, baseline_student, config, pooling, labels_only=True),
             lambda batch: int(batch["input_ids"].shape[0]),
             config.train,
             metrics_path=run_dir / "metrics_labels_only.jsonl",
             description="labels only",
+            checkpoints=plan("checkpoints_labels_only"),
         )
-        compared["student_labels_only"] = labels_only
+        compared["student_labels_only"] = baseline_student
     with atomic_directory(run_dir / "student") as tmp:
         if config.task == "embedding":
             save_embedder(models.student, models.tokenizer, pooling, tmp, config.encoder.max_length)
         else:
             models.student.save_pretrained(tmp, safe_serialization=True)
             models.tokenizer.save_pretrained(tmp)
+    # Saved weight files on disk; the students not saved share student_after's architecture
+    # (same tensors, shapes and dtypes), so their files would be the same size.
+    student_bytes = weights_bytes(run_dir / "student")
+    file_bytes = {name: student_bytes for name in compared} | {
+        "teacher": weights_bytes(teacher_dir)
+    }
     evaluation = {
-        "models": _evaluate(config, models, compared, heldout, label_map, pooling),
+        "models": _evaluate(config, models, compared, heldout, label_map, pooling, file_bytes),
         "task": config.task,
         "teacher": str(teacher_dir),
         "student_layers": models.layers,
+        "layer_search": models.search,
         "heldout_texts": len(heldout),
         "train_texts": len(train_items),
         "pooling": {"mode": pooling.mode, "normalize": pooling.normalize},
