@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from distill.config import CheckpointConfig, LossConfig, TrainConfig
 from distill.io import append_jsonl, atomic_directory, atomic_write_json, atomic_write_text
 from distill.losses import IGNORE_INDEX, LossTerms, distillation_loss
-from distill.losses.schedule import scheduled_value
+from distill.losses.schedule import scheduled_alpha_temperature
 from distill.models import count_params
 from distill.train.checkpoint import (
     latest_checkpoint,
@@ -345,17 +345,6 @@ def evaluate_classifier(
     if teacher is not None:
         metrics |= {"kl_to_teacher": kl_sum / total, "top1_agreement": agree / total}
     return metrics
-
-
-def scheduled_alpha_temperature(
-    loss: LossConfig, step: int, total_steps: int
-) -> tuple[float, float]:
-    """``(alpha, temperature)`` of ``loss``'s schedules at optimizer step ``step`` (0-based)."""
-    alpha = scheduled_value(loss.alpha_schedule, loss.alpha, loss.alpha_end, step, total_steps)
-    temperature = scheduled_value(
-        loss.temperature_schedule, loss.temperature, loss.temperature_end, step, total_steps
-    )
-    return alpha, temperature
 
 
 def scheduled_distillation_loss(

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-__all__ = ["ScheduleKind", "scheduled_value"]
+if TYPE_CHECKING:
+    from distill.config import LossConfig
+
+__all__ = ["ScheduleKind", "scheduled_alpha_temperature", "scheduled_value"]
 
 ScheduleKind = Literal["constant", "linear", "cosine"]
 
@@ -31,3 +34,14 @@ def scheduled_value(
     if kind == "cosine":
         return end + (start - end) * (1.0 + math.cos(math.pi * progress)) / 2.0
     raise ValueError(f"kind must be constant, linear or cosine, got {kind!r}")
+
+
+def scheduled_alpha_temperature(
+    loss: LossConfig, step: int, total_steps: int
+) -> tuple[float, float]:
+    """``(alpha, temperature)`` of ``loss``'s schedules at optimizer step ``step`` (0-based)."""
+    alpha = scheduled_value(loss.alpha_schedule, loss.alpha, loss.alpha_end, step, total_steps)
+    temperature = scheduled_value(
+        loss.temperature_schedule, loss.temperature, loss.temperature_end, step, total_steps
+    )
+    return alpha, temperature

@@ -34,7 +34,7 @@ from distill.errors import DistillError
 from distill.io import append_jsonl, atomic_write_text
 from distill.losses import IGNORE_INDEX, LossTerms
 from distill.losses.objective import head_distillation_loss
-from distill.losses.schedule import scheduled_value
+from distill.losses.schedule import scheduled_alpha_temperature
 from distill.sysinfo import peak_rss_bytes
 from distill.teacher import LiveTeacher, Teacher
 from distill.train.checkpoint import (
@@ -137,10 +137,7 @@ def micro_batch_terms(
     computes the head and the loss in float32 from the bf16 decoder's hidden states.
     """
     cfg = loss_config
-    temperature = scheduled_value(
-        cfg.temperature_schedule, cfg.temperature, cfg.temperature_end, step, total_steps
-    )
-    alpha = scheduled_value(cfg.alpha_schedule, cfg.alpha, cfg.alpha_end, step, total_steps)
+    alpha, temperature = scheduled_alpha_temperature(cfg, step, total_steps)
     alpha = 0.0 if on_policy else alpha
     labels = labels_for(input_ids) if labels is None else labels
     hidden = student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
