@@ -35,9 +35,9 @@ from distill.data.chat import render_prompt
 from distill.data.examples import encode_examples, read_rows, split_rows
 from distill.evaluate import heldout_metrics
 from distill.evaluate.samples import score_student_samples
-from distill.generate import default_prompts_path, generate_responses
 from distill.io import atomic_directory
-from distill.run import prepare_models
+from distill.pipelines.generate import default_prompts_path, generate_responses
+from distill.pipelines.prepare import prepare_models
 from distill.sampling import Sampling
 from distill.teacher import LiveTeacher
 

@@ -28,13 +28,13 @@ from distill.compress import load_model, model_bytes, save_model  # noqa: E402
 from distill.config import StudentConfig  # noqa: E402
 from distill.evaluate.generation import GenerationSettings, timed_generate  # noqa: E402
 from distill.evaluate.heldout import heldout_quality  # noqa: E402
-from distill.evaluate.suite import EvalSettings, heldout_blocks  # noqa: E402
 from distill.models import (  # noqa: E402
     count_params,
     default_teacher_path,
     load_causal_lm,
     load_tokenizer,
 )
+from distill.pipelines.eval import EvalSettings, heldout_blocks  # noqa: E402
 from distill.student import build_student, select_layers  # noqa: E402
 from distill.teacher import LiveTeacher  # noqa: E402
 

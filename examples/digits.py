@@ -4,7 +4,7 @@
 
 1. train a teacher MLP (64 -> 256 -> 256 -> 10) on all training labels;
 2. distil a much smaller student (64 -> 32 -> 10, 35x fewer parameters) from it with
-   ``distill.modules.distill_module`` on only ``labelled`` (100) training examples: the
+   ``distill.distill_module`` on only ``labelled`` (100) training examples: the
    teacher's soft targets at T = 4 (alpha 0.1) tell the student how alike the digits look;
 3. train the same student (same init, same 100 examples, same data order, same steps) on the
    labels alone.
@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from distill import distill_module
 from distill.config import LossConfig, TrainConfig
-from distill.modules import distill_module, evaluate_classifier
+from distill.evaluate.classifier import evaluate_classifier
 
 
 def digits_data(seed: int = 0) -> tuple[TensorDataset, TensorDataset]:

@@ -20,7 +20,9 @@ from conftest import make_llama, save_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import distill.run
+import distill.models
+import distill.pipelines.prepare
+import distill.pipelines.run
 from distill.cli import main as cli_main
 from distill.config import LossConfig, TrainConfig
 from distill.data import BlockBatches, default_documents
@@ -414,7 +416,7 @@ def test_distill_run_trains_from_the_cache_without_the_teacher(
     )
     config = {**cache_config, "student": {"path": str(student_dir)}}
     events = []
-    real_load, real_train = distill.run.load_causal_lm, distill.run.train
+    real_load, real_train = distill.models.load_causal_lm, distill.pipelines.run.train
 
     def load(path, *args, **kwargs):
         events.append(("load", Path(path).name))
@@ -424,8 +426,9 @@ def test_distill_run_trains_from_the_cache_without_the_teacher(
         events.append(("train", type(teacher).__name__))
         return real_train(student, teacher, *args, **kwargs)
 
-    monkeypatch.setattr(distill.run, "load_causal_lm", load)
-    monkeypatch.setattr(distill.run, "train", traced_train)
+    for module in (distill.models, distill.pipelines.prepare):  # the teacher / student loads
+        monkeypatch.setattr(module, "load_causal_lm", load)
+    monkeypatch.setattr(distill.pipelines.run, "train", traced_train)
     report = distill.distill(config).report
     teacher_name = Path(cache_config["teacher"]["path"]).name
     assert events == [("load", "s"), ("train", "CachedTeacher"), ("load", teacher_name)]

@@ -24,10 +24,10 @@ from distill.compress import (
     sparsity,
 )
 from distill.compress.heal import heal
-from distill.compress.pipeline import compress_label, compress_run
 from distill.compress.prune import prunable_linears
 from distill.config import CompressConfig, LossConfig, TrainConfig
 from distill.errors import ConfigError
+from distill.pipelines.compress import compress_label, compress_run
 from distill.teacher import LiveTeacher
 
 

@@ -30,8 +30,8 @@ from distill.encoders import Pooling, build_encoder_student, encode, losses, poo
 from distill.encoders.data import augment_sentences, label_ids, to_sentences
 from distill.encoders.evaluate import accuracy_macro_f1, retrieval_agreement
 from distill.encoders.models import keeping_layers, set_dropout
-from distill.encoders.run import search_layers
 from distill.errors import ConfigError, DataError
+from distill.pipelines.encoder_run import search_layers
 
 # ---------------------------------------------------------------- fixtures: tiny random BERTs
 
@@ -315,7 +315,7 @@ def test_embedding_end_to_end_and_reload(tmp_path, embedder_dir):
 def test_classification_crash_then_resume_is_bit_identical(tmp_path, classifier_dir, monkeypatch):
     """Crash in the middle of training; ``distill.distill(..., resume=True)`` (what ``distill run
     --resume`` calls) ends with the same weights and one metrics record per step."""
-    import distill.encoders.run as encoder_run
+    import distill.pipelines.encoder_run as encoder_run
 
     config = {
         "output_dir": str(tmp_path / "runs"),
@@ -375,7 +375,7 @@ def test_keeping_layers_is_the_layer_dropped_student(embedder_dir, wordpiece):
 
 @pytest.mark.parametrize("limit", [128, 1])  # exhaustive, then greedy removal
 def test_search_layers_scores_like_built_students(embedder_dir, wordpiece, monkeypatch, limit):
-    import distill.encoders.run as encoder_run
+    import distill.pipelines.encoder_run as encoder_run
 
     monkeypatch.setattr(encoder_run, "_EXHAUSTIVE_LIMIT", limit)
     teacher = AutoModel.from_pretrained(embedder_dir).eval()
@@ -408,7 +408,7 @@ def test_search_layers_scores_like_built_students(embedder_dir, wordpiece, monke
 
 
 def test_embedding_teacher_cache_gives_the_same_losses(tmp_path, embedder_dir, monkeypatch):
-    import distill.encoders.run as encoder_run
+    import distill.pipelines.encoder_run as encoder_run
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(default_documents()[:12]))
@@ -474,7 +474,7 @@ def test_set_dropout_changes_the_modules_not_the_config(wordpiece):
 
 
 def test_student_dropout_applies_to_the_student_only(embedder_dir):
-    import distill.encoders.run as encoder_run
+    import distill.pipelines.encoder_run as encoder_run
 
     for bad in ("encoder.student_dropout=1.0", "encoder.student_dropout=-0.1"):
         with pytest.raises(ConfigError, match="encoder.student_dropout"):
@@ -526,7 +526,7 @@ def test_augmented_sentences_come_from_the_training_sentences_only():
 
 
 def test_embedding_run_trains_on_augmented_inputs(tmp_path, embedder_dir, monkeypatch):
-    import distill.encoders.run as encoder_run
+    import distill.pipelines.encoder_run as encoder_run
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(default_documents()[:12]))

@@ -24,7 +24,7 @@ from distill.evaluate.choice import (
 )
 from distill.evaluate.generation import GenerationSettings
 from distill.evaluate.heldout import heldout_quality
-from distill.evaluate.suite import EvalSettings, evaluate_models, format_tables, retention
+from distill.pipelines.eval import EvalSettings, evaluate_models, format_tables, retention
 from distill.teacher import LiveTeacher
 
 

@@ -18,7 +18,7 @@ from conftest import make_llama
 from distill.config import load_config
 from distill.data.examples import detect_format, encode_examples, read_rows
 from distill.errors import ConfigError, DataError
-from distill.generate import default_prompts_path, generate_responses, read_prompts
+from distill.pipelines.generate import default_prompts_path, generate_responses, read_prompts
 from distill.sampling import Sampling, sample_continuations
 
 

@@ -1,4 +1,4 @@
-"""distill.modules: the generic nn.Module API, its loop contract, report, and the digits example."""
+"""distill_module: the generic nn.Module API, its loop contract, report, and the digits example."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from references import reference_objective
 from safetensors.torch import load_model
 from torch import nn
 
+from distill import distill_module
 from distill.config import CheckpointConfig, LossConfig, TrainConfig
-from distill.modules import LoaderPosition, default_labels, distill_module, evaluate_classifier
+from distill.evaluate.classifier import default_labels, evaluate_classifier
+from distill.train.loader import LoaderPosition
 
 ROOT = Path(__file__).resolve().parents[1]
 

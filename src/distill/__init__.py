@@ -9,7 +9,16 @@ The Python API and the CLI are two doors to one code path::
 
 from distill.config import RunConfig, load_config
 from distill.errors import DistillError
-from distill.run import RunResult, distill
+from distill.pipelines.module_run import ModuleResult, distill_module
+from distill.pipelines.run import RunResult, distill
 
-__all__ = ["RunConfig", "RunResult", "DistillError", "distill", "load_config"]
+__all__ = [
+    "DistillError",
+    "ModuleResult",
+    "RunConfig",
+    "RunResult",
+    "distill",
+    "distill_module",
+    "load_config",
+]
 __version__ = "0.1.0"

@@ -6,7 +6,6 @@ User mistakes (bad config, missing files, incompatible models) print one line an
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -86,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> None:
     from distill.config import load_config
-    from distill.run import distill, resume_config
+    from distill.pipelines.run import distill, resume_config
 
     overrides = list(args.overrides)
     if args.baseline:
@@ -118,7 +117,7 @@ def _cache(args: argparse.Namespace) -> None:
         inspect_cache(args.inspect)
         return
     from distill.config import load_config
-    from distill.teacher.cache_writer import cache_job
+    from distill.pipelines.cache import cache_job
 
     overrides = list(args.overrides) + ([f"teacher.cache={args.out}"] if args.out else [])
     config = load_config(args.config, overrides)
@@ -128,7 +127,7 @@ def _cache(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     from distill.config import load_config
-    from distill.generate import generate_responses
+    from distill.pipelines.generate import generate_responses
 
     overrides = list(args.overrides)
     if args.prompts:
@@ -160,7 +159,7 @@ def _add_student(commands) -> None:
 
 def _student(args: argparse.Namespace) -> None:
     from distill.config import load_config
-    from distill.student.command import format_costs, write_student
+    from distill.pipelines.student import format_costs, write_student
 
     overrides = list(args.overrides)
     if args.teacher:
@@ -215,9 +214,9 @@ def _add_eval_compress_export(commands) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from distill.evaluate.generation import GenerationSettings
-    from distill.evaluate.suite import EvalSettings, evaluate_models, format_tables
     from distill.io import atomic_write_json
     from distill.models import default_teacher_path
+    from distill.pipelines.eval import EvalSettings, evaluate_models, format_tables
 
     generation = GenerationSettings(
         new_tokens=args.new_tokens, runs=args.runs, threads=args.threads
@@ -239,7 +238,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _compress(args: argparse.Namespace) -> None:
-    from distill.compress.pipeline import compress_run
+    from distill.pipelines.compress import compress_run
 
     overrides = list(args.overrides)
     if args.quantize:
@@ -256,7 +255,7 @@ def _compress(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from distill.export import export_model
+    from distill.pipelines.export import export_model
 
     for kind, artifact in export_model(args.model, args.out, args.gguf or []).items():
         print(f"{kind}: {artifact}")
@@ -265,17 +264,7 @@ def _export(args: argparse.Namespace) -> None:
 def _report(args: argparse.Namespace) -> None:
     from distill.report import build_report
 
-    evaluation_file = os.path.join(args.run_dir, "evaluation.json")
-    task = None
-    if os.path.isfile(evaluation_file):
-        with open(evaluation_file, encoding="utf-8") as handle:
-            task = json.load(handle).get("task")
-    if task in ("classification", "embedding"):  # encoder runs: distill.modules' report
-        from distill.modules import write_report
-
-        write_report(args.run_dir, f"{os.path.basename(os.path.normpath(args.run_dir))} ({task})")
-    else:
-        build_report(args.run_dir)
+    build_report(args.run_dir)
     print(f"wrote {os.path.join(args.run_dir, 'report.md')}")
 
 

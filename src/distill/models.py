@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -16,12 +17,18 @@ from transformers import (
 
 from distill.errors import ModelError
 
+if TYPE_CHECKING:
+    from distill.config import TeacherConfig
+
 __all__ = [
     "DEFAULT_TEACHER_PACKAGE",
     "default_teacher_path",
     "installed_package_file",
     "load_causal_lm",
+    "load_teacher",
+    "load_teacher_tokenizer",
     "load_tokenizer",
+    "teacher_source",
     "shared_vocab_rows",
     "count_params",
 ]
@@ -106,6 +113,21 @@ def load_causal_lm(
         model.hf_quantizer = None
         model.is_quantized = False
     return model
+
+
+def teacher_source(teacher: TeacherConfig) -> str:
+    """Where the teacher of ``teacher`` (a config section) comes from: its path or the default."""
+    return str(teacher.path or default_teacher_path())
+
+
+def load_teacher_tokenizer(teacher: TeacherConfig) -> PreTrainedTokenizerBase:
+    """The teacher's tokenizer, as every job loads it (``teacher.trust_remote_code``)."""
+    return load_tokenizer(teacher_source(teacher), teacher.trust_remote_code)
+
+
+def load_teacher(teacher: TeacherConfig) -> PreTrainedModel:
+    """The teacher model, as every job loads it (``teacher.dtype``, ``trust_remote_code``)."""
+    return load_causal_lm(teacher_source(teacher), teacher.dtype, teacher.trust_remote_code)
 
 
 def count_params(model: torch.nn.Module) -> int:

@@ -1,7 +1,7 @@
 """Encoder distillation: sequence classifiers (DistilBERT-style) and sentence embedders.
 
-``distill.distill(config)`` dispatches here when ``task`` is ``classification`` or
-``embedding``; the loop, optimizer, metrics and report are those of :mod:`distill.modules`.
+The models, pooling, losses, data and metrics of the encoder tasks; ``distill.distill(config)``
+runs them (``task: classification | embedding``) through :mod:`distill.pipelines.encoder_run`.
 """
 
 from distill.encoders.models import (
@@ -13,10 +13,8 @@ from distill.encoders.models import (
     save_embedder,
 )
 from distill.encoders.pooling import encode, pool
-from distill.encoders.run import EncoderRun, run_encoder
 
 __all__ = [
-    "EncoderRun",
     "Pooling",
     "build_encoder_student",
     "default_embedder_path",
@@ -24,6 +22,5 @@ __all__ = [
     "load_encoder",
     "pool",
     "read_pooling",
-    "run_encoder",
     "save_embedder",
 ]

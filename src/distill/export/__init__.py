@@ -1,6 +1,5 @@
 """Export: Hugging Face directories (always) and GGUF files (F16, Q8_0) for llama.cpp."""
 
 from distill.export.gguf import GGUF_TYPES, TOLERANCES, export_gguf, verify_gguf
-from distill.export.pipeline import export_model
 
-__all__ = ["GGUF_TYPES", "TOLERANCES", "export_gguf", "verify_gguf", "export_model"]
+__all__ = ["GGUF_TYPES", "TOLERANCES", "export_gguf", "verify_gguf"]

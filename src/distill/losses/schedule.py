@@ -5,10 +5,19 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Literal
 
+import torch
+
+from distill.losses.functional import LossTerms, distillation_loss
+
 if TYPE_CHECKING:
     from distill.config import LossConfig
 
-__all__ = ["ScheduleKind", "scheduled_alpha_temperature", "scheduled_value"]
+__all__ = [
+    "ScheduleKind",
+    "scheduled_alpha_temperature",
+    "scheduled_distillation_loss",
+    "scheduled_value",
+]
 
 ScheduleKind = Literal["constant", "linear", "cosine"]
 
@@ -45,3 +54,30 @@ def scheduled_alpha_temperature(
         loss.temperature_schedule, loss.temperature, loss.temperature_end, step, total_steps
     )
     return alpha, temperature
+
+
+def scheduled_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    loss: LossConfig,
+    step: int,
+    total_steps: int,
+    *,
+    labels_only: bool = False,
+) -> LossTerms:
+    """:func:`~distill.losses.distillation_loss` with every knob of ``loss``: divergence, beta,
+    skew, scale_by_t2, and temperature / alpha at optimizer step ``step`` of their schedules.
+    ``labels_only`` forces alpha = 1 (the labels-only baseline). Shapes ``[N, C]``, ``[N]``."""
+    alpha, temperature = scheduled_alpha_temperature(loss, step, total_steps)
+    return distillation_loss(
+        student_logits,
+        teacher_logits,
+        labels,
+        temperature=temperature,
+        alpha=1.0 if labels_only else alpha,
+        divergence=loss.divergence,
+        beta=loss.beta,
+        skew=loss.skew,
+        scale_by_t2=loss.scale_by_t2,
+    )

@@ -16,6 +16,7 @@ import yaml
 from distill.errors import DistillError
 from distill.io import atomic_write_json, atomic_write_text
 from distill.report.html import write_html
+from distill.report.tasks import write_task_report
 
 __all__ = ["build_report", "read_jsonl", "MODEL_ORDER", "METRICS"]
 
@@ -171,13 +172,19 @@ def _onpolicy_summary(history: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def build_report(run_dir: str | Path) -> dict[str, Any]:
-    """Write report.json, report.md and loss.png for a finished run; return the report dict."""
+    """Write report.json, report.md (and, for causal LMs, loss.png and report.html) for a
+    finished run of any task; return the report dict."""
     run_path = Path(run_dir)
     evaluation_path = run_path / "evaluation.json"
     if not evaluation_path.is_file():
         raise DistillError(f"{run_path} has no evaluation.json: is it a finished distill run?")
     evaluation = json.loads(evaluation_path.read_text())
+    task = evaluation.get("task", "causal_lm")
+    if task == "module":  # an nn.Module run (no config.yaml)
+        return write_task_report(run_path, "module distillation")
     config = yaml.safe_load((run_path / "config.yaml").read_text())
+    if task != "causal_lm":  # classification / embedding: their own metrics
+        return write_task_report(run_path, f"{config['name']} ({task})")
     history = read_jsonl(run_path / "metrics.jsonl")
     curves = {"distilled": history}
     labels_only = read_jsonl(run_path / "metrics_labels_only.jsonl")

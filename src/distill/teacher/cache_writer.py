@@ -25,10 +25,8 @@ from safetensors.torch import save
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from distill.config import RunConfig
-from distill.errors import ConfigError
 from distill.io import atomic_write_bytes, atomic_write_json
-from distill.models import count_params, default_teacher_path, load_causal_lm, load_tokenizer
+from distill.models import count_params
 from distill.teacher.cache import (
     FORMAT,
     MANIFEST,
@@ -48,7 +46,6 @@ __all__ = [
     "teacher_topk",
     "cache_identity",
     "write_cache",
-    "cache_job",
 ]
 
 log = logging.getLogger(__name__)
@@ -252,29 +249,3 @@ def write_cache(
             len(mine),
         )
     return finished
-
-
-def cache_job(config: RunConfig) -> bool:
-    """``distill cache``: the teacher's top-k over the run's training blocks into teacher.cache."""
-    from distill.run import prepare_data  # run imports the cache reader, not this writer
-
-    if not config.teacher.cache:
-        raise ConfigError("distill cache: set teacher.cache=DIR (or --out DIR): where to write")
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    source = str(config.teacher.path or default_teacher_path())
-    tokenizer = load_tokenizer(source, config.teacher.trust_remote_code)
-    train_blocks, _ = prepare_data(config, tokenizer)
-    model = load_causal_lm(source, config.teacher.dtype, config.teacher.trust_remote_code)
-    cache = config.cache
-    return write_cache(
-        model,
-        train_blocks,
-        config.teacher.cache,
-        identity=cache_identity(source, model, tokenizer, train_blocks),
-        k=cache.k,
-        dtype=cache.dtype,
-        temperatures=[*cache.temperatures, config.loss.temperature],
-        shard_blocks=cache.shard_blocks,
-        batch_size=cache.batch_size,
-    )

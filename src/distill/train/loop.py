@@ -20,9 +20,10 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -50,6 +51,7 @@ from distill.train.distributed import (
     all_reduce_sum,
     broadcast_parameters,
 )
+from distill.train.loader import LoaderPosition
 from distill.train.onpolicy import OnPolicy
 from distill.train.optim import build_optimizer
 from distill.train.sharding import (
@@ -74,6 +76,8 @@ __all__ = [
     "train",
     "labels_for",
     "measure_warmup",
+    "TrainHistory",
+    "train_module",
 ]
 
 log = logging.getLogger(__name__)
@@ -593,3 +597,124 @@ def _resume(
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in state.history))
     log.info("resumed from %s at step %d", checkpoint, state.step)
     return state.history[-1]["elapsed_s"] if state.history else 0.0
+
+
+# --- the loop of encoder and nn.Module tasks (to be merged into ``train``) ----------------------
+
+# (micro-batch, 0-based optimizer step) -> its summed objective and named summed parts (0-d).
+TermsFn = Callable[[Any, int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass
+class TrainHistory:
+    """One record per logged optimizer step."""
+
+    records: list[dict[str, float]] = field(default_factory=list)
+
+
+def _clip(model: torch.nn.Module, max_norm: float) -> float:
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+
+
+def train_module(
+    student: torch.nn.Module,
+    loader: Iterable,
+    terms_fn: TermsFn,
+    count_fn: Callable[[Any], int],
+    train_config: TrainConfig,
+    *,
+    metrics_path: Path | None = None,
+    description: str = "distill",
+    checkpoints: CheckpointPlan | None = None,
+) -> TrainHistory:
+    """Train ``student`` in place for ``train_config.steps`` steps; see the module map.
+
+    ``terms_fn(batch, step)`` returns the micro-batch's summed loss and named summed parts at
+    optimizer step ``step`` (0-based, for loss schedules); ``count_fn(batch)`` the number of
+    items those sums run over. Each step's gradient is the window's total sum over the window's
+    total count, so batch 8 x 1 == batch 2 x 4.
+
+    ``checkpoints``: save every ``every`` steps and at the end into ``directory`` (keeping the
+    newest ``keep``): student, optimizer, schedule, loader position (:class:`LoaderPosition`),
+    RNG states and the metric history. With ``resume``, continue from the newest valid one
+    (bit-identical on CPU to an uninterrupted run) and rewrite ``metrics_path`` to its history,
+    so no step is logged twice or missed; without a checkpoint there, start afresh.
+    """
+    student.train()
+    optimizer, scheduler = build_optimizer(student, train_config)
+    history = TrainHistory()
+    batches = LoaderPosition(loader)
+    step, elapsed_before = 0, 0.0
+    if checkpoints is not None and checkpoints.resume:
+        checkpoint = latest_checkpoint(checkpoints.directory)
+        if checkpoint is not None:
+            saved = load_checkpoint(checkpoint, student, optimizer)
+            scheduler.load_state_dict(saved["scheduler"])
+            batches.restore(saved["data"])
+            batches.set_rng(saved["rng"])
+            step, elapsed_before = saved["step"], saved["elapsed_s"]
+            history.records = list(saved["history"])
+            log.info("resumed from %s at step %d", checkpoint, step)
+        if metrics_path is not None:
+            lines = "".join(json.dumps(record) + "\n" for record in history.records)
+            atomic_write_text(metrics_path, lines)
+    bar = tqdm(
+        total=train_config.steps, initial=step, desc=description, unit="step", dynamic_ncols=True
+    )
+    start = time.perf_counter() - elapsed_before
+    while step < train_config.steps:
+        step_start = time.perf_counter()
+        window = [batches.next() for _ in range(train_config.grad_accum)]
+        items = sum(count_fn(batch) for batch in window)
+        if items == 0:
+            raise ValueError(f"step {step + 1}: the accumulation window holds no labelled items")
+        totals: dict[str, float] = {"loss": 0.0}
+        for batch in window:
+            loss_sum, parts = terms_fn(batch, step)
+            (loss_sum / items).backward()
+            totals["loss"] += loss_sum.item() / items
+            for name, value in parts.items():
+                totals[name] = totals.get(name, 0.0) + float(value) / items
+        grad_norm = _clip(student, train_config.grad_clip)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        seconds = time.perf_counter() - step_start
+        record = {
+            "step": step,
+            **totals,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "items": items,
+            "items_per_s": items / seconds,
+            "elapsed_s": time.perf_counter() - start,
+        }
+        if step % train_config.log_every == 0 or step == train_config.steps:
+            history.records.append(record)
+            if metrics_path is not None:
+                append_jsonl(metrics_path, record)
+        if checkpoints is not None and (
+            step == train_config.steps or (checkpoints.every and step % checkpoints.every == 0)
+        ):
+            trainer_state = {
+                "scheduler": scheduler.state_dict(),
+                "data": batches.state_dict(),
+                "rng": batches.rng(),
+                "history": history.records,
+                "elapsed_s": record["elapsed_s"],
+            }
+            save_checkpoint(
+                checkpoints.directory, step, student, optimizer, trainer_state, checkpoints.keep
+            )
+        bar.set_postfix(loss=f"{totals['loss']:.4f}")
+        bar.update(1)
+    bar.close()
+    student.eval()
+    return history

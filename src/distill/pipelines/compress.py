@@ -22,7 +22,16 @@ from distill.errors import ConfigError, DistillError
 from distill.evaluate.generation import GenerationSettings, measure_generation_in_subprocess
 from distill.evaluate.heldout import heldout_quality
 from distill.io import atomic_write_json
-from distill.models import count_params, default_teacher_path, load_causal_lm, load_tokenizer
+from distill.models import (
+    count_params,
+    load_causal_lm,
+    load_teacher,
+    load_teacher_tokenizer,
+    load_tokenizer,
+    shared_vocab_rows,
+    teacher_source,
+)
+from distill.pipelines.prepare import prepare_data
 from distill.teacher import LiveTeacher
 
 __all__ = ["CompressResult", "compress_label", "compress_run"]
@@ -60,7 +69,6 @@ def compress_run(
 ) -> CompressResult:
     """Compress ``run_dir``'s student per ``compress.*`` (config.yaml + overrides); see module."""
     from distill.report import build_report
-    from distill.run import prepare_data
 
     run_path = Path(run_dir)
     config = _run_config(run_path, overrides or [])
@@ -72,8 +80,15 @@ def compress_run(
         raise ConfigError("compress.heal_steps heals a pruned student: set compress.prune too")
     student = load_causal_lm(run_path / "student")
     tokenizer = load_tokenizer(run_path / "student")
-    teacher_model = load_causal_lm(str(config.teacher.path or default_teacher_path()))
-    vocab_rows = min(teacher_model.config.vocab_size, student.config.vocab_size)
+    teacher_model = load_teacher(config.teacher)
+    vocab_rows = shared_vocab_rows(
+        load_teacher_tokenizer(config.teacher),
+        tokenizer,
+        teacher_model.get_output_embeddings().weight.shape[0],
+        student.get_output_embeddings().weight.shape[0],
+        teacher_name=teacher_source(config.teacher),
+        student_name=str(run_path / "student"),
+    )
     teacher = LiveTeacher(teacher_model, vocab_rows)
     train_blocks, heldout = prepare_data(config, tokenizer)
     info: dict[str, Any] = {"source": str(run_path / "student")}

@@ -30,7 +30,7 @@ from distill.config import RunConfig
 from distill.data.chat import check_messages, render_prompt, require_chat_template
 from distill.errors import ConfigError, DataError
 from distill.io import append_jsonl, atomic_write_bytes, atomic_write_json, jsonl_objects
-from distill.models import default_teacher_path, load_causal_lm, load_tokenizer
+from distill.models import load_teacher, load_teacher_tokenizer, teacher_source
 from distill.sampling import Sampling, sample_continuations
 
 __all__ = [
@@ -203,8 +203,8 @@ def generate_responses(config: RunConfig) -> Path:
     prompts_file = Path(settings.prompts) if settings.prompts else default_prompts_path()
     output = Path(settings.output) if settings.output else config.run_dir / "generations.jsonl"
     prompts = read_prompts(prompts_file)
-    source = str(config.teacher.path or default_teacher_path())
-    tokenizer = load_tokenizer(source, config.teacher.trust_remote_code)
+    source = teacher_source(config.teacher)
+    tokenizer = load_teacher_tokenizer(config.teacher)
     chat = bool(getattr(tokenizer, "chat_template", None))
     prompt_ids = [_prompt_ids(tokenizer, prompt, chat) for prompt in prompts]
 
@@ -230,7 +230,7 @@ def generate_responses(config: RunConfig) -> Path:
     if todo:
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
-        model = load_causal_lm(source, config.teacher.dtype, config.teacher.trust_remote_code)
+        model = load_teacher(config.teacher)
         if torch.cuda.is_available():
             model.to("cuda")
         eos = tokenizer.eos_token_id

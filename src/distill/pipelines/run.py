@@ -18,31 +18,23 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel
 
 from distill.config import RunConfig, load_config
 from distill.data import (
     BlockBatches,
     ExampleBatches,
     Examples,
-    default_documents,
-    pack_documents,
-    read_documents,
-    split_documents,
 )
-from distill.data.examples import detect_format, encode_examples, read_rows, split_rows
 from distill.errors import ConfigError
 from distill.evaluate import heldout_metrics, measure_in_subprocess, weights_bytes
 from distill.io import atomic_directory, atomic_write_json, atomic_write_text
 from distill.models import (
     count_params,
-    default_teacher_path,
-    load_causal_lm,
-    load_tokenizer,
-    shared_vocab_rows,
+    load_teacher,
 )
+from distill.pipelines.prepare import Models, prepare_data, prepare_models
 from distill.report import build_report
-from distill.student import calibration_blocks, make_student, needs_calibration
 from distill.student.intermediate import IntermediateDistiller, is_enabled
 from distill.teacher import LiveTeacher
 from distill.teacher.cache import open_run_cache, read_manifest
@@ -51,7 +43,7 @@ from distill.train.distributed import init_distributed
 from distill.train.loop import CheckpointPlan
 from distill.train.onpolicy import OnPolicy
 
-__all__ = ["distill", "resume_config", "RunResult", "prepare_models", "prepare_data"]
+__all__ = ["distill", "resume_config", "RunResult"]
 
 log = logging.getLogger(__name__)
 
@@ -61,92 +53,6 @@ class RunResult:
     run_dir: Path
     report: dict[str, Any]
     student: PreTrainedModel  # the distilled student, in memory (also saved in run_dir/student)
-
-
-@dataclass
-class Models:
-    teacher: PreTrainedModel | None  # None while training from a teacher cache
-    student: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    vocab_rows: int
-    teacher_source: str
-    layers: list[int] | None = None  # teacher layer each student layer was built from
-
-
-def prepare_models(config: RunConfig) -> Models:
-    """Load the teacher, then load or build the student, and check they share a tokenizer."""
-    teacher_source = str(config.teacher.path or default_teacher_path())
-    tokenizer = load_tokenizer(teacher_source, config.teacher.trust_remote_code)
-    # From a cache, the teacher's weights are needed only to build a student from its layers.
-    teacher = (
-        None
-        if config.teacher.cache and config.student.path is not None
-        else load_causal_lm(teacher_source, config.teacher.dtype, config.teacher.trust_remote_code)
-    )
-    if config.student.path is not None:
-        student = load_causal_lm(
-            config.student.path, config.teacher.dtype, config.teacher.trust_remote_code
-        )
-        student_tokenizer = load_tokenizer(config.student.path, config.teacher.trust_remote_code)
-        student_name = config.student.path
-    else:
-        calibration = None
-        if needs_calibration(config.student):  # a layer search or width pruning
-            train_blocks = prepare_data(config, tokenizer)[0]
-            if isinstance(train_blocks, Examples):  # padded rows; the padding is calibration too
-                train_blocks = train_blocks.input_ids
-            calibration = calibration_blocks(
-                train_blocks, config.student.calibration_blocks, config.seed
-            )
-        built = make_student(teacher, config.student, calibration)
-        student, layers = built.model, built.layers
-        student_tokenizer, student_name = tokenizer, "student"
-    vocab_rows = shared_vocab_rows(
-        tokenizer,
-        student_tokenizer,
-        teacher.get_output_embeddings().weight.shape[0]
-        if teacher is not None
-        else read_manifest(config.teacher.cache)["teacher"]["vocab_rows"],
-        student.get_output_embeddings().weight.shape[0],
-        teacher_name=teacher_source,
-        student_name=student_name,
-    )
-    if config.teacher.cache:  # freed before training; loaded again only for evaluation
-        teacher = None
-    origin = layers if config.student.path is None else None
-    return Models(teacher, student, tokenizer, vocab_rows, teacher_source, origin)
-
-
-def prepare_data(
-    config: RunConfig, tokenizer: PreTrainedTokenizerBase
-) -> tuple[torch.Tensor, torch.Tensor] | tuple[Examples, Examples]:
-    """(train, heldout): packed text blocks ``[n, block_size]``, or encoded chat /
-    prompt-response :class:`Examples` (``data.format``)."""
-    data_format = detect_format(config.data.path, config.data.format)
-    if data_format != "text":
-        if config.data.path is None:
-            raise ConfigError(f"data.format={data_format} needs data.path (a .jsonl file)")
-        rows = read_rows(config.data.path)
-        train_rows, heldout_rows = split_rows(rows, config.data.heldout_fraction)
-        block_size, source = config.data.block_size, str(config.data.path)
-        train = encode_examples(train_rows, data_format, tokenizer, block_size, source)
-        heldout = encode_examples(heldout_rows, data_format, tokenizer, block_size, source)
-        keep = config.eval.max_blocks
-        heldout = Examples(
-            heldout.input_ids[:keep],
-            heldout.labels[:keep],
-            heldout.lengths[:keep],
-            heldout.prompt_lengths[:keep],
-        )
-        return train, heldout
-    if config.data.path is None:
-        documents = default_documents()
-    else:
-        documents = read_documents(config.data.path, config.data.text_field)
-    train_docs, heldout_docs = split_documents(documents, config.data.heldout_fraction)
-    train_blocks = pack_documents(train_docs, tokenizer, config.data.block_size)
-    heldout_blocks = pack_documents(heldout_docs, tokenizer, config.data.block_size)
-    return train_blocks, heldout_blocks[: config.eval.max_blocks]
 
 
 def _print_plan(
@@ -277,7 +183,7 @@ def distill(
     threads = torch.get_num_threads()
     torch.manual_seed(config.seed)
     if config.task != "causal_lm":  # classification / embedding: the encoder path
-        from distill.encoders import run_encoder
+        from distill.pipelines.encoder_run import run_encoder
 
         encoder_run = run_encoder(config, resume=resume)
         return RunResult(encoder_run.run_dir, encoder_run.report, encoder_run.student)
@@ -398,9 +304,7 @@ def distill(
         models.tokenizer.save_pretrained(tmp)
 
     if models.teacher is None:  # trained from the cache (or sharded): needed to evaluate
-        models.teacher = load_causal_lm(
-            models.teacher_source, config.teacher.dtype, config.teacher.trust_remote_code
-        ).to(models.student.device)
+        models.teacher = load_teacher(config.teacher).to(models.student.device)
         teacher = LiveTeacher(models.teacher, models.vocab_rows)
     quality = heldout_metrics(
         compared,

@@ -9,6 +9,7 @@ from typing import Any
 from distill.config import RunConfig
 from distill.errors import ConfigError
 from distill.io import atomic_directory
+from distill.pipelines.prepare import prepare_models
 from distill.student.build import model_cost
 
 __all__ = ["write_student", "format_costs"]
@@ -17,7 +18,6 @@ __all__ = ["write_student", "format_costs"]
 def write_student(config: RunConfig, out: str | Path) -> dict[str, Any]:
     """Build the student ``config.student`` describes, save it (with the teacher's tokenizer)
     to ``out``, and return ``{teacher, student: cost, layers}``."""
-    from distill.run import prepare_models  # the same construction `distill run` uses
 
     if config.student.path is not None:
         raise ConfigError("distill student builds a student: unset student.path")

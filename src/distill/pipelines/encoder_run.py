@@ -2,7 +2,7 @@
 
 Phases: read texts, hold out by hash -> load teacher (+ tokenizer) -> load or layer-drop the
 student (layers given, or searched on calibration texts) -> cache the teacher's embeddings of the
-training sentences (embedding) -> train with :func:`distill.modules.train_module` (same
+training sentences (embedding) -> train with :func:`distill.train.loop.train_module` (same
 optimizer, schedule, metrics.jsonl, checkpoints and resume) -> save the student -> evaluate
 teacher / student before / student after on the held-out texts -> evaluation.json ->
 report.json / report.md with retention.
@@ -54,15 +54,11 @@ from distill.encoders.pooling import encode, pool, tokenize
 from distill.errors import ConfigError, DataError
 from distill.evaluate import weights_bytes
 from distill.io import atomic_directory, atomic_write_json
+from distill.losses.schedule import scheduled_alpha_temperature, scheduled_distillation_loss
 from distill.models import count_params
-from distill.modules import (
-    scheduled_alpha_temperature,
-    scheduled_distillation_loss,
-    train_module,
-    write_report,
-)
+from distill.report import build_report
 from distill.student import select_layers
-from distill.train.loop import CheckpointPlan
+from distill.train.loop import CheckpointPlan, train_module
 
 __all__ = ["EncoderRun", "run_encoder", "encoder_student_layers", "search_layers"]
 
@@ -479,7 +475,7 @@ def run_encoder(config: RunConfig, *, resume: bool = False) -> EncoderRun:
 
     Checkpoints (``checkpoint.every`` / ``keep``) go to ``checkpoints/`` (and
     ``checkpoints_labels_only/`` for the baseline); ``resume`` continues each training phase
-    from its newest valid checkpoint, exactly (see :func:`distill.modules.train_module`)."""
+    from its newest valid checkpoint, exactly (see :func:`distill.train.loop.train_module`)."""
     run_dir = config.run_dir
 
     def plan(folder: str) -> CheckpointPlan:
@@ -568,6 +564,6 @@ def run_encoder(config: RunConfig, *, resume: bool = False) -> EncoderRun:
         },
     }
     atomic_write_json(run_dir / "evaluation.json", evaluation)
-    report = write_report(run_dir, f"{config.name} ({config.task})")
+    report = build_report(run_dir)
     print(f"report: {run_dir / 'report.md'}")
     return EncoderRun(run_dir, report, models.student)

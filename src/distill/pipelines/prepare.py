@@ -1,0 +1,117 @@
+"""What every causal-LM job prepares first: the teacher and student models, and the data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from distill.config import RunConfig
+from distill.data import (
+    Examples,
+    default_documents,
+    pack_documents,
+    read_documents,
+    split_documents,
+)
+from distill.data.examples import detect_format, encode_examples, read_rows, split_rows
+from distill.errors import ConfigError
+from distill.models import (
+    load_causal_lm,
+    load_teacher,
+    load_teacher_tokenizer,
+    load_tokenizer,
+    shared_vocab_rows,
+    teacher_source,
+)
+from distill.student import calibration_blocks, make_student, needs_calibration
+from distill.teacher.cache import read_manifest
+
+__all__ = ["Models", "prepare_models", "prepare_data"]
+
+
+@dataclass
+class Models:
+    teacher: PreTrainedModel | None  # None while training from a teacher cache
+    student: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    vocab_rows: int
+    teacher_source: str
+    layers: list[int] | None = None  # teacher layer each student layer was built from
+
+
+def prepare_models(config: RunConfig) -> Models:
+    """Load the teacher, then load or build the student, and check they share a tokenizer."""
+    source = teacher_source(config.teacher)
+    tokenizer = load_teacher_tokenizer(config.teacher)
+    # From a cache, the teacher's weights are needed only to build a student from its layers.
+    teacher = (
+        None
+        if config.teacher.cache and config.student.path is not None
+        else load_teacher(config.teacher)
+    )
+    if config.student.path is not None:
+        student = load_causal_lm(
+            config.student.path, config.teacher.dtype, config.teacher.trust_remote_code
+        )
+        student_tokenizer = load_tokenizer(config.student.path, config.teacher.trust_remote_code)
+        student_name = config.student.path
+    else:
+        calibration = None
+        if needs_calibration(config.student):  # a layer search or width pruning
+            train_blocks = prepare_data(config, tokenizer)[0]
+            if isinstance(train_blocks, Examples):  # padded rows; the padding is calibration too
+                train_blocks = train_blocks.input_ids
+            calibration = calibration_blocks(
+                train_blocks, config.student.calibration_blocks, config.seed
+            )
+        built = make_student(teacher, config.student, calibration)
+        student, layers = built.model, built.layers
+        student_tokenizer, student_name = tokenizer, "student"
+    vocab_rows = shared_vocab_rows(
+        tokenizer,
+        student_tokenizer,
+        teacher.get_output_embeddings().weight.shape[0]
+        if teacher is not None
+        else read_manifest(config.teacher.cache)["teacher"]["vocab_rows"],
+        student.get_output_embeddings().weight.shape[0],
+        teacher_name=source,
+        student_name=student_name,
+    )
+    if config.teacher.cache:  # freed before training; loaded again only for evaluation
+        teacher = None
+    origin = layers if config.student.path is None else None
+    return Models(teacher, student, tokenizer, vocab_rows, source, origin)
+
+
+def prepare_data(
+    config: RunConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[Examples, Examples]:
+    """(train, heldout): packed text blocks ``[n, block_size]``, or encoded chat /
+    prompt-response :class:`Examples` (``data.format``)."""
+    data_format = detect_format(config.data.path, config.data.format)
+    if data_format != "text":
+        if config.data.path is None:
+            raise ConfigError(f"data.format={data_format} needs data.path (a .jsonl file)")
+        rows = read_rows(config.data.path)
+        train_rows, heldout_rows = split_rows(rows, config.data.heldout_fraction)
+        block_size, source = config.data.block_size, str(config.data.path)
+        train = encode_examples(train_rows, data_format, tokenizer, block_size, source)
+        heldout = encode_examples(heldout_rows, data_format, tokenizer, block_size, source)
+        keep = config.eval.max_blocks
+        heldout = Examples(
+            heldout.input_ids[:keep],
+            heldout.labels[:keep],
+            heldout.lengths[:keep],
+            heldout.prompt_lengths[:keep],
+        )
+        return train, heldout
+    if config.data.path is None:
+        documents = default_documents()
+    else:
+        documents = read_documents(config.data.path, config.data.text_field)
+    train_docs, heldout_docs = split_documents(documents, config.data.heldout_fraction)
+    train_blocks = pack_documents(train_docs, tokenizer, config.data.block_size)
+    heldout_blocks = pack_documents(heldout_docs, tokenizer, config.data.block_size)
+    return train_blocks, heldout_blocks[: config.eval.max_blocks]
