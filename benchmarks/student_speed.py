@@ -25,8 +25,12 @@ import torch  # noqa: E402
 from common import print_table, target, write_results  # noqa: E402
 
 from distill.compress import load_model, model_bytes, save_model  # noqa: E402
-from distill.config import StudentConfig  # noqa: E402
-from distill.evaluate.generation import GenerationSettings, timed_generate  # noqa: E402
+from distill.config import (  # noqa: E402
+    EvalConfig,
+    StudentConfig,  # noqa: E402
+    load_config,
+)
+from distill.evaluate.generation import timed_generate  # noqa: E402
 from distill.evaluate.heldout import heldout_quality  # noqa: E402
 from distill.models import (  # noqa: E402
     count_params,
@@ -34,7 +38,7 @@ from distill.models import (  # noqa: E402
     load_causal_lm,
     load_tokenizer,
 )
-from distill.pipelines.eval import EvalSettings, heldout_blocks  # noqa: E402
+from distill.pipelines.eval import heldout_blocks  # noqa: E402
 from distill.student import build_student, select_layers  # noqa: E402
 from distill.teacher import LiveTeacher  # noqa: E402
 
@@ -54,7 +58,7 @@ def interleaved_speed(models: dict, tokenizer, runs: int, threads: int) -> dict[
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    prompts = GenerationSettings().prompts
+    prompts = EvalConfig().gen_prompts
     times: dict[str, dict[str, list[float]]] = {name: {} for name in models}
     settings = {"ttft": (1, 1), "batch1": (1, NEW_TOKENS), "batch8": (8, NEW_TOKENS)}
     with torch.no_grad():
@@ -107,7 +111,9 @@ def main() -> None:
         }
         speed = interleaved_speed(loaded, tokenizer, args.runs, args.threads)
         sizes = {name: model_bytes(d) for name, d in dirs.items()}
-        blocks = heldout_blocks(EvalSettings(max_blocks=args.blocks), tokenizer)
+        blocks = heldout_blocks(
+            load_config(overrides=[f"eval.max_blocks={args.blocks}"]), tokenizer
+        )
         vocab = teacher.config.vocab_size
         quality = heldout_quality(
             {"student": student, "student_int8": loaded["student_int8"]},

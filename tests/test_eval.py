@@ -9,11 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 from conftest import make_llama, make_tokenizer, save_model
 
+from distill import distill
 from distill.cli import main
 from distill.compress.store import model_bytes
 from distill.compress.store import save_model as save_compressed
+from distill.config import load_config
 from distill.errors import DataError
 from distill.evaluate.choice import (
     Question,
@@ -22,9 +25,8 @@ from distill.evaluate.choice import (
     multiple_choice_accuracy,
     read_questions,
 )
-from distill.evaluate.generation import GenerationSettings
 from distill.evaluate.heldout import heldout_quality
-from distill.pipelines.eval import EvalSettings, evaluate_models, format_tables, retention
+from distill.pipelines.eval import evaluate_models, format_tables, retention
 from distill.teacher import LiveTeacher
 
 
@@ -148,14 +150,20 @@ def test_evaluate_models_end_to_end(tmp_path, tiny_teacher_dir, tiny_tokenizer, 
     data, task = eval_data
     student = make_llama(len(tiny_tokenizer), layers=2, seed=3)
     int8_dir = save_compressed(student, tiny_tokenizer, tmp_path / "student_int8", quantize="int8")
-    settings = EvalSettings(
-        data=str(data),
-        block_size=32,
-        max_blocks=4,
-        task=str(task),
-        generation=GenerationSettings(prompts=["def f"], new_tokens=3, batch_sizes=(1, 8), runs=1),
+    config = load_config(
+        overrides=[
+            f"teacher.path={tiny_teacher_dir}",
+            f"data.path={data}",
+            "data.block_size=32",
+            "eval.max_blocks=4",
+            f"eval.mc_task={task}",
+            "eval.gen_prompts=['def f']",
+            "eval.gen_new_tokens=3",
+            "eval.gen_batch_sizes=[1, 8]",
+            "eval.gen_runs=1",
+        ]
     )
-    result = evaluate_models([str(int8_dir)], str(tiny_teacher_dir), settings)
+    result = evaluate_models([str(int8_dir)], config)
     rows = result["models"]
     assert set(rows) == {"teacher", "student_int8"}
     for row in rows.values():
@@ -227,3 +235,38 @@ def test_eval_cli_writes_json(tmp_path, tiny_teacher_dir, tiny_tokenizer, eval_d
     result = json.loads(out.read_text())
     assert result["models"]["s"]["perplexity"] > 1
     assert "| s |" in capsys.readouterr().out
+
+
+def test_eval_takes_config_and_set_and_scores_a_run_student_as_the_run_did(
+    tmp_path, tiny_run_config, capsys
+):
+    """``distill eval --config/--set``: the schema's settings, the same held-out split and the
+    same numbers as the run's own report for its student and teacher (float32, same blocks)."""
+    config = {**tiny_run_config, "eval": {**tiny_run_config["eval"], "speed": False}}
+    run = distill(config)
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "eval.json"
+    main(["eval", str(run.run_dir / "student"), "--config", str(path), "--set", "eval.speed=false"])
+    main(
+        [
+            "eval",
+            str(run.run_dir / "student"),
+            "--config",
+            str(path),
+            "--no-speed",
+            "--out",
+            str(out),
+        ]
+    )
+    result = json.loads(out.read_text())
+    assert result["settings"]["eval"]["max_blocks"] == config["eval"]["max_blocks"]
+    reported = run.report["models"]
+    for name, row in (("teacher", "teacher"), ("student", "student_after")):
+        for key in ("perplexity", "kl_to_teacher", "top1_agreement"):
+            assert result["models"][name][key] == pytest.approx(
+                reported[row][key], rel=1e-4, abs=1e-6
+            ), (
+                name,
+                key,
+            )

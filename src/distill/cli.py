@@ -179,22 +179,28 @@ def _student(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+# `distill eval` shortcuts: flag, the config key it sets, its type.
+_EVAL_FLAGS = [
+    ("--teacher", "teacher.path", str),
+    ("--data", "data.path", str),
+    ("--text-field", "data.text_field", str),
+    ("--block-size", "data.block_size", int),
+    ("--max-blocks", "eval.max_blocks", int),
+    ("--task", "eval.mc_task", str),
+    ("--mc-limit", "eval.mc_limit", int),
+    ("--new-tokens", "eval.gen_new_tokens", int),
+    ("--runs", "eval.gen_runs", int),
+    ("--threads", "train.threads", int),
+]
+
+
 def _add_eval_compress_export(commands) -> None:
     evaluate = commands.add_parser("eval", help="compare models: quality, multiple choice, speed")
+    _add_config_args(evaluate)
     evaluate.add_argument("models", nargs="+", metavar="MODEL", help="HF dir, .gguf or int8 dir")
-    evaluate.add_argument("--teacher", help="teacher model (default: the embedded SmolLM2)")
-    evaluate.add_argument(
-        "--data", help="text data whose held-out split is scored (default corpus)"
-    )
-    evaluate.add_argument("--text-field", default="text")
-    evaluate.add_argument("--block-size", type=int, default=256)
-    evaluate.add_argument("--max-blocks", type=int, default=24)
-    evaluate.add_argument("--task", help="multiple-choice JSONL (default: shipped Python task)")
-    evaluate.add_argument("--mc-limit", type=int, help="use only the first N questions")
-    evaluate.add_argument("--new-tokens", type=int, default=32)
-    evaluate.add_argument("--runs", type=int, default=3, help="timed runs (median) after warm-up")
-    evaluate.add_argument("--threads", type=int, default=0)
-    evaluate.add_argument("--no-speed", action="store_true", help="skip generation timing")
+    for flag, key, kind in _EVAL_FLAGS:
+        evaluate.add_argument(flag, type=kind, help=f"= --set {key}=...")
+    evaluate.add_argument("--no-speed", action="store_true", help="= --set eval.speed=false")
     evaluate.add_argument("--out", help="write the results as JSON here")
 
     compress = commands.add_parser("compress", help="prune / heal / quantize a run's student")
@@ -213,25 +219,18 @@ def _add_eval_compress_export(commands) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from distill.evaluate.generation import GenerationSettings
+    from distill.config import load_config
     from distill.io import atomic_write_json
-    from distill.models import default_teacher_path
-    from distill.pipelines.eval import EvalSettings, evaluate_models, format_tables
+    from distill.pipelines.eval import evaluate_models, format_tables
 
-    generation = GenerationSettings(
-        new_tokens=args.new_tokens, runs=args.runs, threads=args.threads
-    )
-    settings = EvalSettings(
-        data=args.data,
-        text_field=args.text_field,
-        block_size=args.block_size,
-        max_blocks=args.max_blocks,
-        task=args.task,
-        mc_limit=args.mc_limit,
-        generation=None if args.no_speed else generation,
-    )
-    teacher = args.teacher or str(default_teacher_path())
-    result = evaluate_models(args.models, teacher, settings)
+    overrides = list(args.overrides)
+    for flag, key, _ in _EVAL_FLAGS:
+        value = getattr(args, flag.removeprefix("--").replace("-", "_"))
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.no_speed:
+        overrides.append("eval.speed=false")
+    result = evaluate_models(args.models, load_config(args.config, overrides))
     print(format_tables(result), end="")
     if args.out:
         atomic_write_json(args.out, result)

@@ -309,9 +309,25 @@ class EvalConfig(_Section):
             "Exceptions are raised when",
             "A class definition",
         ],
-        description="Prompts for the greedy generation speed test (batch 1).",
+        description="Prompts for the greedy generation speed test.",
     )
     gen_new_tokens: int = Field(32, ge=1, description="Tokens generated per speed-test prompt.")
+    gen_batch_sizes: list[int] = Field(
+        default_factory=lambda: [1, 8],
+        min_length=1,
+        description="Batch sizes of the generation speed test (prompts cycled, left-padded); "
+        "the run report's tokens/s column is batch 1.",
+    )
+    gen_runs: int = Field(
+        3, ge=1, description="Timed generation calls per batch size (the median is reported)."
+    )
+    mc_task: str | None = Field(
+        None,
+        description="`distill eval`: multiple-choice .jsonl task; empty = the shipped Python task.",
+    )
+    mc_limit: int | None = Field(
+        None, ge=1, description="`distill eval`: score only the first N questions."
+    )
     speed: bool = Field(
         True,
         description="Measure generation tokens/s and peak RSS, each model in a fresh process.",

@@ -15,8 +15,12 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from distill.config import EvalConfig
 
 __all__ = [
     "GenerationSettings",
@@ -28,17 +32,24 @@ __all__ = [
 
 @dataclass
 class GenerationSettings:
-    prompts: list[str] = field(
-        default_factory=lambda: [
-            "The Python for statement",
-            "Exceptions are raised when",
-            "A class definition",
-        ]
-    )
-    new_tokens: int = 32
-    batch_sizes: tuple[int, ...] = (1, 8)
-    runs: int = 3
+    """What one timing measures; :meth:`from_config` builds it from the ``eval`` section, so
+    ``distill run`` and ``distill eval`` time a model the same way."""
+
+    prompts: list[str]
+    new_tokens: int
+    batch_sizes: tuple[int, ...]
+    runs: int
     threads: int = 0
+
+    @classmethod
+    def from_config(cls, eval_config: EvalConfig, threads: int = 0) -> GenerationSettings:
+        return cls(
+            prompts=list(eval_config.gen_prompts),
+            new_tokens=eval_config.gen_new_tokens,
+            batch_sizes=tuple(eval_config.gen_batch_sizes),
+            runs=eval_config.gen_runs,
+            threads=threads,
+        )
 
 
 def timed_generate(model, tokenizer, prompts: list[str], new_tokens: int) -> float:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.compress.store import model_bytes
 from distill.config import RunConfig
 from distill.data import default_documents, read_documents, split_documents
 from distill.encoders import losses
@@ -52,7 +53,6 @@ from distill.encoders.models import (
 )
 from distill.encoders.pooling import encode, pool, tokenize
 from distill.errors import ConfigError, DataError
-from distill.evaluate import weights_bytes
 from distill.io import atomic_directory, atomic_write_json
 from distill.losses.schedule import scheduled_alpha_temperature, scheduled_distillation_loss
 from distill.models import count_params
@@ -541,10 +541,8 @@ def run_encoder(config: RunConfig, *, resume: bool = False) -> EncoderRun:
             models.tokenizer.save_pretrained(tmp)
     # Saved weight files on disk; the students not saved share student_after's architecture
     # (same tensors, shapes and dtypes), so their files would be the same size.
-    student_bytes = weights_bytes(run_dir / "student")
-    file_bytes = {name: student_bytes for name in compared} | {
-        "teacher": weights_bytes(teacher_dir)
-    }
+    student_bytes = model_bytes(run_dir / "student")
+    file_bytes = {name: student_bytes for name in compared} | {"teacher": model_bytes(teacher_dir)}
     evaluation = {
         "models": _evaluate(config, models, compared, heldout, label_map, pooling, file_bytes),
         "task": config.task,

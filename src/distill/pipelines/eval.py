@@ -11,7 +11,6 @@ metrics, ``teacher / model`` for perplexity and time to first token.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +18,24 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.compress.store import load_model, model_bytes, quantized_params, read_manifest
-from distill.data import default_documents, pack_documents, read_documents, split_documents
-from distill.errors import ModelError
+from distill.config import RunConfig
+from distill.data import Examples
+from distill.errors import ConfigError, ModelError
 from distill.evaluate.choice import default_task_path, multiple_choice_accuracy, read_questions
 from distill.evaluate.generation import GenerationSettings, measure_generation_in_subprocess
 from distill.evaluate.heldout import heldout_quality
-from distill.models import count_params, load_tokenizer, shared_vocab_rows
+from distill.models import (
+    count_params,
+    load_teacher,
+    load_teacher_tokenizer,
+    load_tokenizer,
+    shared_vocab_rows,
+    teacher_source,
+)
+from distill.pipelines.prepare import prepare_data
 from distill.teacher import LiveTeacher
 
 __all__ = [
-    "EvalSettings",
     "evaluate_models",
     "heldout_blocks",
     "retention",
@@ -51,28 +58,16 @@ RETENTION_METRICS = {
 }
 
 
-@dataclass
-class EvalSettings:
-    data: str | None = None  # None: the default corpus (CPython's pydoc topics)
-    text_field: str = "text"
-    heldout_fraction: float = 0.1
-    block_size: int = 256
-    max_blocks: int = 24
-    batch_size: int = 4
-    task: str | None = None  # None: the shipped Python multiple-choice task
-    mc_limit: int | None = None
-    generation: GenerationSettings | None = field(default_factory=GenerationSettings)
-
-
-def heldout_blocks(settings: EvalSettings, tokenizer) -> torch.Tensor:
-    """The held-out split of the data (same split as training), packed, ``[n, block_size]``."""
-    documents = (
-        default_documents()
-        if settings.data is None
-        else read_documents(settings.data, settings.text_field)
-    )
-    _, heldout = split_documents(documents, settings.heldout_fraction)
-    return pack_documents(heldout, tokenizer, settings.block_size)[: settings.max_blocks]
+def heldout_blocks(config: RunConfig, tokenizer) -> torch.Tensor:
+    """The held-out blocks of ``data`` (the same split and packing as training), at most
+    ``eval.max_blocks``, ``[n, block_size]``."""
+    heldout = prepare_data(config, tokenizer)[1]
+    if isinstance(heldout, Examples):
+        raise ConfigError(
+            f"distill eval scores packed text: data.path {config.data.path} holds "
+            "chat or prompt/response rows (data.format); give it a text corpus"
+        )
+    return heldout
 
 
 def _output_rows(model: PreTrainedModel) -> int:
@@ -113,17 +108,18 @@ def retention(metrics: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]
     return table
 
 
-def evaluate_models(
-    model_paths: list[str], teacher_path: str, settings: EvalSettings
-) -> dict[str, Any]:
-    """``{"models": {name: metrics}, "retention": ..., "paths": ..., "settings": ...}``."""
+def evaluate_models(model_paths: list[str], config: RunConfig) -> dict[str, Any]:
+    """``{"models": {name: metrics}, "retention": ..., "paths": ..., "settings": ...}`` for the
+    teacher of ``config.teacher`` and each model, on ``config.data``'s held-out split, with the
+    ``config.eval`` settings (``eval.speed`` false: no generation timing)."""
+    teacher_path = teacher_source(config.teacher)
     for path in [teacher_path, *model_paths]:
         if not Path(path).exists():
             raise ModelError(f"model {path} does not exist")
     names = _labels(model_paths)
     paths = {"teacher": teacher_path, **dict(zip(names, model_paths, strict=True))}
-    tokenizer = load_tokenizer(teacher_path)
-    teacher_model = load_model(teacher_path)
+    tokenizer = load_teacher_tokenizer(config.teacher)
+    teacher_model = load_teacher(config.teacher)
     models = {name: load_model(path) for name, path in paths.items() if name != "teacher"}
     vocab_rows = _output_rows(teacher_model)
     for name, model in models.items():
@@ -138,13 +134,15 @@ def evaluate_models(
                 student_name=paths[name],
             ),
         )
-    blocks = heldout_blocks(settings, tokenizer)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    blocks = heldout_blocks(config, tokenizer)
     log.info("scoring %d held-out blocks of %d tokens", blocks.shape[0], blocks.shape[1])
     teacher = LiveTeacher(teacher_model, vocab_rows)
     quality = heldout_quality(
-        models, teacher, blocks, vocab_rows=vocab_rows, batch_size=settings.batch_size
+        models, teacher, blocks, vocab_rows=vocab_rows, batch_size=config.eval.batch_size
     )
-    questions = read_questions(settings.task or default_task_path())[: settings.mc_limit]
+    questions = read_questions(config.eval.mc_task or default_task_path())[: config.eval.mc_limit]
     results: dict[str, dict[str, Any]] = {}
     for name, model in {"teacher": teacher_model, **models}.items():
         log.info("multiple choice: %s", name)
@@ -155,15 +153,21 @@ def evaluate_models(
             **multiple_choice_accuracy(model, tokenizer, questions, vocab_rows),
         }
     del teacher_model, models, teacher
-    if settings.generation is not None:
+    generation = GenerationSettings.from_config(config.eval, config.train.threads)
+    if config.eval.speed:
         for name, path in paths.items():
             log.info("generation timing: %s", name)
-            results[name].update(measure_generation_in_subprocess(path, settings.generation))
+            results[name].update(measure_generation_in_subprocess(path, generation))
     return {
         "models": results,
         "retention": retention(results),
         "paths": paths,
-        "settings": {**asdict(settings), "heldout_tokens": int(blocks.numel())},
+        "settings": {
+            "data": config.data.model_dump(mode="json"),
+            "eval": config.eval.model_dump(mode="json"),
+            "threads": torch.get_num_threads(),
+            "heldout_tokens": int(blocks.numel()),
+        },
     }
 
 

@@ -20,6 +20,7 @@ import torch
 import yaml
 from transformers import PreTrainedModel
 
+from distill.compress.store import model_bytes
 from distill.config import RunConfig, load_config
 from distill.data import (
     BlockBatches,
@@ -27,7 +28,8 @@ from distill.data import (
     Examples,
 )
 from distill.errors import ConfigError
-from distill.evaluate import heldout_metrics, measure_in_subprocess, weights_bytes
+from distill.evaluate import heldout_metrics
+from distill.evaluate.generation import GenerationSettings, measure_generation_in_subprocess
 from distill.io import atomic_directory, atomic_write_json, atomic_write_text
 from distill.models import (
     count_params,
@@ -96,12 +98,12 @@ def _print_plan(
 
 
 def _measure_speed(config: RunConfig, model_dirs: dict[str, Path], threads: int) -> dict[str, dict]:
+    """Each model timed in a fresh process, exactly as ``distill eval`` times it."""
+    settings = GenerationSettings.from_config(config.eval, threads)
     results = {}
     for name, model_dir in model_dirs.items():
         log.info("measuring generation speed and memory of %s", name)
-        results[name] = measure_in_subprocess(
-            model_dir, config.eval.gen_prompts, config.eval.gen_new_tokens, threads
-        )
+        results[name] = measure_generation_in_subprocess(model_dir, settings)
     return results
 
 
@@ -327,17 +329,18 @@ def distill(
     for name, model in all_models.items():
         evaluation["models"][name] = {
             "params": count_params(model),
-            "bytes": weights_bytes(model_dirs[name]),
+            "bytes": model_bytes(model_dirs[name]),
             **quality[name],
-            "tokens_per_s": speed.get(name, {}).get("tokens_per_s"),
-            "peak_rss_bytes": speed.get(name, {}).get("peak_rss_bytes"),
+            "tokens_per_s": speed.get(name, {}).get("tokens_per_s_batch1"),
+            **{key: value for key, value in speed.get(name, {}).items() if key != "threads"},
         }
     shutil.rmtree(scratch, ignore_errors=True)
     evaluation["speed_settings"] = {
         "threads": threads,
         "prompts": len(config.eval.gen_prompts),
         "new_tokens": config.eval.gen_new_tokens,
-        "batch": 1,
+        "batch_sizes": config.eval.gen_batch_sizes,
+        "timed_runs": config.eval.gen_runs,
         "decoding": "greedy",
     }
     atomic_write_json(run_dir / "evaluation.json", evaluation)

@@ -88,7 +88,8 @@ def _describe_speed(settings: dict[str, Any]) -> str:
         return "not measured"
     return (
         f"{settings['threads']} threads, {settings['prompts']} prompts x {settings['new_tokens']} "
-        f"new tokens, batch {settings['batch']}, {settings['decoding']} decoding"
+        f"new tokens, batch {settings.get('batch_sizes', [settings.get('batch')])[0]}, "
+        f"{settings['decoding']} decoding"
     )
 
 
