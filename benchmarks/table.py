@@ -1,6 +1,6 @@
-"""Rewrite the README's benchmark table from the committed results JSONs.
+"""Rewrite the benchmark table in benchmarks/README.md from the committed results JSONs.
 
-    python benchmarks/table.py            # rewrites README.md between the BENCHMARKS markers
+    python benchmarks/table.py            # rewrites benchmarks/README.md between the markers
     python benchmarks/table.py --print    # prints the table only
 
 Order: the scripts in ``ORDER`` first, then any other results file, each with its ``targets`` in
@@ -54,7 +54,7 @@ def main() -> None:
     if args.print:
         print(rendered)
         return
-    readme = ROOT / "README.md"
+    readme = ROOT / "benchmarks" / "README.md"
     text = readme.read_text()
     before, rest = text.split(START, 1)
     after = rest.split(END, 1)[1]

@@ -9,7 +9,7 @@
 3. train the same student (same init, same 100 examples, same data order, same steps) on the
    labels alone.
 Prints held-out accuracy of all three: does distillation beat plain training at equal steps?
-(With all 1,347 labels, or a tiny 12-unit student, it does not: see the README.)
+(With all 1,347 labels, or a tiny 12-unit student, it does not: see docs/log.md.)
 Needs scikit-learn (``pip install 'distill[examples]'``) for the data only.
 """
 
