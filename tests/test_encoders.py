@@ -556,6 +556,12 @@ def test_embedding_run_trains_on_augmented_inputs(tmp_path, embedder_dir, monkey
     (sentences,) = cached
     originals = sentences[: evaluation["train_texts"]]
     assert sentences[len(originals) :] == augment_sentences(originals, 50, seed=0)
-    classification = load_config(overrides=["task=classification", "encoder.augment=5"])
-    with pytest.raises(ConfigError, match="encoder.augment"):
-        encoder_run._variants(classification, [("a labelled row", "0")] * 4)
+    with pytest.raises(ConfigError, match="encoder.augment"):  # refused when the config loads
+        load_config(
+            overrides=[
+                "task=classification",
+                "teacher.path=t",
+                "data.path=d.csv",
+                "encoder.augment=5",
+            ]
+        )

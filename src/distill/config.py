@@ -131,9 +131,23 @@ class StudentConfig(_Section):
             )
         if self.layers is not None and len(self.layers) == 0:
             raise ValueError("student.layers must name at least one layer")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"student.layers: repeated layer in {self.layers}")
         if not chosen and self.keep_first + self.keep_last == 0:
             raise ValueError("student.keep_first + student.keep_last must be at least 1")
         return self
+
+    @property
+    def fixed_depth(self) -> int | None:
+        """Layers of the built student when the config alone decides it (explicit layers, or a
+        keep_first/keep_last or num_layers recipe); None when it depends on a model."""
+        if self.path is not None or self.every_k is not None:
+            return None
+        if self.layers is not None:
+            return len(self.layers)
+        if self.search != "none" and self.num_layers is not None:
+            return self.num_layers
+        return self.keep_first + self.keep_last
 
 
 class IntermediateConfig(_Section):
@@ -169,6 +183,11 @@ class IntermediateConfig(_Section):
     relation_heads: int = Field(
         0, ge=0, description="value_relation: relation heads; 0 = the teacher's key/value heads."
     )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any intermediate-layer loss is on (hidden or attention weight above 0)."""
+        return self.hidden_weight > 0 or self.attention_weight > 0
 
 
 class DataConfig(_Section):
@@ -485,6 +504,8 @@ class CompressConfig(_Section):
             raise ValueError(
                 "compress.prune_pattern 2:4 prunes exactly half: set compress.prune=0.5"
             )
+        if self.heal_steps and self.prune == 0:
+            raise ValueError("compress.heal_steps heals a pruned student: set compress.prune too")
         return self
 
 
@@ -580,6 +601,110 @@ class RunConfig(_Section):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> RunConfig:
+        """Rules spanning sections that the config alone decides: refused when it is loaded,
+        before any model loads (not minutes into a job, after a layer search)."""
+        rules = _CAUSAL_LM_RULES if self.task == "causal_lm" else _ENCODER_RULES
+        for rule in rules:
+            problem = rule(self)
+            if problem:
+                raise ValueError(problem)
+        return self
+
+
+_SUPERVISED_FORMATS = ("chat", "prompt_response")
+
+
+def _onpolicy_needs_live_teacher(config: RunConfig) -> str | None:
+    if config.onpolicy.lambda_ > 0 and config.teacher.cache:
+        return (
+            "onpolicy.lambda > 0 needs the live teacher to score the student's samples: "
+            "unset teacher.cache (or set onpolicy.lambda=0)"
+        )
+    return None
+
+
+def _intermediate_needs_live_teacher(config: RunConfig) -> str | None:
+    if config.intermediate.enabled and config.teacher.cache:
+        return (
+            "intermediate-layer distillation (intermediate.hidden_weight / attention_weight > 0) "
+            "needs the live teacher: unset teacher.cache"
+        )
+    return None
+
+
+def _examples_need_live_teacher(config: RunConfig) -> str | None:
+    if config.data.format in _SUPERVISED_FORMATS and config.teacher.cache:
+        return (
+            "teacher.cache holds packed text blocks: it cannot serve chat or prompt/response "
+            f"data (data.format={config.data.format}); unset teacher.cache"
+        )
+    return None
+
+
+def _examples_need_jsonl(config: RunConfig) -> str | None:
+    data_format, path = config.data.format, config.data.path
+    if data_format not in _SUPERVISED_FORMATS:
+        return None
+    if path is None:
+        return f"data.format={data_format} needs data.path (a .jsonl file)"
+    if Path(path).suffix != ".jsonl":
+        return f"data.format={data_format} needs data.path to be a .jsonl file, got {path}"
+    return None
+
+
+def _layer_map_fits_student(config: RunConfig) -> str | None:
+    layer_map, depth = config.intermediate.layer_map, config.student.fixed_depth
+    if config.intermediate.enabled and layer_map and depth and len(layer_map) != depth:
+        return (
+            f"intermediate.layer_map has {len(layer_map)} entries for {depth} student layers: "
+            "give one teacher layer per student layer"
+        )
+    return None
+
+
+def _classification_needs_files(config: RunConfig) -> str | None:
+    if config.task != "classification":
+        return None
+    if config.teacher.path is None:
+        return "task classification: set teacher.path to a sequence-classifier directory"
+    if config.data.path is None:
+        return "task classification: set data.path to a .csv/.jsonl file"
+    if config.encoder.augment:
+        return "encoder.augment: task embedding only (classification rows have labels)"
+    return None
+
+
+def _embedding_has_no_baseline(config: RunConfig) -> str | None:
+    if config.task == "embedding" and config.baseline:
+        return "baseline: needs labels; task embedding has none (set baseline=false)"
+    return None
+
+
+def _encoder_layer_losses_need_built_student(config: RunConfig) -> str | None:
+    weights = config.encoder.hidden_weight or config.encoder.attention_weight
+    if weights and config.student.path is not None:
+        return (
+            "encoder.hidden_weight / attention_weight need a student built from the teacher's "
+            "layers (unset student.path)"
+        )
+    return None
+
+
+_CAUSAL_LM_RULES = (
+    _onpolicy_needs_live_teacher,
+    _intermediate_needs_live_teacher,
+    _examples_need_live_teacher,
+    _examples_need_jsonl,
+    _layer_map_fits_student,
+)
+_ENCODER_RULES = (
+    _classification_needs_files,
+    _embedding_has_no_baseline,
+    _encoder_layer_losses_need_built_student,
+)
+
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
@@ -589,6 +714,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     if kind == "extra_forbidden":
         return f"{source}: unknown key '{key}'"
     message = first["msg"].removeprefix("Value error, ")
+    if isinstance(value, dict):  # a section's or RunConfig's own rule: its message names the keys
+        return f"{source}: {message}"
     return f"{source}: key '{key}' = {value!r}: {message}"
 
 

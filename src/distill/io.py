@@ -1,5 +1,5 @@
 """Atomic file and directory writes (a crash never leaves a half-written result behind), and
-reading JSON-lines files row by row."""
+strict UTF-8 reading of text and JSON-lines files (a bad byte is a one-line DataError)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ __all__ = [
     "atomic_directory",
     "append_jsonl",
     "jsonl_objects",
+    "read_text",
+    "text_lines",
 ]
 
 
@@ -81,18 +83,49 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
+def _not_utf8(path: str | Path, offset: int, byte: int) -> DataError:
+    return DataError(
+        f"{path}: not UTF-8 text: byte 0x{byte:02x} at byte offset {offset}; "
+        "re-encode the file as UTF-8"
+    )
+
+
+def read_text(path: str | Path) -> str:
+    """The whole file decoded as strict UTF-8; a bad byte is a :class:`DataError` naming the file
+    and the byte offset of the first bad byte (never a UnicodeDecodeError traceback)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise _not_utf8(path, err.start, data[err.start]) from None
+
+
+def text_lines(path: str | Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file, streamed, each with its line ending (as ``open(...,
+    newline="")`` gives them, so ``csv`` can read them); a bad byte is a :class:`DataError` as in
+    :func:`read_text`. Splitting the bytes at ``\\n`` is safe: UTF-8 never uses 0x0a inside a
+    multi-byte character."""
+    offset = 0
+    with Path(path).open("rb") as handle:
+        for raw in handle:
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(path, offset + err.start, raw[err.start]) from None
+            offset += len(raw)
+
+
 def jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line_number, object)`` for each non-blank line of a .jsonl file; a line that is not a
-    JSON object is a :class:`DataError` naming ``file:line``."""
+    JSON object (or not UTF-8) is a :class:`DataError` naming the file and where."""
     file = Path(path)
-    with file.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"{file}:{line_number}: not valid JSON") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{file}:{line_number}: expected a JSON object")
-            yield line_number, row
+    for line_number, line in enumerate(text_lines(file), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{file}:{line_number}: not valid JSON") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{file}:{line_number}: expected a JSON object")
+        yield line_number, row

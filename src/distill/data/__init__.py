@@ -2,6 +2,7 @@
 prompt/response examples with their own targets."""
 
 from distill.data.blocks import BlockBatches, batch_order, pack_documents
+from distill.data.check import check_data_source
 from distill.data.corpus import default_documents, read_documents, split_documents
 from distill.data.examples import Batch, ExampleBatches, Examples
 
@@ -11,6 +12,7 @@ __all__ = [
     "Examples",
     "BlockBatches",
     "batch_order",
+    "check_data_source",
     "pack_documents",
     "default_documents",
     "read_documents",

@@ -11,11 +11,11 @@ import hashlib
 from pathlib import Path
 
 from distill.errors import DataError
-from distill.io import jsonl_objects
+from distill.io import jsonl_objects, read_text
 
-__all__ = ["default_documents", "read_documents", "split_documents"]
+__all__ = ["DOCUMENT_SUFFIXES", "default_documents", "read_documents", "split_documents"]
 
-_SUFFIXES = (".txt", ".jsonl", ".parquet")
+DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 def default_documents() -> list[str]:
@@ -47,7 +47,7 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
 
 def _read_txt(path: Path) -> list[str]:
     """Paragraph blocks separated by blank lines, so the held-out split can take whole ones."""
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     return [block.strip() for block in text.split("\n\n") if block.strip()]
 
 
@@ -56,9 +56,13 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     root = Path(path)
     if not root.exists():
         raise DataError(f"data path {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix in _SUFFIXES) if root.is_dir() else [root]
+    files = (
+        sorted(p for p in root.rglob("*") if p.suffix in DOCUMENT_SUFFIXES)
+        if root.is_dir()
+        else [root]
+    )
     if not files:
-        raise DataError(f"data directory {root} holds no {'/'.join(_SUFFIXES)} files")
+        raise DataError(f"data directory {root} holds no {'/'.join(DOCUMENT_SUFFIXES)} files")
     documents: list[str] = []
     for file in files:
         if file.suffix == ".jsonl":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from distill.data.blocks import BlockBatches
 from distill.data.chat import check_messages, render_chat, require_chat_template
 from distill.data.corpus import split_documents
 from distill.errors import DataError
-from distill.io import jsonl_objects
+from distill.io import jsonl_objects, text_lines
 from distill.losses import IGNORE_INDEX
 
 __all__ = [
@@ -95,8 +96,8 @@ def detect_format(path: str | Path | None, requested: str) -> str:
         return requested
     if path is None or Path(path).suffix != ".jsonl" or not Path(path).is_file():
         return "text"
-    with Path(path).open(encoding="utf-8") as handle:
-        first = next((line for line in handle if line.strip()), "")
+    with closing(text_lines(path)) as lines:  # the first non-blank line only
+        first = next((line for line in lines if line.strip()), "")
     try:
         row = json.loads(first)
     except json.JSONDecodeError:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from distill.errors import DataError
-from distill.io import jsonl_objects
+from distill.io import jsonl_objects, text_lines
 
 __all__ = ["read_labelled", "split_by_hash", "label_ids", "to_sentences", "augment_sentences"]
 
@@ -21,12 +21,11 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(`])")
 
 
 def _rows_csv(path: Path, text_field: str, label_field: str) -> list[tuple[str, str]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [f for f in (text_field, label_field) if f not in (reader.fieldnames or [])]
-        if missing:
-            raise DataError(f"{path}: no {missing} column (columns: {reader.fieldnames})")
-        return [(row[text_field], row[label_field]) for row in reader]
+    reader = csv.DictReader(text_lines(path))
+    missing = [f for f in (text_field, label_field) if f not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{path}: no {missing} column (columns: {reader.fieldnames})")
+    return [(row[text_field], row[label_field]) for row in reader]
 
 
 def _rows_jsonl(path: Path, text_field: str, label_field: str) -> list[tuple[str, str]]:

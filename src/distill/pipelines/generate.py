@@ -29,7 +29,13 @@ from transformers import PreTrainedTokenizerBase
 from distill.config import RunConfig
 from distill.data.chat import check_messages, render_prompt, require_chat_template
 from distill.errors import ConfigError, DataError
-from distill.io import append_jsonl, atomic_write_bytes, atomic_write_json, jsonl_objects
+from distill.io import (
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    jsonl_objects,
+    text_lines,
+)
 from distill.models import load_teacher, load_teacher_tokenizer, teacher_source
 from distill.sampling import Sampling, sample_continuations
 
@@ -86,11 +92,10 @@ def read_prompts(path: str | Path) -> list[Prompt]:
         for line_number, row in jsonl_objects(file):
             prompts.append(_prompt_row(row, len(prompts), f"{file}:{line_number}"))
     else:
-        with file.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if line.strip():
-                    text = line.rstrip("\r\n")
-                    prompts.append(Prompt(len(prompts), f"{file}:{line_number}", text=text))
+        for line_number, line in enumerate(text_lines(file), start=1):
+            if line.strip():
+                text = line.rstrip("\r\n")
+                prompts.append(Prompt(len(prompts), f"{file}:{line_number}", text=text))
     if not prompts:
         raise DataError(f"generate.prompts {file}: no prompts")
     return prompts

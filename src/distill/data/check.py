@@ -1,0 +1,76 @@
+"""The data checks a job runs first, before any model loads: the ones that need the data files
+(the config schema, :mod:`distill.config`, already refused what the config alone decides).
+
+A missing ``data.path``, a file of the wrong kind, a byte that is not UTF-8, or chat /
+prompt-response rows (``data.format=auto``) next to a ``teacher.cache`` would otherwise surface
+only after the teacher has loaded and a layer search may have run for minutes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from distill.data.corpus import DOCUMENT_SUFFIXES
+from distill.data.examples import detect_format
+from distill.errors import ConfigError, DataError
+from distill.io import text_lines
+
+if TYPE_CHECKING:
+    from distill.config import RunConfig
+
+__all__ = ["check_data_source"]
+
+_LABELLED_SUFFIXES = (".csv", ".jsonl")
+_TEXT_SUFFIXES = (".txt", ".jsonl", ".csv")  # read as UTF-8 text (parquet is binary)
+
+
+def check_data_source(config: RunConfig) -> None:
+    """Refuse ``config.data`` before any model loads: ``data.path`` must exist, hold files of
+    the kind ``task`` reads, all valid UTF-8 (a :class:`DataError` naming the file and the byte
+    offset of the first bad byte), and chat / prompt-response rows found by ``data.format=auto``
+    cannot be trained from ``teacher.cache`` (a :class:`ConfigError`). Reads every text file
+    once; the default corpus (no ``data.path``) needs no check."""
+    if config.data.path is None:
+        return
+    suffixes = _LABELLED_SUFFIXES if config.task == "classification" else DOCUMENT_SUFFIXES
+    for file in _data_files(Path(config.data.path), suffixes):
+        _check_utf8(file)
+    if config.task == "causal_lm":
+        _check_examples(config)
+
+
+def _data_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files a reader of ``suffixes`` takes from ``root`` (a file or a directory)."""
+    if not root.exists():
+        raise DataError(f"data.path {root} does not exist")
+    if not root.is_dir():
+        if root.suffix not in suffixes:
+            raise DataError(f"data file {root}: expected {' or '.join(suffixes)}")
+        return [root]
+    files = sorted(p for p in root.rglob("*") if p.suffix in suffixes)
+    if not files:
+        raise DataError(f"data directory {root} holds no {'/'.join(suffixes)} files")
+    return files
+
+
+def _check_utf8(file: Path) -> None:
+    if file.suffix in _TEXT_SUFFIXES:
+        for _ in text_lines(file):  # raises DataError at the first bad byte
+            pass
+
+
+def _check_examples(config: RunConfig) -> None:
+    """Chat / prompt-response data (as ``data.format`` or the first .jsonl row says) must be one
+    .jsonl file and cannot come from a teacher cache (it holds packed text blocks)."""
+    data_format = detect_format(config.data.path, config.data.format)
+    if data_format == "text":
+        return
+    path = Path(config.data.path)
+    if path.suffix != ".jsonl" or not path.is_file():
+        raise DataError(f"data.path {path}: chat and prompt/response data must be a .jsonl file")
+    if config.teacher.cache:
+        raise ConfigError(
+            f"data.path {path} holds {data_format} rows, and teacher.cache holds packed text "
+            "blocks: it cannot serve chat or prompt/response data; unset teacher.cache"
+        )
