@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import make_llama
 
 from distill import distill
@@ -25,7 +26,7 @@ from distill.compress import (
 )
 from distill.compress.heal import heal
 from distill.compress.prune import prunable_linears
-from distill.config import CompressConfig, LossConfig, TrainConfig
+from distill.config import CompressConfig, LossConfig, TrainConfig, load_config
 from distill.errors import ConfigError
 from distill.pipelines.compress import compress_label, compress_run
 from distill.teacher import LiveTeacher
@@ -173,3 +174,20 @@ def test_compress_run_and_cli(tiny_run_config):
     assert sparsity(pruned) == pytest.approx(0.5, abs=1e-6)
     with pytest.raises(ConfigError, match="nothing to do"):
         compress_run(result.run_dir, [])
+
+
+def test_compress_config_file_sections_replace_the_runs(tmp_path):
+    """``distill compress RUN --config FILE``: FILE's sections replace the run's, the rest of
+    the run's config stays, and --set applies last."""
+    from distill.pipelines.compress import _run_config
+
+    run_dir = tmp_path / "run"
+    (run_dir / "student").mkdir(parents=True)
+    saved = load_config(overrides=["seed=7", "compress.quantize=int8", "compress.heal_lr=0.5"])
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved.model_dump(mode="json")))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("compress:\n  prune: 0.3\n  heal_steps: 5\n")
+    config = _run_config(run_dir, ["compress.heal_steps=7"], recipe)
+    assert config.seed == 7  # the run's own
+    assert (config.compress.prune, config.compress.heal_steps) == (0.3, 7)
+    assert config.compress.quantize == "none"  # the file's section replaced the run's whole

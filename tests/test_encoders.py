@@ -30,8 +30,8 @@ from distill.encoders import Pooling, build_encoder_student, encode, losses, poo
 from distill.encoders.data import augment_sentences, label_ids, to_sentences
 from distill.encoders.evaluate import accuracy_macro_f1, retrieval_agreement
 from distill.encoders.models import keeping_layers, set_dropout
+from distill.encoders.search import search_encoder_layers
 from distill.errors import ConfigError, DataError
-from distill.pipelines.encoder_run import search_layers
 
 # ---------------------------------------------------------------- fixtures: tiny random BERTs
 
@@ -374,10 +374,12 @@ def test_keeping_layers_is_the_layer_dropped_student(embedder_dir, wordpiece):
 
 
 @pytest.mark.parametrize("limit", [128, 1])  # exhaustive, then greedy removal
-def test_search_layers_scores_like_built_students(embedder_dir, wordpiece, monkeypatch, limit):
-    import distill.pipelines.encoder_run as encoder_run
+def test_encoder_layer_search_scores_like_built_students(
+    embedder_dir, wordpiece, monkeypatch, limit
+):
+    import distill.encoders.search as encoder_search
 
-    monkeypatch.setattr(encoder_run, "_EXHAUSTIVE_LIMIT", limit)
+    monkeypatch.setattr(encoder_search, "_EXHAUSTIVE_LIMIT", limit)
     teacher = AutoModel.from_pretrained(embedder_dir).eval()
     sentences = to_sentences(default_documents()[:10])[:24]
     batches = [
@@ -396,7 +398,7 @@ def test_search_layers_scores_like_built_students(embedder_dir, wordpiece, monke
         ]
         return float(torch.cat(cosines).mean())
 
-    layers, score = search_layers(teacher, batches, 2, "embedding")
+    layers, score = search_encoder_layers(teacher, batches, 2, "embedding")
     assert score == pytest.approx(built_score(layers), abs=1e-6)
     scores = {c: built_score(c) for c in itertools.combinations(range(4), 2)}
     if limit > 1:
@@ -404,7 +406,7 @@ def test_search_layers_scores_like_built_students(embedder_dir, wordpiece, monke
     else:  # greedy: no worse than the median candidate, and a valid choice
         assert score >= sorted(scores.values())[len(scores) // 2] - 1e-6
     with pytest.raises(ConfigError, match="num_layers"):
-        search_layers(teacher, batches, 5, "embedding")
+        search_encoder_layers(teacher, batches, 5, "embedding")
 
 
 def test_embedding_teacher_cache_gives_the_same_losses(tmp_path, embedder_dir, monkeypatch):

@@ -10,16 +10,17 @@ from pathlib import Path
 
 import pytest
 
-import distill.encoders.run as encoder_run
 import distill.models
-import distill.run
+import distill.pipelines.encoder_run as encoder_run
+import distill.pipelines.prepare
+import distill.pipelines.run
 from distill.cli import main
 from distill.config import load_config
 from distill.data import check_data_source, read_documents
 from distill.data.examples import detect_format, read_rows
 from distill.encoders.data import read_labelled
 from distill.errors import ConfigError, DataError
-from distill.generate import read_prompts
+from distill.pipelines.generate import read_prompts
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +33,8 @@ def no_model_loads(monkeypatch):
     for module, name in (
         (distill.models, "load_causal_lm"),
         (distill.models, "load_tokenizer"),
-        (distill.run, "load_causal_lm"),
-        (distill.run, "load_tokenizer"),
+        (distill.pipelines.prepare, "load_causal_lm"),
+        (distill.pipelines.prepare, "load_tokenizer"),
         (encoder_run, "load_encoder"),
     ):
         monkeypatch.setattr(module, name, refuse)
@@ -105,7 +106,9 @@ def test_rules_apply_to_yaml_and_dict_configs(tmp_path):
     with pytest.raises(ConfigError, match=r"run\.yaml: onpolicy\.lambda > 0"):
         load_config(config)
     with pytest.raises(ConfigError, match="baseline: needs labels"):
-        distill.run.distill({"task": "embedding", "baseline": True, "output_dir": str(tmp_path)})
+        distill.pipelines.run.distill(
+            {"task": "embedding", "baseline": True, "output_dir": str(tmp_path)}
+        )
     assert not (tmp_path / "default").exists()  # refused before the run directory is made
 
 
@@ -120,7 +123,9 @@ def test_cli_run_refuses_with_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_cli_subprocess_refuses_a_cross_section_rule(tmp_path):
-    source = str(Path(distill.run.__file__).parents[1])  # this checkout's code, not an install
+    source = str(
+        Path(distill.pipelines.run.__file__).parents[2]
+    )  # this checkout's code, not an install
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([source, os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(
         [sys.executable, "-m", "distill", "run", "--set", "task=embedding", "--baseline"],

@@ -248,7 +248,7 @@ def _compress(args: argparse.Namespace) -> None:
         overrides.append(f"compress.prune={args.prune}")
     if args.heal_steps is not None:
         overrides.append(f"compress.heal_steps={args.heal_steps}")
-    result = compress_run(args.run_dir, overrides)
+    result = compress_run(args.run_dir, overrides, config_path=args.config)
     shown = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
     print(f"wrote {result.model_dir}: {shown}")
 

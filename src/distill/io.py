@@ -21,6 +21,7 @@ __all__ = [
     "atomic_directory",
     "append_jsonl",
     "jsonl_objects",
+    "read_jsonl",
     "read_text",
     "text_lines",
 ]
@@ -129,3 +130,8 @@ def jsonl_objects(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(row, dict):
             raise DataError(f"{file}:{line_number}: expected a JSON object")
         yield line_number, row
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Every object of a .jsonl file (see :func:`jsonl_objects`); a missing file gives ``[]``."""
+    return [row for _, row in jsonl_objects(path)] if Path(path).is_file() else []

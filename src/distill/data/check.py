@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distill.data.corpus import DOCUMENT_SUFFIXES
+from distill.data.corpus import DOCUMENT_SUFFIXES, data_files
 from distill.data.examples import detect_format
 from distill.errors import ConfigError, DataError
 from distill.io import text_lines
@@ -34,24 +34,10 @@ def check_data_source(config: RunConfig) -> None:
     if config.data.path is None:
         return
     suffixes = _LABELLED_SUFFIXES if config.task == "classification" else DOCUMENT_SUFFIXES
-    for file in _data_files(Path(config.data.path), suffixes):
+    for file in data_files(config.data.path, suffixes):
         _check_utf8(file)
     if config.task == "causal_lm":
         _check_examples(config)
-
-
-def _data_files(root: Path, suffixes: tuple[str, ...]) -> list[Path]:
-    """The files a reader of ``suffixes`` takes from ``root`` (a file or a directory)."""
-    if not root.exists():
-        raise DataError(f"data.path {root} does not exist")
-    if not root.is_dir():
-        if root.suffix not in suffixes:
-            raise DataError(f"data file {root}: expected {' or '.join(suffixes)}")
-        return [root]
-    files = sorted(p for p in root.rglob("*") if p.suffix in suffixes)
-    if not files:
-        raise DataError(f"data directory {root} holds no {'/'.join(suffixes)} files")
-    return files
 
 
 def _check_utf8(file: Path) -> None:

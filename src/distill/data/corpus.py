@@ -13,7 +13,14 @@ from pathlib import Path
 from distill.errors import DataError
 from distill.io import jsonl_objects, read_text
 
-__all__ = ["DOCUMENT_SUFFIXES", "default_documents", "read_documents", "split_documents"]
+__all__ = [
+    "DOCUMENT_SUFFIXES",
+    "data_files",
+    "default_documents",
+    "read_documents",
+    "split_by_hash",
+    "split_documents",
+]
 
 DOCUMENT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -51,48 +58,60 @@ def _read_txt(path: Path) -> list[str]:
     return [block.strip() for block in text.split("\n\n") if block.strip()]
 
 
+def data_files(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files a reader of ``suffixes`` takes from ``root``: the file itself, or every such
+    file under a directory (sorted); a missing path, another kind of file or an empty directory
+    is a :class:`DataError`."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data.path {root} does not exist")
+    if not root.is_dir():
+        if root.suffix not in suffixes:
+            raise DataError(f"data file {root}: expected {' or '.join(suffixes)}")
+        return [root]
+    files = sorted(p for p in root.rglob("*") if p.suffix in suffixes)
+    if not files:
+        raise DataError(f"data directory {root} holds no {'/'.join(suffixes)} files")
+    return files
+
+
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
     """Documents from a .txt/.jsonl/.parquet file, or every such file in a directory (sorted)."""
-    root = Path(path)
-    if not root.exists():
-        raise DataError(f"data path {root} does not exist")
-    files = (
-        sorted(p for p in root.rglob("*") if p.suffix in DOCUMENT_SUFFIXES)
-        if root.is_dir()
-        else [root]
-    )
-    if not files:
-        raise DataError(f"data directory {root} holds no {'/'.join(DOCUMENT_SUFFIXES)} files")
     documents: list[str] = []
-    for file in files:
+    for file in data_files(path, DOCUMENT_SUFFIXES):
         if file.suffix == ".jsonl":
             documents += _read_jsonl(file, text_field)
         elif file.suffix == ".parquet":
             documents += _read_parquet(file, text_field)
-        elif file.suffix == ".txt":
-            documents += _read_txt(file)
         else:
-            raise DataError(f"data file {file}: expected .txt, .jsonl or .parquet")
+            documents += _read_txt(file)
     documents = [doc for doc in documents if doc.strip()]
     if not documents:
-        raise DataError(f"data path {root} holds no text")
+        raise DataError(f"data path {path} holds no text")
     return documents
 
 
-def split_documents(documents: list[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, heldout): whole documents, held-out chosen by content hash up to the char share."""
-    order = sorted(
-        range(len(documents)),
-        key=lambda i: hashlib.sha256(documents[i].encode("utf-8")).hexdigest(),
-    )
-    target_chars = heldout_fraction * sum(len(doc) for doc in documents)
-    heldout_ids: set[int] = set()
-    heldout_chars = 0
+def split_by_hash(
+    keys: list[str], heldout_fraction: float, sizes: list[int] | None = None
+) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices), each in input order. Items join the held-out part in
+    the order of their content hash (``keys``) until it holds ``heldout_fraction`` of the total
+    size (``sizes``; default 1 per item), keeping at least one item for training. The split
+    never changes with file order or seed."""
+    sizes = [1] * len(keys) if sizes is None else sizes
+    order = sorted(range(len(keys)), key=lambda i: hashlib.sha256(keys[i].encode()).hexdigest())
+    target = heldout_fraction * sum(sizes)
+    heldout: set[int] = set()
+    held_size = 0
     for index in order:
-        if heldout_chars >= target_chars or len(heldout_ids) == len(documents) - 1:
+        if held_size >= target or len(heldout) == len(keys) - 1:
             break
-        heldout_ids.add(index)
-        heldout_chars += len(documents[index])
-    train = [doc for i, doc in enumerate(documents) if i not in heldout_ids]
-    heldout = [doc for i, doc in enumerate(documents) if i in heldout_ids]
-    return train, heldout
+        heldout.add(index)
+        held_size += sizes[index]
+    return [i for i in range(len(keys)) if i not in heldout], sorted(heldout)
+
+
+def split_documents(documents: list[str], heldout_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, heldout): whole documents, held-out up to ``heldout_fraction`` of the characters."""
+    train, heldout = split_by_hash(documents, heldout_fraction, [len(doc) for doc in documents])
+    return [documents[i] for i in train], [documents[i] for i in heldout]

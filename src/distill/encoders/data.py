@@ -6,15 +6,15 @@ Held-out splits are by a hash of each text, so they never change with file order
 from __future__ import annotations
 
 import csv
-import hashlib
 import random
 import re
 from pathlib import Path
 
+from distill.data.corpus import data_files
 from distill.errors import DataError
 from distill.io import jsonl_objects, text_lines
 
-__all__ = ["read_labelled", "split_by_hash", "label_ids", "to_sentences", "augment_sentences"]
+__all__ = ["read_labelled", "label_ids", "to_sentences", "augment_sentences"]
 
 _SUFFIXES = (".csv", ".jsonl")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(`])")
@@ -44,35 +44,16 @@ def read_labelled(
 
     Labels are kept as strings; :func:`label_ids` maps them to class indices.
     """
-    root = Path(path)
-    if not root.exists():
-        raise DataError(f"data path {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if p.suffix in _SUFFIXES) if root.is_dir() else [root]
-    if not files:
-        raise DataError(f"data directory {root} holds no .csv/.jsonl files")
     rows: list[tuple[str, str]] = []
-    for file in files:
+    for file in data_files(path, _SUFFIXES):
         if file.suffix == ".csv":
             rows += _rows_csv(file, text_field, label_field)
-        elif file.suffix == ".jsonl":
-            rows += _rows_jsonl(file, text_field, label_field)
         else:
-            raise DataError(f"data file {file}: classification expects .csv or .jsonl")
+            rows += _rows_jsonl(file, text_field, label_field)
     rows = [(text, label) for text, label in rows if text.strip()]
     if len(rows) < 2:
-        raise DataError(f"data path {root} holds fewer than 2 labelled rows")
+        raise DataError(f"data path {path} holds fewer than 2 labelled rows")
     return rows
-
-
-def split_by_hash(texts: list[str], heldout_fraction: float) -> tuple[list[int], list[int]]:
-    """(train indices, held-out indices): the held-out share is taken in order of content hash."""
-    order = sorted(
-        range(len(texts)), key=lambda i: hashlib.sha256(texts[i].encode("utf-8")).hexdigest()
-    )
-    n_heldout = min(len(texts) - 1, max(1, round(heldout_fraction * len(texts))))
-    heldout = sorted(order[:n_heldout])
-    held = set(heldout)
-    return [i for i in range(len(texts)) if i not in held], heldout
 
 
 def label_ids(labels: list[str], label2id: dict[str, int] | None, num_labels: int) -> list[int]:

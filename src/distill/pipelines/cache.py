@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from distill.config import RunConfig
+from distill.data import check_data_source
 from distill.errors import ConfigError
 from distill.models import load_teacher, load_teacher_tokenizer, teacher_source
 from distill.pipelines.prepare import prepare_data
@@ -17,6 +18,7 @@ def cache_job(config: RunConfig) -> bool:
     """``distill cache``: the teacher's top-k over the run's training blocks into teacher.cache."""
     if not config.teacher.cache:
         raise ConfigError("distill cache: set teacher.cache=DIR (or --out DIR): where to write")
+    check_data_source(config)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     source = teacher_source(config.teacher)

@@ -58,26 +58,32 @@ def compress_label(config: CompressConfig) -> str:
     return "_".join(parts).replace("%", "")
 
 
-def _run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+def _run_config(run_dir: Path, overrides: list[str], config_path: str | Path | None) -> RunConfig:
+    """The run's saved config; the sections of ``config_path`` (if any) replace its sections,
+    then ``overrides`` apply."""
     if not (run_dir / "config.yaml").is_file() or not (run_dir / "student").is_dir():
         raise DistillError(f"{run_dir} is not a finished run (needs config.yaml and student/)")
-    return load_config(run_dir / "config.yaml", overrides)
+    saved = load_config(run_dir / "config.yaml")
+    return load_config(config_path, overrides, base=saved.model_dump())
 
 
 def compress_run(
-    run_dir: str | Path, overrides: list[str] | None = None, *, measure_speed: bool = True
+    run_dir: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    config_path: str | Path | None = None,
+    measure_speed: bool = True,
 ) -> CompressResult:
-    """Compress ``run_dir``'s student per ``compress.*`` (config.yaml + overrides); see module."""
+    """Compress ``run_dir``'s student per ``compress.*`` (the run's config.yaml, the sections
+    of ``config_path``, then ``overrides``); see module."""
     from distill.report import build_report
 
     run_path = Path(run_dir)
-    config = _run_config(run_path, overrides or [])
+    config = _run_config(run_path, overrides or [], config_path)
     recipe = config.compress
     label = compress_label(recipe)
     if not label:
         raise ConfigError("nothing to do: set --quantize and/or --prune")
-    if recipe.heal_steps and recipe.prune == 0:
-        raise ConfigError("compress.heal_steps heals a pruned student: set compress.prune too")
     student = load_causal_lm(run_path / "student")
     tokenizer = load_tokenizer(run_path / "student")
     teacher_model = load_teacher(config.teacher)

@@ -11,27 +11,24 @@ report.json / report.md with retention.
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from distill.compress.store import model_bytes
 from distill.config import RunConfig
 from distill.data import default_documents, read_documents, split_documents
+from distill.data.corpus import split_by_hash
 from distill.encoders import losses
 from distill.encoders.data import (
     augment_sentences,
     label_ids,
     read_labelled,
-    split_by_hash,
     to_sentences,
 )
 from distill.encoders.evaluate import (
@@ -45,14 +42,14 @@ from distill.encoders.models import (
     build_encoder_student,
     default_embedder_path,
     encoder_layer_count,
-    keeping_layers,
     load_encoder,
     read_pooling,
     save_embedder,
     set_dropout,
 )
 from distill.encoders.pooling import encode, pool, tokenize
-from distill.errors import ConfigError, DataError
+from distill.encoders.search import search_encoder_layers
+from distill.errors import DataError
 from distill.io import atomic_directory, atomic_write_json
 from distill.losses.schedule import scheduled_alpha_temperature, scheduled_distillation_loss
 from distill.models import count_params
@@ -60,7 +57,7 @@ from distill.report import build_report
 from distill.student import select_layers
 from distill.train.loop import CheckpointPlan, train_module
 
-__all__ = ["EncoderRun", "run_encoder", "encoder_student_layers", "search_layers"]
+__all__ = ["EncoderRun", "run_encoder", "encoder_student_layers"]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +80,7 @@ class _Models:
 
 def encoder_student_layers(num_layers: int, config: RunConfig) -> list[int] | None:
     """``student.layers`` or ``student.every_k`` when set, every second layer (0, 2, ...) with
-    ``student.search: none``, else None: search on calibration texts (:func:`search_layers`)."""
+    ``student.search: none``, else None: search on calibration texts (:func:`distill.encoders.search.search_encoder_layers`)."""
     student = config.student
     if student.layers is None and student.every_k is None:
         if student.search != "none":
@@ -92,67 +89,7 @@ def encoder_student_layers(num_layers: int, config: RunConfig) -> list[int] | No
     return select_layers(num_layers, student)
 
 
-# Candidates scored exhaustively up to this many combinations, else by greedy removal.
-_EXHAUSTIVE_LIMIT = 128
 CALIBRATION_TEXTS = 64
-
-
-@torch.no_grad()
-def search_layers(
-    teacher: PreTrainedModel,
-    batches: list[dict[str, torch.Tensor]],
-    keep: int,
-    task: str,
-    pooling_mode: str = "mean",
-) -> tuple[list[int], float]:
-    """The ``keep`` teacher layers whose layer-dropped student (before training) is closest to
-    the teacher on calibration ``batches``, and its score: the mean cosine between pooled
-    embeddings (embedding) or minus the mean KL(teacher || student) of the class
-    probabilities (classification). Every combination is scored when there are at most 128
-    of them (20 for 3 of 6 layers), else layers are dropped greedily, one at a time, the one
-    whose removal scores best. Candidates share the teacher's layers (no copies)."""
-    teacher.eval()
-    total = encoder_layer_count(teacher)
-    if not 1 <= keep <= total:
-        raise ConfigError(f"student.num_layers: must be in [1, {total}], got {keep}")
-
-    def outputs(model: PreTrainedModel) -> list[torch.Tensor]:
-        if task == "classification":
-            return [model(**batch).logits.log_softmax(-1) for batch in batches]  # (B, C)
-        return [
-            pool(model(**batch).last_hidden_state, batch["attention_mask"], pooling_mode)
-            for batch in batches
-        ]  # (B, H) each
-
-    reference = outputs(teacher)
-
-    def score(layers: list[int]) -> float:
-        with keeping_layers(teacher, layers):
-            candidate = outputs(teacher)
-        if task == "classification":
-            kl = sum(
-                float(F.kl_div(c, r, reduction="sum", log_target=True))
-                for c, r in zip(candidate, reference, strict=True)
-            )
-            return -kl / sum(r.shape[0] for r in reference)
-        cosines = torch.cat(
-            [F.cosine_similarity(c, r, dim=-1) for c, r in zip(candidate, reference, strict=True)]
-        )
-        return float(cosines.mean())
-
-    if math.comb(total, keep) <= _EXHAUSTIVE_LIMIT:
-        scored = [(score(list(c)), list(c)) for c in itertools.combinations(range(total), keep)]
-    else:
-        layers = list(range(total))
-        scored = [(score(layers), layers)]
-        while len(layers) > keep:
-            scored = [
-                (score([x for x in layers if x != d]), [x for x in layers if x != d])
-                for d in layers
-            ]
-            layers = max(scored)[1]
-    best_score, best = max(scored)
-    return best, best_score
 
 
 def _calibration_batches(config: RunConfig, tokenizer, train_items: list[Any]):
@@ -187,16 +124,11 @@ def _prepare_models(config: RunConfig, train_items: list[Any], pooling: Pooling)
         if layers is None:
             keep = config.student.num_layers or (total + 1) // 2
             batches = _calibration_batches(config, tokenizer, train_items)
-            layers, score = search_layers(teacher, batches, keep, config.task, pooling.mode)
+            layers, score = search_encoder_layers(teacher, batches, keep, config.task, pooling.mode)
             search = {"layers": layers, "score": score, "calibration_texts": CALIBRATION_TEXTS}
             log.info("layer search: keep %s (score %.4f)", layers, score)
         log.info("student keeps teacher layers %s", layers)
         student = build_encoder_student(teacher, layers)
-    if (config.encoder.hidden_weight or config.encoder.attention_weight) and layers is None:
-        raise ConfigError(
-            "encoder.hidden_weight / attention_weight need a student built from the teacher's "
-            "layers (unset student.path)"
-        )
     if config.encoder.student_dropout is not None:
         count = set_dropout(student, config.encoder.student_dropout)
         log.info("student dropout %g (%d modules)", config.encoder.student_dropout, count)
@@ -226,8 +158,7 @@ def _texts(config: RunConfig) -> tuple[list[Any], list[Any]]:
         train_docs, heldout_docs = split_documents(documents, config.data.heldout_fraction)
         train, heldout = to_sentences(train_docs), to_sentences(heldout_docs)
     else:
-        if config.data.path is None:
-            raise ConfigError("task classification: set data.path to a .csv/.jsonl file")
+        assert config.data.path is not None  # the schema requires it for classification
         rows = read_labelled(config.data.path, config.data.text_field, config.encoder.label_field)
         train_ids, heldout_ids = split_by_hash([t for t, _ in rows], config.data.heldout_fraction)
         train, heldout = [rows[i] for i in train_ids], [rows[i] for i in heldout_ids]
@@ -243,8 +174,6 @@ def _texts(config: RunConfig) -> tuple[list[Any], list[Any]]:
 def _variants(config: RunConfig, train_items: list[Any]) -> list[str]:
     """``encoder.augment`` extra inputs made from the training sentences (task embedding only;
     see :func:`distill.encoders.data.augment_sentences`), fixed by ``seed``."""
-    if config.encoder.augment and config.task != "embedding":
-        raise ConfigError("encoder.augment: task embedding only (classification rows have labels)")
     if not config.encoder.augment:
         return []
     variants = augment_sentences(train_items, config.encoder.augment, config.seed)
@@ -483,10 +412,6 @@ def run_encoder(config: RunConfig, *, resume: bool = False) -> EncoderRun:
             run_dir / folder, config.checkpoint.every, config.checkpoint.keep, resume
         )
 
-    if config.teacher.path is None and config.task == "classification":
-        raise ConfigError(
-            "task classification: set teacher.path to a sequence-classifier directory"
-        )
     teacher_dir = Path(config.teacher.path or default_embedder_path())
     pooling = _pooling(config, teacher_dir)
     train_items, heldout = _texts(config)
@@ -496,8 +421,6 @@ def run_encoder(config: RunConfig, *, resume: bool = False) -> EncoderRun:
         num_labels, label2id = models.teacher.config.num_labels, models.teacher.config.label2id
         label_map = lambda labels: label_ids(labels, label2id, num_labels)  # noqa: E731
         label_map([label for _, label in train_items + heldout])  # fail early on bad labels
-    if config.baseline and config.task == "embedding":
-        raise ConfigError("baseline: needs labels; task embedding has none")
     log.info("%d training and %d held-out texts", len(train_items), len(heldout))
     # Variants of the training sentences join them after the layer search (which calibrates
     # on real sentences); they are training inputs only, never evaluated.

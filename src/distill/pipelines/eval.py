@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 
 from distill.compress.store import load_model, model_bytes, quantized_params, read_manifest
 from distill.config import RunConfig
-from distill.data import Examples
+from distill.data import Examples, check_data_source
 from distill.errors import ConfigError, ModelError
 from distill.evaluate.choice import default_task_path, multiple_choice_accuracy, read_questions
 from distill.evaluate.generation import GenerationSettings, measure_generation_in_subprocess
@@ -112,6 +112,7 @@ def evaluate_models(model_paths: list[str], config: RunConfig) -> dict[str, Any]
     """``{"models": {name: metrics}, "retention": ..., "paths": ..., "settings": ...}`` for the
     teacher of ``config.teacher`` and each model, on ``config.data``'s held-out split, with the
     ``config.eval`` settings (``eval.speed`` false: no generation timing)."""
+    check_data_source(config)
     teacher_path = teacher_source(config.teacher)
     for path in [teacher_path, *model_paths]:
         if not Path(path).exists():

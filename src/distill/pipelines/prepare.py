@@ -16,7 +16,6 @@ from distill.data import (
     split_documents,
 )
 from distill.data.examples import detect_format, encode_examples, read_rows, split_rows
-from distill.errors import ConfigError
 from distill.models import (
     load_causal_lm,
     load_teacher,
@@ -92,8 +91,7 @@ def prepare_data(
     prompt-response :class:`Examples` (``data.format``)."""
     data_format = detect_format(config.data.path, config.data.format)
     if data_format != "text":
-        if config.data.path is None:
-            raise ConfigError(f"data.format={data_format} needs data.path (a .jsonl file)")
+        assert config.data.path is not None  # detect_format finds rows only in a file
         rows = read_rows(config.data.path)
         train_rows, heldout_rows = split_rows(rows, config.data.heldout_fraction)
         block_size, source = config.data.block_size, str(config.data.path)

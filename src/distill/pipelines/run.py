@@ -26,6 +26,7 @@ from distill.data import (
     BlockBatches,
     ExampleBatches,
     Examples,
+    check_data_source,
 )
 from distill.errors import ConfigError
 from distill.evaluate import heldout_metrics
@@ -168,6 +169,7 @@ def distill(
         config = load_config(overrides=overrides, base=config)
     else:
         config = load_config(config, overrides)
+    check_data_source(config)  # before any model loads: a missing or unreadable data file
     run_dir = config.run_dir
     context = init_distributed(config.parallel.backend)
     if not resume and (run_dir / "metrics.jsonl").exists():
@@ -199,20 +201,10 @@ def distill(
     train_blocks, heldout_blocks = prepare_data(config, models.tokenizer)
     examples = isinstance(train_blocks, Examples)
     onpolicy = None
-    if config.onpolicy.lambda_ > 0:
-        if config.teacher.cache:
-            raise ConfigError(
-                "onpolicy.lambda > 0 needs the live teacher to score the student's samples: "
-                "unset teacher.cache"
-            )
+    if config.onpolicy.lambda_ > 0:  # the schema refuses it with a teacher cache
         eos = models.tokenizer.eos_token_id
         pad = models.tokenizer.pad_token_id
         onpolicy = OnPolicy(config.onpolicy, eos, pad if pad is not None else eos or 0, config.seed)
-    if config.teacher.cache and examples:
-        raise ConfigError(
-            "teacher.cache holds packed text blocks: it cannot serve chat or prompt/response "
-            "data (data.format); unset teacher.cache"
-        )
     if config.teacher.cache:  # refuses a cache that does not match this run (exit 2)
         teacher = open_run_cache(
             config,
@@ -253,10 +245,6 @@ def distill(
 
     distiller = None
     if is_enabled(config.intermediate):  # hooks on the mapped layers; removed after training
-        if models.teacher is None:
-            raise ConfigError(
-                "intermediate-layer distillation needs the live teacher: unset teacher.cache"
-            )
         distiller = IntermediateDistiller(
             models.student, models.teacher, config.intermediate, models.layers
         )

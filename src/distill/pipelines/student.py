@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import RunConfig
+from distill.data import check_data_source
 from distill.errors import ConfigError
 from distill.io import atomic_directory
 from distill.pipelines.prepare import prepare_models
@@ -21,6 +22,7 @@ def write_student(config: RunConfig, out: str | Path) -> dict[str, Any]:
 
     if config.student.path is not None:
         raise ConfigError("distill student builds a student: unset student.path")
+    check_data_source(config)
     teacher = config.teacher.model_copy(update={"cache": None})  # the weights are needed
     models = prepare_models(config.model_copy(update={"teacher": teacher}))
     context = config.data.block_size

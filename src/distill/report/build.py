@@ -14,11 +14,11 @@ from typing import Any
 import yaml
 
 from distill.errors import DistillError
-from distill.io import atomic_write_json, atomic_write_text
+from distill.io import atomic_write_json, atomic_write_text, read_jsonl
 from distill.report.html import write_html
 from distill.report.tasks import write_task_report
 
-__all__ = ["build_report", "read_jsonl", "MODEL_ORDER", "METRICS"]
+__all__ = ["build_report", "MODEL_ORDER", "METRICS"]
 
 MODEL_ORDER = ["teacher", "student_before", "student_after", "student_labels_only"]
 # (key, column title, format, better)
@@ -31,12 +31,6 @@ METRICS = [
     ("tokens_per_s", "gen tokens/s (batch 1)", "{:.1f}", "higher"),
     ("peak_rss_bytes", "peak RSS MB", "{:.0f}", "lower"),
 ]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _cell(key: str, fmt: str, value: Any) -> str:

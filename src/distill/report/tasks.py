@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from distill.io import atomic_write_json, atomic_write_text
+from distill.io import atomic_write_json, atomic_write_text, read_jsonl
 
 __all__ = ["write_task_report"]
 
@@ -51,8 +51,7 @@ def write_task_report(run_dir: str | Path, title: str) -> dict[str, Any]:
     """
     run_path = Path(run_dir)
     evaluation = json.loads((run_path / "evaluation.json").read_text())
-    metrics_file = run_path / "metrics.jsonl"
-    history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    history = read_jsonl(run_path / "metrics.jsonl")
     models = evaluation["models"]
     last = history[-1] if history else {}
     report = {

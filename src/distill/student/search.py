@@ -16,7 +16,7 @@ no model is rebuilt per candidate.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -33,6 +33,7 @@ __all__ = [
     "block_influence",
     "angular_block",
     "greedy_kl_layers",
+    "greedy_removal",
     "search_layers",
 ]
 
@@ -135,28 +136,48 @@ def angular_block(runner: LayerRunner, n_remove: int) -> int:
     return min(range(len(distances)), key=lambda i: (distances[i], i))
 
 
+def greedy_removal(
+    n_layers: int,
+    n_keep: int,
+    removal_losses: Callable[[list[int]], list[float]],
+    description: str = "greedy layer search",
+) -> tuple[list[int], list[float]]:
+    """Remove layers one at a time until ``n_keep`` remain, each time the one whose removal
+    gives the smallest loss; return the kept layers and the loss after each removal.
+
+    ``removal_losses(current)`` gives, for each position ``k`` of ``current``, the loss of the
+    student without ``current[k]`` (lower is better), so a caller can share work across the
+    candidates of one round. Ties go to the earlier layer.
+    """
+    current = list(range(n_layers))
+    trace = []
+    bar = tqdm(total=n_layers - n_keep, desc=description, unit="layer")
+    while len(current) > n_keep:
+        losses = removal_losses(current)
+        best = min(range(len(losses)), key=lambda k: (losses[k], k))
+        trace.append(losses[best])
+        del current[best]
+        bar.set_postfix(loss=f"{losses[best]:.4f}")
+        bar.update(1)
+    bar.close()
+    return current, trace
+
+
 def greedy_kl_layers(runner: LayerRunner, n_keep: int) -> tuple[list[int], list[float]]:
     """Layers kept after greedy removal by measured KL, and the KL after each removal.
 
     Each round caches the inputs of the current layers, so removing layer ``k`` reruns only the
-    layers after it. Ties go to the earlier layer.
+    layers after it.
     """
-    current = list(range(len(runner.layers)))
-    trace = []
-    bar = tqdm(total=len(current) - n_keep, desc="greedy layer search", unit="layer")
-    while len(current) > n_keep:
+
+    def removal_kls(current: list[int]) -> list[float]:
         inputs, hidden = [], runner.embeddings
         for index in current:
             inputs.append(hidden)
             hidden = runner.run([index], hidden)
-        scores = [runner.kl(runner.run(current[k + 1 :], inputs[k])) for k in range(len(current))]
-        best = min(range(len(scores)), key=lambda k: (scores[k], k))
-        trace.append(scores[best])
-        del current[best]
-        bar.set_postfix(kl=f"{scores[best]:.3f}")
-        bar.update(1)
-    bar.close()
-    return current, trace
+        return [runner.kl(runner.run(current[k + 1 :], inputs[k])) for k in range(len(current))]
+
+    return greedy_removal(len(runner.layers), n_keep, removal_kls)
 
 
 def search_layers(
