@@ -227,7 +227,7 @@ def test_classification_end_to_end(tmp_path, classifier_dir):
     records = [
         json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
     ]
-    assert len(records) == 12 and {"ce", "kl", "hidden", "attention"} <= set(records[0])
+    assert len(records) == 12 and {"ce", "divergence", "hidden", "attention"} <= set(records[0])
     assert records[-1]["loss"] < records[0]["loss"]
     reloaded = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "student").eval()
     tokenizer = AutoTokenizer.from_pretrained(result.run_dir / "student")

@@ -70,8 +70,8 @@ def test_first_logged_loss_matches_float64_reference():
         loss=LossConfig(alpha=0.3, temperature=2.0),
         train=TrainConfig(steps=1, grad_accum=3, warmup_steps=0),
     )
-    assert result.history.records[0]["loss"] == pytest.approx(expected, rel=1e-5)
-    assert result.history.records[0]["items"] == sum(int((y != -100).sum()) for _, y in batches)
+    assert result.history.history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result.history.history[0]["items"] == sum(int((y != -100).sum()) for _, y in batches)
 
 
 def test_batch_8x1_equals_batch_2x4():
@@ -104,7 +104,7 @@ def test_run_dir_report_and_checkpoint(tmp_path):
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 31))
-    assert records[-1]["kl"] < records[0]["kl"]
+    assert records[-1]["divergence"] < records[0]["divergence"]
     report = json.loads((run / "report.json").read_text())
     models = report["models"]
     assert set(models) == {"teacher", "student_before", "student_after"}
@@ -307,7 +307,7 @@ def test_divergence_knobs_match_float64_reference(divergence, scale_by_t2):
     result = distill_module(
         teacher, copy.deepcopy(student), batches, _logits, loss=loss, train=train
     )
-    assert result.history.records[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert result.history.history[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_alpha_and_temperature_schedules_reach_the_loss():
@@ -330,7 +330,7 @@ def test_alpha_and_temperature_schedules_reach_the_loss():
         expected = _reference_loss(
             copy.deepcopy(student), teacher, [batches[step]], alpha, temperature
         )
-        assert result.history.records[step]["loss"] == pytest.approx(expected, rel=1e-5)
+        assert result.history.history[step]["loss"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="teacher"):
         distill_module(
             None,
