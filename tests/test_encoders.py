@@ -242,6 +242,14 @@ def test_classification_needs_a_teacher_path(tmp_path):
         distill.distill({"task": "classification", "output_dir": str(tmp_path)})
 
 
+def test_encoder_runs_under_torchrun_are_refused_before_any_work(tmp_path, monkeypatch):
+    """Encoder runs train in one process: WORLD_SIZE > 1 raises one line before any work."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="without torchrun"):
+        distill.distill({"task": "embedding", "name": "e", "output_dir": str(tmp_path)})
+    assert not (tmp_path / "e").exists()
+
+
 def test_embedding_end_to_end_and_reload(tmp_path, embedder_dir):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(default_documents()[:40]))

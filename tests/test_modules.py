@@ -16,6 +16,7 @@ from torch import nn
 
 from distill import distill_module
 from distill.config import CheckpointConfig, LossConfig, TrainConfig
+from distill.errors import ConfigError, DistillError
 from distill.evaluate.classifier import default_labels, evaluate_classifier
 from distill.train.loader import LoaderPosition
 
@@ -141,6 +142,28 @@ def test_user_mistakes_name_the_argument():
         default_labels(torch.zeros(3))
     with pytest.raises(ValueError, match="loader"):
         distill_module(None, student, [], _logits, loss=LossConfig(alpha=1.0))
+
+
+def test_a_window_without_labelled_items_is_refused():
+    """The loop's one rule for every task: a window whose count is 0 raises."""
+    unlabelled = [(x, torch.full_like(y, -100)) for x, y in _batches(2, 4)]
+    with pytest.raises(DistillError, match="no targets"):
+        distill_module(
+            None,
+            nn.Linear(4, 5),
+            unlabelled,
+            _logits,
+            loss=LossConfig(alpha=1.0),
+            train=TrainConfig(steps=1, batch_size=4, warmup_steps=0),
+        )
+
+
+def test_torchrun_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Module runs train in one process: under torchrun (WORLD_SIZE > 1) one clear error."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="without torchrun"):
+        distill_module(None, nn.Linear(4, 5), _batches(1, 2), _logits, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_digits_example_reduced():

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from conftest import make_llama
 
 from distill.config import LossConfig, TrainConfig
-from distill.data import BlockBatches
-from distill.losses.schedule import loss_settings
+from distill.data import Batch, BlockBatches
+from distill.errors import DistillError
+from distill.losses import IGNORE_INDEX
+from distill.losses.schedule import LossSchedule, loss_settings
 from distill.teacher import LiveTeacher
 from distill.train import CausalLMTask, train
 from distill.train.causal_lm import labels_for, micro_batch_terms
@@ -106,3 +109,44 @@ def test_training_is_deterministic_and_lowers_kl():
 def test_labels_are_shifted_targets():
     input_ids = torch.tensor([[5, 6, 7, 8]])
     assert labels_for(input_ids).tolist() == [[6, 7, 8, -100]]
+
+
+class _NoTargetBatches(BlockBatches):
+    """Blocks whose every label is masked (a window of prompt or padding only)."""
+
+    def next_batch(self) -> Batch:
+        batch = Batch.from_blocks(super().next_batch(), 1)
+        return Batch(
+            batch.input_ids, torch.full_like(batch.labels, IGNORE_INDEX), batch.prompt_lengths
+        )
+
+
+def test_a_window_without_targets_is_refused():
+    """A micro-batch without targets gives zero terms, but a whole window without any raises
+    (dividing by its zero count would put NaN into every weight)."""
+    teacher, student, blocks = _setup()
+    task = CausalLMTask(
+        student, teacher, _NoTargetBatches(blocks, 4, seed=0), LossConfig(), vocab_rows=64
+    )
+    with pytest.raises(DistillError, match="no targets"):
+        train(task, TrainConfig(steps=2, batch_size=4, warmup_steps=0))
+
+
+def test_loss_settings_apply_the_schedules_once_per_step():
+    config = LossConfig(
+        temperature=4.0,
+        temperature_schedule="linear",
+        temperature_end=2.0,
+        alpha=0.9,
+        alpha_schedule="linear",
+        alpha_end=0.1,
+        divergence="jsd",
+        fused=False,
+    )
+    first, last = loss_settings(config, 0, 3), loss_settings(config, 2, 3)
+    assert (first.temperature, first.alpha) == (4.0, 0.9)
+    assert (last.temperature, last.alpha) == (2.0, pytest.approx(0.1))
+    assert (last.divergence, last.fused, last.beta) == ("jsd", False, config.beta)
+    schedule = LossSchedule(config, 3)
+    assert schedule.at(1) is schedule.at(1)  # micro-batches of a step share one object
+    assert schedule.at(1) == loss_settings(config, 1, 3)

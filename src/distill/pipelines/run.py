@@ -41,6 +41,7 @@ from distill.teacher.cache import open_run_cache, read_manifest
 from distill.train import CausalLMTask, CheckpointPlan, train
 from distill.train.distributed import init_distributed
 from distill.train.onpolicy import OnPolicy
+from distill.train.task import refuse_torchrun
 
 __all__ = ["distill", "resume_config", "RunResult"]
 
@@ -165,6 +166,8 @@ def distill(
         config = load_config(overrides=overrides, base=config)
     else:
         config = load_config(config, overrides)
+    if config.task != "causal_lm":  # encoder runs: one process (refused before any work)
+        refuse_torchrun(f"task {config.task}")
     run_dir = config.run_dir
     context = init_distributed(config.parallel.backend)
     if not resume and (run_dir / "metrics.jsonl").exists():
