@@ -35,14 +35,15 @@ from common import print_table, target, timed, write_results  # noqa: E402
 from distill.config import LossConfig, RunConfig, StudentConfig, TrainConfig  # noqa: E402
 from distill.data import BlockBatches  # noqa: E402
 from distill.evaluate import heldout_metrics  # noqa: E402
+from distill.losses.schedule import loss_settings  # noqa: E402
 from distill.models import default_teacher_path, load_causal_lm, load_tokenizer  # noqa: E402
 from distill.pipelines.prepare import prepare_data  # noqa: E402
 from distill.student import build_student, select_layers  # noqa: E402
 from distill.teacher import CachedTeacher, LiveTeacher  # noqa: E402
 from distill.teacher.cache import read_manifest  # noqa: E402
 from distill.teacher.cache_writer import cache_identity, write_cache  # noqa: E402
-from distill.train import build_optimizer, train  # noqa: E402
-from distill.train.loop import micro_batch_terms  # noqa: E402
+from distill.train import CausalLMTask, build_optimizer, train  # noqa: E402
+from distill.train.causal_lm import micro_batch_terms  # noqa: E402
 
 
 def write(teacher, source, tokenizer, blocks, directory: Path, k: int) -> dict:
@@ -62,14 +63,14 @@ def kept_mass(cache: CachedTeacher, blocks: torch.Tensor, temperature: float) ->
 
 def step_timing(student, teachers: dict, blocks: torch.Tensor, reps: int, vocab: int) -> dict:
     """Seconds per KD step for each teacher, alternating teachers on every repetition."""
-    loss_config = LossConfig()
+    settings = loss_settings(LossConfig())
     models = {name: copy.deepcopy(student).train() for name in teachers}
     optimizers = {name: build_optimizer(models[name], TrainConfig())[0] for name in teachers}
     seconds: dict[str, list[float]] = {name: [] for name in teachers}
     for rep in range(reps + 1):  # the first repetition warms up (allocations, optimizer state)
         for name, teacher in teachers.items():
             start = time.perf_counter()
-            terms = micro_batch_terms(models[name], teacher, blocks, loss_config, vocab)
+            terms = micro_batch_terms(models[name], teacher, blocks, settings, vocab)
             (terms.loss_sum / terms.n_tokens).backward()
             optimizers[name].step()
             optimizers[name].zero_grad(set_to_none=True)
@@ -117,12 +118,14 @@ def main() -> None:
         torch.manual_seed(config.seed)
         students[name] = copy.deepcopy(student)
         state = train(
-            students[name],
-            run_teacher,
-            BlockBatches(train_blocks, batch, config.seed),
-            loss_config,
+            CausalLMTask(
+                students[name],
+                run_teacher,
+                BlockBatches(train_blocks, batch, config.seed),
+                loss_config,
+                vocab_rows=vocab,
+            ),
             config.train,
-            vocab_rows=vocab,
             description=name,
         )
         histories[name] = state.history

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+from dataclasses import replace
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -22,11 +23,12 @@ from common import matmul_flops_per_s, print_table, target, timed, write_results
 
 from distill.config import LossConfig, StudentConfig, TrainConfig  # noqa: E402
 from distill.losses.objective import head_distillation_loss  # noqa: E402
+from distill.losses.schedule import loss_settings  # noqa: E402
 from distill.models import default_teacher_path, load_causal_lm  # noqa: E402
 from distill.student import build_student, select_layers  # noqa: E402
 from distill.teacher import LiveTeacher  # noqa: E402
 from distill.train import build_optimizer  # noqa: E402
-from distill.train.loop import (
+from distill.train.causal_lm import (
     labels_for,  # noqa: E402
     output_head,  # noqa: E402
 )
@@ -73,9 +75,7 @@ def main() -> None:
                 bias,
                 teacher_logits,
                 labels,
-                temperature=loss_config.temperature,
-                alpha=loss_config.alpha,
-                fused=fused,
+                replace(loss_settings(loss_config), fused=fused),
             )
         )
         _, t_backward = timed(lambda: (terms.loss_sum / terms.n_tokens).backward())

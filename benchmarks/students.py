@@ -48,8 +48,8 @@ from distill.student import (  # noqa: E402
 from distill.student.intermediate import IntermediateDistiller  # noqa: E402
 from distill.student.width import WidthTargets, measure_importance, prune_width  # noqa: E402
 from distill.teacher import LiveTeacher  # noqa: E402
-from distill.train import train  # noqa: E402
-from distill.train.loop import labels_for, student_logits  # noqa: E402
+from distill.train import CausalLMTask, train  # noqa: E402
+from distill.train.causal_lm import labels_for, student_logits  # noqa: E402
 
 
 class MemoTeacher:
@@ -173,12 +173,14 @@ def main() -> None:
     for name in trained:
         begin = time.perf_counter()
         train(
-            students[name],
-            memo,
-            BlockBatches(train_blocks, args.batch, args.seed),
-            LossConfig(),
+            CausalLMTask(
+                students[name],
+                memo,
+                BlockBatches(train_blocks, args.batch, args.seed),
+                LossConfig(),
+                vocab_rows=vocab,
+            ),
             train_config,
-            vocab_rows=vocab,
         )
         train_seconds[name] = time.perf_counter() - begin
         after[name] = heldout.score(students[name])
@@ -193,13 +195,15 @@ def main() -> None:
     distiller = IntermediateDistiller(student, teacher, intermediate, layer_sets["greedy_kl"])
     begin = time.perf_counter()
     state = train(
-        student,
-        memo,
-        BlockBatches(train_blocks, args.batch, args.seed),
-        LossConfig(),
+        CausalLMTask(
+            student,
+            memo,
+            BlockBatches(train_blocks, args.batch, args.seed),
+            LossConfig(),
+            vocab_rows=vocab,
+            extra_terms=distiller,
+        ),
         train_config,
-        vocab_rows=vocab,
-        extra_terms=distiller,
     )
     distiller.remove()
     train_seconds[name] = time.perf_counter() - begin

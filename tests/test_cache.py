@@ -27,6 +27,7 @@ from distill.cli import main as cli_main
 from distill.config import LossConfig, TrainConfig
 from distill.data import BlockBatches, default_documents
 from distill.losses import forward_kl
+from distill.losses.schedule import loss_settings
 from distill.losses.sparse import (
     SparseTargets,
     renormalized_topk_kl,
@@ -43,8 +44,8 @@ from distill.teacher.cache_writer import (
     shard_ranges,
     write_cache,
 )
-from distill.train import train
-from distill.train.loop import micro_batch_terms
+from distill.train import CausalLMTask, train
+from distill.train.causal_lm import micro_batch_terms
 
 # ---------------------------------------------------------------------------- float64 references
 
@@ -315,7 +316,7 @@ def test_sigkill_then_resume_gives_identical_bytes(tmp_path, tiny_teacher_dir):
 
 def _kl(model, teacher, blocks) -> float:
     with torch.no_grad():
-        terms = micro_batch_terms(model, teacher, blocks, LossConfig(alpha=0.0), 64)
+        terms = micro_batch_terms(model, teacher, blocks, loss_settings(LossConfig(alpha=0.0)), 64)
     return float(terms.kl_sum) / terms.n_tokens
 
 
@@ -339,12 +340,14 @@ def test_cache_with_all_tokens_trains_like_the_live_teacher(tmp_path, tiny_token
     ):
         students[name] = copy.deepcopy(student)
         state = train(
-            students[name],
-            teacher,
-            BlockBatches(blocks, 4, seed=0),
-            LossConfig(temperature=2.0, alpha=0.5),
+            CausalLMTask(
+                students[name],
+                teacher,
+                BlockBatches(blocks, 4, seed=0),
+                LossConfig(temperature=2.0, alpha=0.5),
+                vocab_rows=64,
+            ),
             TrainConfig(steps=3, batch_size=4, warmup_steps=0, lr=1e-3),
-            vocab_rows=64,
         )
         students[f"{name}_losses"] = [r["loss"] for r in state.history]
     assert students["live_losses"] == pytest.approx(students["cache_losses"], rel=1e-5)
@@ -366,12 +369,14 @@ def test_one_cache_trains_students_of_different_depths(tmp_path, tiny_tokenizer)
         student = make_llama(64, layers=layers, seed=layers)
         start_kl = _kl(student, live, blocks)
         train(
-            student,
-            CachedTeacher(tmp_path / "c"),
-            BlockBatches(blocks, 4, seed=0),
-            LossConfig(alpha=0.0, sparse="tail_bucket"),
+            CausalLMTask(
+                student,
+                CachedTeacher(tmp_path / "c"),
+                BlockBatches(blocks, 4, seed=0),
+                LossConfig(alpha=0.0, sparse="tail_bucket"),
+                vocab_rows=64,
+            ),
             TrainConfig(steps=10, batch_size=4, warmup_steps=0, lr=3e-3),
-            vocab_rows=64,
         )
         assert _kl(student, live, blocks) < 0.8 * start_kl, layers
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").iterdir()}
@@ -422,9 +427,9 @@ def test_distill_run_trains_from_the_cache_without_the_teacher(
         events.append(("load", Path(path).name))
         return real_load(path, *args, **kwargs)
 
-    def traced_train(student, teacher, *args, **kwargs):
-        events.append(("train", type(teacher).__name__))
-        return real_train(student, teacher, *args, **kwargs)
+    def traced_train(task, *args, **kwargs):
+        events.append(("train", type(task.teacher).__name__))
+        return real_train(task, *args, **kwargs)
 
     for module in (distill.models, distill.pipelines.prepare):  # the teacher / student loads
         monkeypatch.setattr(module, "load_causal_lm", load)
@@ -435,7 +440,7 @@ def test_distill_run_trains_from_the_cache_without_the_teacher(
     assert report["models"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)
     run_dir = Path(config["output_dir"]) / "tiny"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 3 and all(0 < r["kl"] < 10 for r in records)
+    assert len(records) == 3 and all(0 < r["divergence"] < 10 for r in records)
 
 
 @pytest.mark.parametrize(

@@ -227,7 +227,7 @@ def test_classification_end_to_end(tmp_path, classifier_dir):
     records = [
         json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
     ]
-    assert len(records) == 12 and {"ce", "kl", "hidden", "attention"} <= set(records[0])
+    assert len(records) == 12 and {"ce", "divergence", "hidden", "attention"} <= set(records[0])
     assert records[-1]["loss"] < records[0]["loss"]
     reloaded = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "student").eval()
     tokenizer = AutoTokenizer.from_pretrained(result.run_dir / "student")
@@ -240,6 +240,14 @@ def test_classification_end_to_end(tmp_path, classifier_dir):
 def test_classification_needs_a_teacher_path(tmp_path):
     with pytest.raises(ConfigError, match="teacher.path"):
         distill.distill({"task": "classification", "output_dir": str(tmp_path)})
+
+
+def test_encoder_runs_under_torchrun_are_refused_before_any_work(tmp_path, monkeypatch):
+    """Encoder runs train in one process: WORLD_SIZE > 1 raises one line before any work."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="without torchrun"):
+        distill.distill({"task": "embedding", "name": "e", "output_dir": str(tmp_path)})
+    assert not (tmp_path / "e").exists()
 
 
 def test_embedding_end_to_end_and_reload(tmp_path, embedder_dir):

@@ -23,8 +23,7 @@ from distill.data import BlockBatches
 from distill.student import WidthTargets, build_student, measure_importance, prune_width
 from distill.student.intermediate import IntermediateDistiller
 from distill.teacher import LiveTeacher
-from distill.train import train
-from distill.train.loop import CheckpointPlan
+from distill.train import CausalLMTask, CheckpointPlan, train
 from distill.train.sharding import autocast, mixed_precision_policy
 
 FSDP = ["--set", "parallel.strategy=fsdp"]
@@ -139,15 +138,9 @@ def test_sharded_teacher_is_frozen_and_gets_no_optimizer_state(tmp_path, process
     config = TrainConfig(steps=3, batch_size=4, warmup_steps=0, lr=1e-2)
     loss = LossConfig(alpha=0.5)
     plain, sharded = copy.deepcopy(student), copy.deepcopy(student)
-    plain_state = train(
-        plain, LiveTeacher(copy.deepcopy(teacher)), BlockBatches(blocks, 4, 0), loss, config,
-        vocab_rows=vocab,
-    )  # fmt: skip
+    plain_state = train(CausalLMTask(plain, LiveTeacher(copy.deepcopy(teacher)), BlockBatches(blocks, 4, 0), loss, vocab_rows=vocab), config)  # fmt: skip
     live = LiveTeacher(copy.deepcopy(teacher))
-    sharded_state = train(
-        sharded, live, BlockBatches(blocks, 4, 0), loss, config, vocab_rows=vocab,
-        checkpoints=CheckpointPlan(tmp_path), parallel=ParallelConfig(strategy="fsdp"),
-    )  # fmt: skip
+    sharded_state = train(CausalLMTask(sharded, live, BlockBatches(blocks, 4, 0), loss, vocab_rows=vocab, parallel=ParallelConfig(strategy="fsdp")), config, checkpoints=CheckpointPlan(tmp_path))  # fmt: skip
     teacher_params = list(live.model.parameters())
     assert all(isinstance(p, DTensor) for p in teacher_params)
     assert all(not p.requires_grad and p.grad is None for p in teacher_params)
@@ -200,14 +193,16 @@ def test_sharded_student_with_a_projection_equals_unsharded(process_group):
         config = IntermediateConfig(hidden_weight=1.0)
         distiller = IntermediateDistiller(student, teacher, config, origin=[0, 1])
         state = train(
-            student,
-            LiveTeacher(copy.deepcopy(teacher)),
-            BlockBatches(blocks, 4, seed=0),
-            LossConfig(alpha=0.5),
+            CausalLMTask(
+                student,
+                LiveTeacher(copy.deepcopy(teacher)),
+                BlockBatches(blocks, 4, seed=0),
+                LossConfig(alpha=0.5),
+                vocab_rows=VOCAB,
+                extra_terms=distiller,
+                parallel=ParallelConfig(strategy=strategy),
+            ),
             TrainConfig(steps=3, batch_size=4, warmup_steps=0, lr=1e-2, grad_clip=0.05),
-            vocab_rows=VOCAB,
-            extra_terms=distiller,
-            parallel=ParallelConfig(strategy=strategy),
         )
         distiller.remove()
         results.append((student, distiller.projection.weight.detach().clone(), state.history))

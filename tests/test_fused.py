@@ -23,9 +23,10 @@ from distill.losses import (
     fused_distillation_loss,
 )
 from distill.losses.objective import head_distillation_loss
+from distill.losses.schedule import LossSettings, loss_settings
 from distill.teacher import LiveTeacher
-from distill.train import train
-from distill.train.loop import micro_batch_terms
+from distill.train import CausalLMTask, train
+from distill.train.causal_lm import micro_batch_terms
 
 NAMES = sorted(DIVERGENCES)
 OPTIONS = {"temperature": 2.0, "alpha": 0.3, "beta": 0.3, "skew": 0.2}
@@ -333,9 +334,8 @@ def test_sparse_targets_refuse_other_divergences():
         torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 2), torch.zeros(4, 1), (1.0,)
     )
     with pytest.raises(ValueError, match="divergence"):
-        head_distillation_loss(
-            hidden, weight, None, targets, labels, temperature=1.0, alpha=0.5, divergence="jsd"
-        )
+        settings = LossSettings(temperature=1.0, alpha=0.5, divergence="jsd")
+        head_distillation_loss(hidden, weight, None, targets, labels, settings)
 
 
 # --- the spine's loop, fused vs unfused --------------------------------------------------------
@@ -356,7 +356,9 @@ def test_micro_batch_gradients_fused_equal_unfused():
     for fused in (False, True):
         model = copy.deepcopy(student).train()
         config = LossConfig(fused=fused, chunk_size=7, divergence="skew_reverse_kl")
-        terms = micro_batch_terms(model, teacher, blocks[:4], config, teacher.vocab_rows)
+        terms = micro_batch_terms(
+            model, teacher, blocks[:4], loss_settings(config), teacher.vocab_rows
+        )
         (terms.loss_sum / terms.n_tokens).backward()
         gradients[fused] = {name: p.grad for name, p in model.named_parameters()}
     for name, reference in gradients[False].items():
@@ -388,17 +390,19 @@ def test_training_steps_fused_equal_unfused(loss_options):
     for fused in (False, True):
         model = copy.deepcopy(student)
         state = train(
-            model,
-            teacher,
-            BlockBatches(blocks, 2, seed=0),
-            LossConfig(fused=fused, chunk_size=7, **loss_options),
+            CausalLMTask(
+                model,
+                teacher,
+                BlockBatches(blocks, 2, seed=0),
+                LossConfig(fused=fused, chunk_size=7, **loss_options),
+                vocab_rows=teacher.vocab_rows,
+            ),
             TrainConfig(steps=3, batch_size=2, grad_accum=2, warmup_steps=0, lr=1e-2),
-            vocab_rows=teacher.vocab_rows,
         )
         trained[fused] = (model, state.history)
     (model_a, history_a), (model_b, history_b) = trained[False], trained[True]
     for record_a, record_b in zip(history_a, history_b, strict=True):
-        for key in ("loss", "ce", "kl"):
+        for key in ("loss", "ce", "divergence"):
             assert abs(record_a[key] - record_b[key]) <= 1e-5 * abs(record_a[key]), key
     before = dict(student.named_parameters())
     for (name, param_a), param_b in zip(
@@ -424,16 +428,24 @@ def test_micro_batch_terms_follow_the_schedule():
     )
     with torch.no_grad():
         last = micro_batch_terms(
-            student, teacher, blocks[:2], scheduled, teacher.vocab_rows, step=4, total_steps=5
+            student, teacher, blocks[:2], loss_settings(scheduled, 4, 5), teacher.vocab_rows
         )
         first = micro_batch_terms(
-            student, teacher, blocks[:2], scheduled, teacher.vocab_rows, step=0, total_steps=5
+            student, teacher, blocks[:2], loss_settings(scheduled, 0, 5), teacher.vocab_rows
         )
         end = micro_batch_terms(
-            student, teacher, blocks[:2], LossConfig(temperature=1.5, alpha=0.2), teacher.vocab_rows
+            student,
+            teacher,
+            blocks[:2],
+            loss_settings(LossConfig(temperature=1.5, alpha=0.2)),
+            teacher.vocab_rows,
         )
         start = micro_batch_terms(
-            student, teacher, blocks[:2], LossConfig(temperature=4.0, alpha=0.9), teacher.vocab_rows
+            student,
+            teacher,
+            blocks[:2],
+            loss_settings(LossConfig(temperature=4.0, alpha=0.9)),
+            teacher.vocab_rows,
         )
     torch.testing.assert_close(last.loss_sum, end.loss_sum)
     torch.testing.assert_close(first.loss_sum, start.loss_sum)

@@ -22,8 +22,7 @@ from distill.losses.intermediate import attention_kl, hidden_state_loss, value_r
 from distill.student import WidthTargets, build_student, measure_importance, prune_width
 from distill.student.intermediate import IntermediateDistiller, uniform_layer_map
 from distill.teacher import LiveTeacher
-from distill.train import train
-from distill.train.loop import CheckpointPlan
+from distill.train import CausalLMTask, CheckpointPlan, train
 
 VOCAB = 64
 
@@ -315,13 +314,15 @@ def _train_with_projection(narrow, teacher, blocks, steps: int, seed: int, **tra
         student, teacher, IntermediateConfig(hidden_weight=1.0), origin=[0, 1]
     )
     train(
-        student,
-        LiveTeacher(teacher),
-        BlockBatches(blocks, 4, seed=0),
-        LossConfig(alpha=0.5),
+        CausalLMTask(
+            student,
+            LiveTeacher(teacher),
+            BlockBatches(blocks, 4, seed=0),
+            LossConfig(alpha=0.5),
+            vocab_rows=VOCAB,
+            extra_terms=distiller,
+        ),
         TrainConfig(steps=steps, batch_size=4, warmup_steps=0, lr=1e-2),
-        vocab_rows=VOCAB,
-        extra_terms=distiller,
         **train_options,
     )
     distiller.remove()

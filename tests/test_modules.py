@@ -16,6 +16,7 @@ from torch import nn
 
 from distill import distill_module
 from distill.config import CheckpointConfig, LossConfig, TrainConfig
+from distill.errors import ConfigError, DistillError
 from distill.evaluate.classifier import default_labels, evaluate_classifier
 from distill.train.loader import LoaderPosition
 
@@ -70,8 +71,8 @@ def test_first_logged_loss_matches_float64_reference():
         loss=LossConfig(alpha=0.3, temperature=2.0),
         train=TrainConfig(steps=1, grad_accum=3, warmup_steps=0),
     )
-    assert result.history.records[0]["loss"] == pytest.approx(expected, rel=1e-5)
-    assert result.history.records[0]["items"] == sum(int((y != -100).sum()) for _, y in batches)
+    assert result.history.history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert result.history.history[0]["items"] == sum(int((y != -100).sum()) for _, y in batches)
 
 
 def test_batch_8x1_equals_batch_2x4():
@@ -104,7 +105,7 @@ def test_run_dir_report_and_checkpoint(tmp_path):
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 31))
-    assert records[-1]["kl"] < records[0]["kl"]
+    assert records[-1]["divergence"] < records[0]["divergence"]
     report = json.loads((run / "report.json").read_text())
     models = report["models"]
     assert set(models) == {"teacher", "student_before", "student_after"}
@@ -141,6 +142,28 @@ def test_user_mistakes_name_the_argument():
         default_labels(torch.zeros(3))
     with pytest.raises(ValueError, match="loader"):
         distill_module(None, student, [], _logits, loss=LossConfig(alpha=1.0))
+
+
+def test_a_window_without_labelled_items_is_refused():
+    """The loop's one rule for every task: a window whose count is 0 raises."""
+    unlabelled = [(x, torch.full_like(y, -100)) for x, y in _batches(2, 4)]
+    with pytest.raises(DistillError, match="no targets"):
+        distill_module(
+            None,
+            nn.Linear(4, 5),
+            unlabelled,
+            _logits,
+            loss=LossConfig(alpha=1.0),
+            train=TrainConfig(steps=1, batch_size=4, warmup_steps=0),
+        )
+
+
+def test_torchrun_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Module runs train in one process: under torchrun (WORLD_SIZE > 1) one clear error."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="without torchrun"):
+        distill_module(None, nn.Linear(4, 5), _batches(1, 2), _logits, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_digits_example_reduced():
@@ -307,7 +330,7 @@ def test_divergence_knobs_match_float64_reference(divergence, scale_by_t2):
     result = distill_module(
         teacher, copy.deepcopy(student), batches, _logits, loss=loss, train=train
     )
-    assert result.history.records[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert result.history.history[0]["loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
 def test_alpha_and_temperature_schedules_reach_the_loss():
@@ -330,7 +353,7 @@ def test_alpha_and_temperature_schedules_reach_the_loss():
         expected = _reference_loss(
             copy.deepcopy(student), teacher, [batches[step]], alpha, temperature
         )
-        assert result.history.records[step]["loss"] == pytest.approx(expected, rel=1e-5)
+        assert result.history.history[step]["loss"] == pytest.approx(expected, rel=1e-5)
     with pytest.raises(ValueError, match="teacher"):
         distill_module(
             None,

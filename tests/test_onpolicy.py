@@ -16,10 +16,11 @@ from distill.data.chat import render_chat
 from distill.data.examples import detect_format, encode_examples, targets_from_mask
 from distill.errors import DataError
 from distill.losses import IGNORE_INDEX
+from distill.losses.schedule import loss_settings
 from distill.sampling import Sampling, sample_continuations
 from distill.teacher import LiveTeacher
-from distill.train import train
-from distill.train.loop import CheckpointPlan, micro_batch_terms
+from distill.train import CausalLMTask, CheckpointPlan, train
+from distill.train.causal_lm import micro_batch_terms
 from distill.train.onpolicy import OnPolicy, student_batch
 
 CHATS = [
@@ -118,7 +119,12 @@ def test_padding_does_not_change_an_examples_loss(chat_tokenizer):
         examples.input_ids[:, :width], examples.labels[:, :width], examples.prompt_lengths
     )
     together = micro_batch_terms(
-        student, teacher, batch.input_ids, LossConfig(), len(chat_tokenizer), labels=batch.labels
+        student,
+        teacher,
+        batch.input_ids,
+        loss_settings(LossConfig()),
+        len(chat_tokenizer),
+        labels=batch.labels,
     )
     alone_sum, alone_tokens = 0.0, 0
     for row, length in enumerate(examples.lengths.tolist()):
@@ -126,7 +132,7 @@ def test_padding_does_not_change_an_examples_loss(chat_tokenizer):
             student,
             teacher,
             examples.input_ids[row : row + 1, :length],
-            LossConfig(),
+            loss_settings(LossConfig()),
             len(chat_tokenizer),
             labels=examples.labels[row : row + 1, :length],
         )
@@ -140,7 +146,9 @@ def test_fully_masked_micro_batch_gives_zero_terms(chat_tokenizer):
     student = make_llama(len(chat_tokenizer), layers=2)
     ids = torch.randint(0, len(chat_tokenizer), (2, 8))
     labels = torch.full_like(ids, IGNORE_INDEX)
-    terms = micro_batch_terms(student, None, ids, LossConfig(), len(chat_tokenizer), labels=labels)
+    terms = micro_batch_terms(
+        student, None, ids, loss_settings(LossConfig()), len(chat_tokenizer), labels=labels
+    )
     terms.loss_sum.backward()
     assert terms.n_tokens == 0 and float(terms.loss_sum.detach()) == 0.0
     assert all(float(p.grad.abs().sum()) == 0.0 for p in student.parameters())
@@ -200,13 +208,15 @@ def _train_chat(chat_tokenizer, onpolicy, checkpoints=None, student=None, stop_a
         [{"messages": chat} for chat in CHATS * 2], "chat", chat_tokenizer, 96, "x"
     )
     state = train(
-        student,
-        teacher,
-        _InterruptedBatches(examples, 2, seed=0, limit=stop_after),
-        LossConfig(divergence="jsd"),
+        CausalLMTask(
+            student,
+            teacher,
+            _InterruptedBatches(examples, 2, seed=0, limit=stop_after),
+            LossConfig(divergence="jsd"),
+            vocab_rows=len(chat_tokenizer),
+            onpolicy=onpolicy,
+        ),
         TrainConfig(steps=4, batch_size=2, grad_accum=2, warmup_steps=1, lr=1e-2),
-        vocab_rows=len(chat_tokenizer),
-        onpolicy=onpolicy,
         checkpoints=checkpoints,
     )
     return student, state
@@ -234,7 +244,7 @@ def test_lambda_one_trains_on_student_samples_and_logs_it(chat_tokenizer):
     assert all(1 <= record["generated_tokens_mean"] <= 5 for record in state.history)
     temperature = LossConfig().temperature  # divergence only: loss = T^2 * divergence, no CE
     for record in state.history:
-        assert record["loss"] == pytest.approx(temperature**2 * record["kl"], rel=1e-5)
+        assert record["loss"] == pytest.approx(temperature**2 * record["divergence"], rel=1e-5)
     differs = any(
         not torch.equal(a, b)
         for a, b in zip(
@@ -308,12 +318,14 @@ def test_max_seconds_stops_training_early(chat_tokenizer):
     )
     config = TrainConfig(steps=50, batch_size=2, warmup_steps=0, max_seconds=1e-6)
     state = train(
-        student,
-        None,
-        ExampleBatches(examples, 2, seed=0),
-        LossConfig(alpha=1.0),
+        CausalLMTask(
+            student,
+            None,
+            ExampleBatches(examples, 2, seed=0),
+            LossConfig(alpha=1.0),
+            vocab_rows=len(chat_tokenizer),
+        ),
         config,
-        vocab_rows=len(chat_tokenizer),
     )
     assert [record["step"] for record in state.history] == [1]
 

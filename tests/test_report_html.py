@@ -56,7 +56,7 @@ def run_dir(tmp_path) -> Path:
                 "step": step,
                 "loss": 5.0 / step,
                 "ce": 6.0 / step,
-                "kl": 1.0 / step,
+                "divergence": 1.0 / step,
                 "lr": 1e-4,
                 "grad_norm": 1.0,
                 "tokens": 64,

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from conftest import make_llama
 
 from distill.config import LossConfig, TrainConfig
-from distill.data import BlockBatches
+from distill.data import Batch, BlockBatches
+from distill.errors import DistillError
+from distill.losses import IGNORE_INDEX
+from distill.losses.schedule import LossSchedule, loss_settings
 from distill.teacher import LiveTeacher
-from distill.train import train
-from distill.train.loop import labels_for, micro_batch_terms
+from distill.train import CausalLMTask, train
+from distill.train.causal_lm import labels_for, micro_batch_terms
 
 
 def _setup(vocab: int = 64):
@@ -27,12 +31,14 @@ def _train(student, teacher, blocks, batch_size, grad_accum, steps=2):
     )
     batches = BlockBatches(blocks, batch_size, seed=0)
     state = train(
-        student,
-        teacher,
-        batches,
-        LossConfig(temperature=2.0, alpha=0.5),
+        CausalLMTask(
+            student,
+            teacher,
+            batches,
+            LossConfig(temperature=2.0, alpha=0.5),
+            vocab_rows=teacher.vocab_rows,
+        ),
         train_config,
-        vocab_rows=teacher.vocab_rows,
     )
     return state
 
@@ -63,10 +69,10 @@ def test_per_micro_batch_normalisation_would_differ():
     """Guard for the test above: with unequal masks per micro-batch, averaging per micro-batch
     gives another number than the window normalisation the loop uses."""
     teacher, student, blocks = _setup()
-    loss_config = LossConfig()
+    settings = loss_settings(LossConfig())
     first, second = blocks[:2].clone(), blocks[2:4].clone()
-    terms_a = micro_batch_terms(student, teacher, first, loss_config, teacher.vocab_rows)
-    terms_b = micro_batch_terms(student, teacher, second[:, :4], loss_config, teacher.vocab_rows)
+    terms_a = micro_batch_terms(student, teacher, first, settings, teacher.vocab_rows)
+    terms_b = micro_batch_terms(student, teacher, second[:, :4], settings, teacher.vocab_rows)
     window = (terms_a.loss_sum + terms_b.loss_sum) / (terms_a.n_tokens + terms_b.n_tokens)
     per_micro = (terms_a.loss_sum / terms_a.n_tokens + terms_b.loss_sum / terms_b.n_tokens) / 2
     assert not torch.isclose(window, per_micro)
@@ -78,18 +84,22 @@ def test_training_is_deterministic_and_lowers_kl():
 
     def kl_on_all_blocks(model) -> float:
         with torch.no_grad():
-            terms = micro_batch_terms(model, teacher, blocks, loss_config, teacher.vocab_rows)
+            terms = micro_batch_terms(
+                model, teacher, blocks, loss_settings(loss_config), teacher.vocab_rows
+            )
         return float(terms.kl_sum) / terms.n_tokens
 
     student_a, student_b = copy.deepcopy(student), copy.deepcopy(student)
     for model in (student_a, student_b):
         train(
-            model,
-            teacher,
-            BlockBatches(blocks, 4, seed=0),
-            loss_config,
+            CausalLMTask(
+                model,
+                teacher,
+                BlockBatches(blocks, 4, seed=0),
+                loss_config,
+                vocab_rows=teacher.vocab_rows,
+            ),
             TrainConfig(steps=12, batch_size=4, warmup_steps=0, lr=3e-3),
-            vocab_rows=teacher.vocab_rows,
         )
     for param_a, param_b in zip(student_a.parameters(), student_b.parameters(), strict=True):
         assert torch.equal(param_a, param_b)
@@ -99,3 +109,44 @@ def test_training_is_deterministic_and_lowers_kl():
 def test_labels_are_shifted_targets():
     input_ids = torch.tensor([[5, 6, 7, 8]])
     assert labels_for(input_ids).tolist() == [[6, 7, 8, -100]]
+
+
+class _NoTargetBatches(BlockBatches):
+    """Blocks whose every label is masked (a window of prompt or padding only)."""
+
+    def next_batch(self) -> Batch:
+        batch = Batch.from_blocks(super().next_batch(), 1)
+        return Batch(
+            batch.input_ids, torch.full_like(batch.labels, IGNORE_INDEX), batch.prompt_lengths
+        )
+
+
+def test_a_window_without_targets_is_refused():
+    """A micro-batch without targets gives zero terms, but a whole window without any raises
+    (dividing by its zero count would put NaN into every weight)."""
+    teacher, student, blocks = _setup()
+    task = CausalLMTask(
+        student, teacher, _NoTargetBatches(blocks, 4, seed=0), LossConfig(), vocab_rows=64
+    )
+    with pytest.raises(DistillError, match="no targets"):
+        train(task, TrainConfig(steps=2, batch_size=4, warmup_steps=0))
+
+
+def test_loss_settings_apply_the_schedules_once_per_step():
+    config = LossConfig(
+        temperature=4.0,
+        temperature_schedule="linear",
+        temperature_end=2.0,
+        alpha=0.9,
+        alpha_schedule="linear",
+        alpha_end=0.1,
+        divergence="jsd",
+        fused=False,
+    )
+    first, last = loss_settings(config, 0, 3), loss_settings(config, 2, 3)
+    assert (first.temperature, first.alpha) == (4.0, 0.9)
+    assert (last.temperature, last.alpha) == (2.0, pytest.approx(0.1))
+    assert (last.divergence, last.fused, last.beta) == ("jsd", False, config.beta)
+    schedule = LossSchedule(config, 3)
+    assert schedule.at(1) is schedule.at(1)  # micro-batches of a step share one object
+    assert schedule.at(1) == loss_settings(config, 1, 3)

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from distill.config import LossConfig, TrainConfig
 from distill.data import BlockBatches
 from distill.teacher import Teacher
-from distill.train import train
+from distill.train import CausalLMTask, train
 
 __all__ = ["heal"]
 
@@ -44,12 +44,8 @@ def heal(
     )
     batches = BlockBatches(train_blocks, config.batch_size, seed)
     train(
-        student,
-        teacher,
-        batches,
-        loss_config,
+        CausalLMTask(student, teacher, batches, loss_config, vocab_rows=teacher.vocab_rows),
         config,
-        vocab_rows=teacher.vocab_rows,
         metrics_path=metrics_path,
         description="heal",
     )

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 
 from distill.losses import IGNORE_INDEX
 from distill.teacher import Teacher
-from distill.train.loop import labels_for, student_logits
+from distill.train.causal_lm import labels_for, student_logits
 
 __all__ = ["heldout_metrics", "heldout_quality", "model_logits"]
 

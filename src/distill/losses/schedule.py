@@ -1,23 +1,19 @@
-"""Schedules for loss hyper-parameters (temperature, alpha) over the optimizer steps."""
+"""The loss settings of one optimizer step: the ``loss`` config with its temperature and alpha
+schedules applied, as one frozen :class:`LossSettings`."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
-import torch
-
-from distill.losses.functional import LossTerms, distillation_loss
+from distill.losses.fused import DEFAULT_MEMORY_BUDGET_MB
+from distill.losses.sparse import SparseVariant
 
 if TYPE_CHECKING:
     from distill.config import LossConfig
 
-__all__ = [
-    "ScheduleKind",
-    "scheduled_alpha_temperature",
-    "scheduled_distillation_loss",
-    "scheduled_value",
-]
+__all__ = ["LossSchedule", "LossSettings", "ScheduleKind", "loss_settings", "scheduled_value"]
 
 ScheduleKind = Literal["constant", "linear", "cosine"]
 
@@ -45,39 +41,57 @@ def scheduled_value(
     raise ValueError(f"kind must be constant, linear or cosine, got {kind!r}")
 
 
-def scheduled_alpha_temperature(
-    loss: LossConfig, step: int, total_steps: int
-) -> tuple[float, float]:
-    """``(alpha, temperature)`` of ``loss``'s schedules at optimizer step ``step`` (0-based)."""
-    alpha = scheduled_value(loss.alpha_schedule, loss.alpha, loss.alpha_end, step, total_steps)
-    temperature = scheduled_value(
-        loss.temperature_schedule, loss.temperature, loss.temperature_end, step, total_steps
-    )
-    return alpha, temperature
+@dataclass(frozen=True)
+class LossSettings:
+    """Every knob of one optimizer step's loss: ``loss`` config values with the alpha and
+    temperature schedules applied. Built once per step by :func:`loss_settings` and passed whole
+    down to :mod:`distill.losses.objective`, which unpacks it for the pure loss functions."""
+
+    temperature: float
+    alpha: float
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    skew: float = 0.1
+    scale_by_t2: bool = True
+    fused: bool = True
+    chunk_size: int = 0
+    memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
+    sparse: SparseVariant = "tail_bucket"
+
+    def with_alpha(self, alpha: float) -> LossSettings:
+        """The same settings with another alpha (on-policy batches: 0; labels only: 1)."""
+        return replace(self, alpha=alpha)
 
 
-def scheduled_distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    labels: torch.Tensor,
-    loss: LossConfig,
-    step: int,
-    total_steps: int,
-    *,
-    labels_only: bool = False,
-) -> LossTerms:
-    """:func:`~distill.losses.distillation_loss` with every knob of ``loss``: divergence, beta,
-    skew, scale_by_t2, and temperature / alpha at optimizer step ``step`` of their schedules.
-    ``labels_only`` forces alpha = 1 (the labels-only baseline). Shapes ``[N, C]``, ``[N]``."""
-    alpha, temperature = scheduled_alpha_temperature(loss, step, total_steps)
-    return distillation_loss(
-        student_logits,
-        teacher_logits,
-        labels,
-        temperature=temperature,
-        alpha=1.0 if labels_only else alpha,
+def loss_settings(loss: LossConfig, step: int = 0, total_steps: int = 1) -> LossSettings:
+    """``loss``'s settings at optimizer step ``step`` (0-based) of ``total_steps``."""
+    return LossSettings(
+        temperature=scheduled_value(
+            loss.temperature_schedule, loss.temperature, loss.temperature_end, step, total_steps
+        ),
+        alpha=scheduled_value(loss.alpha_schedule, loss.alpha, loss.alpha_end, step, total_steps),
         divergence=loss.divergence,
         beta=loss.beta,
         skew=loss.skew,
         scale_by_t2=loss.scale_by_t2,
+        fused=loss.fused,
+        chunk_size=loss.chunk_size,
+        memory_budget_mb=loss.memory_budget_mb,
+        sparse=loss.sparse,
     )
+
+
+class LossSchedule:
+    """:func:`loss_settings` of one run, built once per optimizer step (micro-batches of the
+    same step share it)."""
+
+    def __init__(self, loss: LossConfig, total_steps: int) -> None:
+        self.loss = loss
+        self.total_steps = total_steps
+        self._step: int | None = None
+        self._settings: LossSettings | None = None
+
+    def at(self, step: int) -> LossSettings:
+        if step != self._step:
+            self._step, self._settings = step, loss_settings(self.loss, step, self.total_steps)
+        return self._settings

@@ -2,8 +2,9 @@
 
 Phases: read texts, hold out by hash -> load teacher (+ tokenizer) -> load or layer-drop the
 student (layers given, or searched on calibration texts) -> cache the teacher's embeddings of the
-training sentences (embedding) -> train with :func:`distill.train.loop.train_module` (same
-optimizer, schedule, metrics.jsonl, checkpoints and resume) -> save the student -> evaluate
+training sentences (embedding) -> train with :func:`distill.train.train` (the one loop: same
+optimizer, schedule, metrics.jsonl, checkpoints and resume) given a
+:class:`~distill.train.task.ModuleTask` -> save the student -> evaluate
 teacher / student before / student after on the held-out texts -> evaluation.json ->
 report.json / report.md with retention.
 """
@@ -51,11 +52,13 @@ from distill.encoders.pooling import encode, pool, tokenize
 from distill.encoders.search import search_encoder_layers
 from distill.errors import DataError
 from distill.io import atomic_directory, atomic_write_json
-from distill.losses.schedule import scheduled_alpha_temperature, scheduled_distillation_loss
+from distill.losses.objective import logits_distillation_loss
+from distill.losses.schedule import LossSettings
 from distill.models import count_params
 from distill.report import build_report
 from distill.student import select_layers
-from distill.train.loop import CheckpointPlan, train_module
+from distill.train.loop import CheckpointPlan, train
+from distill.train.task import ModuleTask, refuse_torchrun
 
 __all__ = ["EncoderRun", "run_encoder", "encoder_student_layers"]
 
@@ -275,13 +278,12 @@ def _terms_fn(
     }
 
     def terms(
-        batch: dict[str, torch.Tensor], step: int
+        batch: dict[str, torch.Tensor], settings: LossSettings
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        alpha, _ = scheduled_alpha_temperature(config.loss, step, config.train.steps)
-        if config.task == "embedding":
-            use_teacher = cache is None
-        else:
-            use_teacher = alpha < 1.0 and not labels_only
+        if labels_only:
+            settings = settings.with_alpha(1.0)
+        embedding = config.task == "embedding"
+        use_teacher = cache is None if embedding else settings.alpha < 1.0
         teacher_out = None
         if use_teacher:
             with torch.no_grad():
@@ -289,17 +291,14 @@ def _terms_fn(
         student_out = _forward(student, batch, config)
         parts: dict[str, torch.Tensor] = {}
         if config.task == "classification":
-            kd = scheduled_distillation_loss(
+            kd = logits_distillation_loss(
                 student_out.logits,
                 None if teacher_out is None else teacher_out.logits,
                 batch["labels"],
-                config.loss,
-                step,
-                config.train.steps,
-                labels_only=labels_only,
+                settings,
             )
             loss_sum = kd.loss_sum
-            parts |= {"ce": kd.ce_sum, "kl": kd.kl_sum}
+            parts |= {"ce": kd.ce_sum, "divergence": kd.divergence_sum}
         else:
             mask = batch["attention_mask"]
             s = pool(student_out.last_hidden_state, mask, pooling.mode)  # (B, H)
@@ -323,6 +322,11 @@ def _terms_fn(
         return loss_sum, {name: value.detach() for name, value in parts.items()}
 
     return terms
+
+
+def _sentences(batch: dict[str, torch.Tensor]) -> int:
+    """Sentences in a micro-batch: the count every encoder loss sums over."""
+    return int(batch["input_ids"].shape[0])
 
 
 @torch.no_grad()
@@ -404,7 +408,9 @@ def run_encoder(config: RunConfig, *, resume: bool = False) -> EncoderRun:
 
     Checkpoints (``checkpoint.every`` / ``keep``) go to ``checkpoints/`` (and
     ``checkpoints_labels_only/`` for the baseline); ``resume`` continues each training phase
-    from its newest valid checkpoint, exactly (see :func:`distill.train.loop.train_module`)."""
+    from its newest valid checkpoint, exactly (see :func:`distill.train.loop.train`). One
+    process only: under torchrun (``WORLD_SIZE`` > 1) it is refused before any work."""
+    refuse_torchrun(f"task {config.task}")
     run_dir = config.run_dir
 
     def plan(folder: str) -> CheckpointPlan:
@@ -428,11 +434,15 @@ def run_encoder(config: RunConfig, *, resume: bool = False) -> EncoderRun:
     train_inputs = train_items + variants
     cache = _teacher_cache(config, models, train_inputs, pooling)
     student_before = copy.deepcopy(models.student).eval()
-    train_module(
+    task = ModuleTask(
         models.student,
         _loader(config, models.tokenizer, train_inputs, label_map),
         _terms_fn(models, models.student, config, pooling, labels_only=False, cache=cache),
-        lambda batch: int(batch["input_ids"].shape[0]),
+        _sentences,
+        config.loss,
+    )
+    train(
+        task,
         config.train,
         metrics_path=run_dir / "metrics.jsonl",
         description=f"distill {config.task}",
@@ -445,11 +455,15 @@ def run_encoder(config: RunConfig, *, resume: bool = False) -> EncoderRun:
     }
     if config.baseline:
         baseline_student = copy.deepcopy(student_before).train()
-        train_module(
+        baseline = ModuleTask(
             baseline_student,
             _loader(config, models.tokenizer, train_items, label_map),
             _terms_fn(models, baseline_student, config, pooling, labels_only=True),
-            lambda batch: int(batch["input_ids"].shape[0]),
+            _sentences,
+            config.loss,
+        )
+        train(
+            baseline,
             config.train,
             metrics_path=run_dir / "metrics_labels_only.jsonl",
             description="labels only",

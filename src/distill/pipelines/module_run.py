@@ -8,10 +8,10 @@ and a function mapping ``(model, batch)`` to logits::
     result = distill_module(teacher, student, loader, lambda model, batch: model(batch[0]),
                             train=TrainConfig(steps=300), eval_loader=test_loader, run_dir="runs/x")
 
-Map of :func:`train_module` (shared with the encoder tasks): draw ``grad_accum`` micro-batches,
-count their items (the window's normaliser), ``backward(loss_sum / window_items)`` per
-micro-batch, clip, AdamW step, schedule step, one metrics.jsonl record, a checkpoint every
-``checkpoint.every`` steps and at the end. The run folder gets ``metrics.jsonl``,
+Training is :func:`distill.train.train` (the loop of every task; its module docstring maps one
+step) given a :class:`~distill.train.task.ModuleTask`: the items with a label count, the loss is
+this module's ``terms``. One process only (torchrun is refused before any work). The run folder
+gets ``metrics.jsonl``,
 ``checkpoints/step-N/``, ``student/model.safetensors``, ``evaluation.json`` and
 ``report.json``/``report.md``; ``resume=True`` continues it exactly from the newest valid
 checkpoint (the loader is re-iterated and the batches already drawn this epoch skipped).
@@ -39,10 +39,13 @@ from distill.evaluate.classifier import (
 )
 from distill.io import atomic_directory, atomic_write_json
 from distill.losses import IGNORE_INDEX
-from distill.losses.schedule import scheduled_alpha_temperature, scheduled_distillation_loss
+from distill.losses.objective import logits_distillation_loss
+from distill.losses.schedule import LossSettings
 from distill.models import count_params
 from distill.report import build_report
-from distill.train.loop import CheckpointPlan, TrainHistory, train_module
+from distill.train import loop
+from distill.train.loop import CheckpointPlan, TrainState
+from distill.train.task import ModuleTask, refuse_torchrun
 
 __all__ = ["ModuleResult", "distill_module"]
 
@@ -50,7 +53,7 @@ __all__ = ["ModuleResult", "distill_module"]
 @dataclass
 class ModuleResult:
     student: nn.Module  # trained in place
-    history: TrainHistory
+    history: TrainState  # the step reached and the logged records
     evaluation: dict[str, dict[str, float]] | None  # teacher / student_before / student_after
     run_dir: Path | None
 
@@ -83,6 +86,7 @@ def distill_module(
     the same (freshly built) student, loader and configs; see :class:`LoaderPosition` for how the
     data position is restored.
     """
+    refuse_torchrun("distill_module")
     loss = loss or LossConfig()
     train = train or TrainConfig()
     checkpoint = checkpoint or CheckpointConfig()
@@ -103,29 +107,29 @@ def distill_module(
         teacher.eval()
     student_before = copy.deepcopy(student) if eval_loader is not None else None
 
-    def terms(batch: Any, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def terms(batch: Any, settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         labels = labels_fn(batch)
-        alpha, _ = scheduled_alpha_temperature(loss, step, train.steps)
         teacher_logits = None
-        if teacher is not None and alpha < 1.0:
+        if teacher is not None and settings.alpha < 1.0:
             with torch.no_grad():
                 teacher_logits = logits_fn(teacher, batch)
         logits, flat_labels = flat_logits(logits_fn(student, batch), labels)
         if teacher_logits is not None:
             teacher_logits = teacher_logits.reshape(logits.shape)  # (N, C)
-        parts = scheduled_distillation_loss(
-            logits, teacher_logits, flat_labels, loss, step, train.steps
-        )
-        return parts.loss_sum, {"ce": parts.ce_sum.detach(), "kl": parts.kl_sum.detach()}
+        parts = logits_distillation_loss(logits, teacher_logits, flat_labels, settings)
+        return parts.loss_sum, {
+            "ce": parts.ce_sum.detach(),
+            "divergence": parts.divergence_sum.detach(),
+        }
 
     plan = None
     if run_path is not None:
         plan = CheckpointPlan(run_path / "checkpoints", checkpoint.every, checkpoint.keep, resume)
-    history = train_module(
-        student,
-        loader,
-        terms,
-        lambda batch: int((labels_fn(batch) != IGNORE_INDEX).sum()),
+    task = ModuleTask(
+        student, loader, terms, lambda batch: int((labels_fn(batch) != IGNORE_INDEX).sum()), loss
+    )
+    history = loop.train(  # the one loop (``train`` here is the TrainConfig argument)
+        task,
         train,
         metrics_path=None if run_path is None else run_path / "metrics.jsonl",
         description="distill" if teacher is not None else "labels only",

@@ -41,10 +41,10 @@ from distill.report import build_report
 from distill.student.intermediate import IntermediateDistiller, is_enabled
 from distill.teacher import LiveTeacher
 from distill.teacher.cache import open_run_cache, read_manifest
-from distill.train import train
+from distill.train import CausalLMTask, CheckpointPlan, train
 from distill.train.distributed import init_distributed
-from distill.train.loop import CheckpointPlan
 from distill.train.onpolicy import OnPolicy
+from distill.train.task import refuse_torchrun
 
 __all__ = ["distill", "resume_config", "RunResult"]
 
@@ -170,6 +170,8 @@ def distill(
     else:
         config = load_config(config, overrides)
     check_data_source(config)  # before any model loads: a missing or unreadable data file
+    if config.task != "causal_lm":  # encoder runs: one process (refused before any work)
+        refuse_torchrun(f"task {config.task}")
     run_dir = config.run_dir
     context = init_distributed(config.parallel.backend)
     if not resume and (run_dir / "metrics.jsonl").exists():
@@ -248,21 +250,24 @@ def distill(
         distiller = IntermediateDistiller(
             models.student, models.teacher, config.intermediate, models.layers
         )
-    train(
+    task = CausalLMTask(
         models.student,
         teacher,
         global_batches(),
         config.loss,
-        config.train,
         vocab_rows=models.vocab_rows,
-        metrics_path=run_dir / "metrics.jsonl",
-        description="distill",
-        on_warmup=on_warmup,
-        checkpoints=checkpoint_plan("checkpoints"),
-        context=context,
         extra_terms=distiller,
         onpolicy=onpolicy,
         parallel=config.parallel,
+    )
+    train(
+        task,
+        config.train,
+        metrics_path=run_dir / "metrics.jsonl",
+        description="distill",
+        checkpoints=checkpoint_plan("checkpoints"),
+        context=context,
+        on_warmup=on_warmup,
     )
     if distiller is not None:
         distiller.remove()
@@ -270,18 +275,21 @@ def distill(
     if config.baseline:
         labels_only = copy.deepcopy(student_before).train()
         labels_loss = config.loss.model_copy(update={"alpha": 1.0, "alpha_schedule": "constant"})
-        train(
+        baseline = CausalLMTask(
             labels_only,
             None,
             global_batches(),
             labels_loss,
-            config.train,
             vocab_rows=models.vocab_rows,
+            parallel=config.parallel,
+        )
+        train(
+            baseline,
+            config.train,
             metrics_path=run_dir / "metrics_labels_only.jsonl",
             description="labels only",
             checkpoints=checkpoint_plan("checkpoints_labels_only"),
             context=context,
-            parallel=config.parallel,
         )
         compared["student_labels_only"] = labels_only
     if sharded:  # the teacher is sharded over the ranks: rank 0 loads it whole to evaluate

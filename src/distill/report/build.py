@@ -88,8 +88,10 @@ def _describe_speed(settings: dict[str, Any]) -> str:
 
 
 def _plot_losses(
-    path: Path, curves: dict[str, list[dict[str, Any]]], models: dict[str, Any]
+    path: Path, curves: dict[str, list[dict[str, Any]]], models: dict[str, Any], divergence: str
 ) -> None:
+    """Training CE and the logged divergence (``loss.divergence``, named in the title) per step,
+    with the held-out CE and KL of each model as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,9 +101,11 @@ def _plot_losses(
     for label, history in curves.items():
         steps = [record["step"] for record in history]
         loss_axis.plot(steps, [record["ce"] for record in history], label=f"{label}: train CE")
-        if any(record["kl"] for record in history):
+        if any(record["divergence"] for record in history):
             kl_axis.plot(
-                steps, [record["kl"] for record in history], label=f"{label}: train divergence at T"
+                steps,
+                [record["divergence"] for record in history],
+                label=f"{label}: train {divergence} at T",
             )
     styles = {"teacher": "k--", "student_before": "r:", "student_after": "g-."}
     for name, style in styles.items():
@@ -121,7 +125,7 @@ def _plot_losses(
                 label=f"{name}: held-out KL at T=1",
             )
     loss_axis.set(xlabel="step", ylabel="nats / token", title="cross-entropy")
-    kl_axis.set(xlabel="step", ylabel="nats / token", title="KL(teacher || student)")
+    kl_axis.set(xlabel="step", ylabel="nats / token", title=f"{divergence} (train) / KL (held-out)")
     kl_axis.set_yscale("symlog", linthresh=0.1)
     kl_axis.set_ylim(bottom=0)
     for axis in (loss_axis, kl_axis):
@@ -203,7 +207,8 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
     }
     atomic_write_json(run_path / "report.json", report)
     atomic_write_text(run_path / "report.md", _markdown(report))
-    _plot_losses(run_path / "loss.png", curves, models)
+    divergence = config.get("loss", {}).get("divergence", "forward_kl")
+    _plot_losses(run_path / "loss.png", curves, models, divergence)
     html_curves = dict(curves)
     for heal_path in sorted(run_path.glob("metrics_heal_*.jsonl")):
         html_curves[heal_path.stem.removeprefix("metrics_")] = read_jsonl(heal_path)

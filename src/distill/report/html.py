@@ -33,7 +33,17 @@ HTML_COLUMNS = [
     ("tokens_per_s", "gen tokens/s (batch 1)", "{:.1f}"),
     ("peak_rss_bytes", "peak RSS MB", "{:.0f}"),
 ]
-LOSS_TERMS_SKIPPED = {"step", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}
+LOSS_TERMS_SKIPPED = {
+    "step",
+    "lr",
+    "grad_norm",
+    "tokens",
+    "tokens_per_s",
+    "items",
+    "items_per_s",
+    "elapsed_s",
+    "comm_s",
+}
 _MB_KEYS = {"bytes", "peak_rss_bytes"}
 
 

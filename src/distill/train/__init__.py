@@ -1,6 +1,18 @@
-"""The training loop and its optimizer/schedule."""
+"""The training loop, its tasks and its optimizer/schedule."""
 
-from distill.train.loop import TrainState, student_logits, train
+from distill.train.causal_lm import CausalLMTask, student_logits
+from distill.train.loop import CheckpointPlan, TrainState, train
 from distill.train.optim import build_optimizer, lr_lambda
+from distill.train.task import ModuleTask, TrainTask
 
-__all__ = ["TrainState", "student_logits", "train", "build_optimizer", "lr_lambda"]
+__all__ = [
+    "CausalLMTask",
+    "CheckpointPlan",
+    "ModuleTask",
+    "TrainState",
+    "TrainTask",
+    "build_optimizer",
+    "lr_lambda",
+    "student_logits",
+    "train",
+]
