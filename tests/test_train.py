@@ -16,6 +16,7 @@ from distill.losses.schedule import LossSchedule, loss_settings
 from distill.teacher import LiveTeacher
 from distill.train import CausalLMTask, train
 from distill.train.causal_lm import labels_for, micro_batch_terms
+from distill.train.task import ModuleTask, Window
 
 
 def _setup(vocab: int = 64):
@@ -150,3 +151,39 @@ def test_loss_settings_apply_the_schedules_once_per_step():
     schedule = LossSchedule(config, 3)
     assert schedule.at(1) is schedule.at(1)  # micro-batches of a step share one object
     assert schedule.at(1) == loss_settings(config, 1, 3)
+
+
+class _OnPolicyWindows(ModuleTask):
+    """Windows marked on-policy whose first ``empty`` draws hold no targets (the student ended
+    every continuation at once)."""
+
+    def __init__(self, empty: int) -> None:
+        model = torch.nn.Linear(3, 2)
+        loader = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(4)]
+        self.empty, self.drawn_empty = empty, False
+
+        def terms(batch, settings):
+            loss = torch.nn.functional.cross_entropy(model(batch[0]), batch[1], reduction="sum")
+            return loss, {}
+
+        super().__init__(model, loader, terms, self._count, LossConfig(alpha=1.0))
+
+    def _count(self, batch) -> int:
+        return 0 if self.drawn_empty else batch[1].numel()
+
+    def draw_window(self, grad_accum: int) -> Window:
+        self.drawn_empty, self.empty = self.empty > 0, self.empty - 1
+        window = super().draw_window(grad_accum)
+        return Window(window.batches, window.size, {"onpolicy_fraction": 1.0})
+
+
+def test_an_on_policy_window_without_targets_is_redrawn_not_stepped():
+    task = _OnPolicyWindows(empty=2)
+    state = train(task, TrainConfig(steps=2, batch_size=4, warmup_steps=0))
+    assert [record["step"] for record in state.history] == [1, 2]
+    assert task.empty == -2  # two empty windows redrawn, then one window per step
+
+
+def test_on_policy_windows_that_stay_empty_are_refused():
+    with pytest.raises(DistillError, match="no targets"):
+        train(_OnPolicyWindows(empty=100), TrainConfig(steps=2, batch_size=4, warmup_steps=0))

@@ -5,7 +5,8 @@ Map of one optimizer step:
   1. ``task.draw_window(grad_accum)``: this rank's micro-batches (causal LM: its rows of each
      global micro-batch, some continued by the student on-policy); ``task.count`` of each,
      summed over the window and all ranks, is the normaliser (a window without any target
-     raises :class:`~distill.errors.DistillError`);
+     raises :class:`~distill.errors.DistillError`, unless it is on-policy: redrawn, up to 8
+     in a row);
   2. per micro-batch: ``loss_sum, parts = task.terms(batch, step)`` (causal LM: teacher logits
      under no_grad, student forward, loss from the output head, intermediate terms),
      ``backward(loss_sum / window_count)``; so batch 8 x 1 == batch 2 x 4, and N ranks == 1;
@@ -44,6 +45,9 @@ from distill.train.task import TrainTask
 __all__ = ["CheckpointPlan", "TrainState", "measure_warmup", "train"]
 
 log = logging.getLogger(__name__)
+
+# On-policy windows whose continuations all ended at once, redrawn in a row before giving up.
+_MAX_EMPTY_WINDOWS = 8
 
 
 @dataclass
@@ -119,6 +123,7 @@ def train(
         **({} if context.is_main else {"disable": True}),  # TQDM_DISABLE still applies on rank 0
     )
     run_start = time.perf_counter() - elapsed_before
+    empty_windows = 0
     while state.step < train_config.steps and not _out_of_time(
         run_start, train_config, context, started=state.step > 0
     ):
@@ -131,10 +136,16 @@ def train(
             )
         )
         if count == 0:
+            # The student may end every continuation at once: draw again (bounded), no step.
+            empty_windows += 1
+            if window.info.get("onpolicy_fraction") and empty_windows < _MAX_EMPTY_WINDOWS:
+                log.warning("step %d: an on-policy window without targets; redrawn", state.step + 1)
+                continue
             raise DistillError(
                 f"step {state.step + 1}: the accumulation window holds no targets (every "
                 "micro-batch is prompt, padding or unlabelled); check the data"
             )
+        empty_windows = 0
         totals: dict[str, float] = {"loss": 0.0}
         for batch in window.batches:
             loss_sum, parts = task.terms(batch, state.step)
