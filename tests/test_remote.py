@@ -447,3 +447,11 @@ def test_rank_sorting_survives_shuffled_server_dicts(scorer, tiny_tokenizer, mon
         monkeypatch.setattr("distill.pipelines.serve_teacher.json.dumps", shuffled_dumps)
         mixed = _remote(url, vocab).soft_targets(blocks)
     assert torch.equal(plain.ids, mixed.ids) and torch.equal(plain.logprobs, mixed.logprobs)
+
+
+def test_serve_teacher_command_sets_the_address():
+    from distill.cli import build_parser
+
+    args = build_parser().parse_args(["serve-teacher", "--port", "0", "--host", "::1"])
+    assert (args.command, args.port, args.host) == ("serve-teacher", 0, "::1")
+    assert load_config().serve.host == "127.0.0.1"  # loopback unless told otherwise
