@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", metavar="FILE", help="output .jsonl (= generate.output)")
     generate.add_argument("--name", help="run name (same as --set name=...)")
 
+    serve = commands.add_parser(
+        "serve-teacher",
+        help="serve the teacher's top-k log-probabilities over HTTP (vLLM / SGLang schema)",
+    )
+    _add_config_args(serve)
+    serve.add_argument("--host", help="address to listen on (= serve.host; default loopback)")
+    serve.add_argument("--port", type=int, help="port (= serve.port; 0 = any free port)")
+
     _add_eval_compress_export(commands)
     _add_student(commands)
 
@@ -137,6 +145,18 @@ def _generate(args: argparse.Namespace) -> None:
     if args.name:
         overrides.append(f"name={args.name}")
     print(generate_responses(load_config(args.config, overrides)))
+
+
+def _serve_teacher(args: argparse.Namespace) -> None:
+    from distill.config import load_config
+    from distill.pipelines.serve_teacher import serve_teacher
+
+    overrides = list(args.overrides)
+    if args.host:
+        overrides.append(f"serve.host={args.host}")
+    if args.port is not None:
+        overrides.append(f"serve.port={args.port}")
+    serve_teacher(load_config(args.config, overrides), ready=lambda line: print(line, flush=True))
 
 
 def _add_student(commands) -> None:
@@ -276,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     handlers |= {"eval": _eval, "compress": _compress, "export": _export}
     handlers["student"] = _student
     handlers["generate"] = _generate
+    handlers["serve-teacher"] = _serve_teacher
     try:
         handlers[args.command](args)
     except DistillError as err:

@@ -27,6 +27,7 @@ __all__ = [
     "EvalConfig",
     "CompressConfig",
     "CacheConfig",
+    "ServeConfig",
     "CheckpointConfig",
     "ParallelConfig",
     "EncoderConfig",
@@ -60,6 +61,56 @@ class TeacherConfig(_Section):
         description="Directory of a top-k teacher cache: `distill cache` writes it, `distill run` "
         "then trains from it without the teacher in memory (loaded again only for evaluation).",
     )
+    url: str | None = Field(
+        None,
+        description="Base URL of a served teacher (vLLM's OpenAI-compatible server, SGLang, or "
+        "`distill serve-teacher`), e.g. http://127.0.0.1:8000: training asks it for the top-k "
+        "log-probabilities of each block (token ids in, no re-tokenisation) and never loads the "
+        "teacher's weights to train (teacher.path still names its tokenizer; the teacher is "
+        "loaded once for evaluation). Exact losses: loss.sparse=tail_bucket at "
+        "loss.temperature=1, renormalized at any T.",
+    )
+    api: Literal["vllm", "sglang"] = Field(
+        "vllm",
+        description="teacher.url's request schema: vllm = POST /v1/completions with "
+        "prompt_logprobs (also `distill serve-teacher`); sglang = POST /generate with "
+        "input_top_logprobs.",
+    )
+    top_k: int = Field(
+        64,
+        ge=1,
+        description="teacher.url: log-probabilities asked per token (vLLM: start the server "
+        "with --max-logprobs at least this).",
+    )
+    served_model: str | None = Field(
+        None,
+        description="teacher.url: the model name the server must serve (sent as `model`); "
+        "empty = the server's only model.",
+    )
+    rows_per_request: int = Field(
+        4, ge=1, description="teacher.url: sequences sent in one request (a list of prompts)."
+    )
+    concurrency: int = Field(4, ge=1, description="teacher.url: requests in flight at once.")
+    timeout_s: float = Field(
+        120.0, gt=0.0, description="teacher.url: seconds to wait for one response."
+    )
+    retries: int = Field(
+        3,
+        ge=0,
+        description="teacher.url: retries of a failed request (unreachable, timeout, 5xx, cut "
+        "response), with exponential backoff from retry_backoff_s; then one line and exit 2.",
+    )
+    retry_backoff_s: float = Field(
+        1.0, ge=0.0, description="teacher.url: wait before the first retry; doubles each time."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherConfig:
+        if self.url and self.cache:
+            raise ValueError("set only one of teacher.cache and teacher.url")
+        if self.url is not None and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"teacher.url must start with http:// or https://, got {self.url}")
+        return self
 
 
 class StudentConfig(_Section):
@@ -475,6 +526,30 @@ class CacheConfig(_Section):
     batch_size: int = Field(4, ge=1, description="distill cache: blocks per teacher forward.")
 
 
+class ServeConfig(_Section):
+    """``distill serve-teacher``: a local teacher behind vLLM's completions schema."""
+
+    host: str = Field(
+        "127.0.0.1",
+        description="distill serve-teacher: address to listen on; loopback by default (the "
+        "server has no authentication: expose it only on a trusted network).",
+    )
+    port: int = Field(8000, ge=0, le=65535, description="distill serve-teacher: port (0 = any).")
+    max_request_bytes: int = Field(
+        4 << 20,
+        ge=1024,
+        description="distill serve-teacher: largest request body accepted; larger ones get 413.",
+    )
+    max_tokens_per_request: int = Field(
+        65536,
+        ge=1,
+        description="distill serve-teacher: most prompt tokens scored in one request (413 beyond).",
+    )
+    model_name: str | None = Field(
+        None, description="distill serve-teacher: the served model's name; empty = teacher.path."
+    )
+
+
 class CompressConfig(_Section):
     quantize: Literal["none", "int8", "int8-weight-only"] = Field(
         "none",
@@ -590,6 +665,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
@@ -616,20 +692,45 @@ class RunConfig(_Section):
 _SUPERVISED_FORMATS = ("chat", "prompt_response")
 
 
-def _onpolicy_needs_live_teacher(config: RunConfig) -> str | None:
+def _onpolicy_needs_a_scoring_teacher(config: RunConfig) -> str | None:
     if config.onpolicy.lambda_ > 0 and config.teacher.cache:
         return (
-            "onpolicy.lambda > 0 needs the live teacher to score the student's samples: "
-            "unset teacher.cache (or set onpolicy.lambda=0)"
+            "onpolicy.lambda > 0 needs a teacher that scores the student's samples (live, or "
+            "served: teacher.url); a cache holds fixed blocks: unset teacher.cache"
         )
     return None
 
 
 def _intermediate_needs_live_teacher(config: RunConfig) -> str | None:
-    if config.intermediate.enabled and config.teacher.cache:
+    source = "teacher.cache" if config.teacher.cache else "teacher.url"
+    if config.intermediate.enabled and (config.teacher.cache or config.teacher.url):
         return (
             "intermediate-layer distillation (intermediate.hidden_weight / attention_weight > 0) "
-            "needs the live teacher: unset teacher.cache"
+            f"needs the live teacher: unset {source}"
+        )
+    return None
+
+
+SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _served_teacher_loss_is_exact(config: RunConfig) -> str | None:
+    """A server returns log-probabilities at T = 1 only: the tail bucket is exact at T = 1 (its
+    log-normaliser there is 0), the renormalised top-k at any T; nothing else is."""
+    loss = config.loss
+    if not config.teacher.url or (loss.alpha == 1.0 and loss.alpha_schedule == "constant"):
+        return None
+    if loss.divergence not in SPARSE_DIVERGENCES:
+        return (
+            f"loss.divergence={loss.divergence}: a served teacher's top-k supports "
+            f"{', '.join(SPARSE_DIVERGENCES)} (on the k kept tokens plus the tail bucket)"
+        )
+    scheduled = loss.temperature_schedule != "constant"
+    if loss.sparse == "tail_bucket" and (scheduled or loss.temperature != 1.0):
+        return (
+            f"loss.temperature={loss.temperature} (schedule {loss.temperature_schedule}): a "
+            "served teacher returns log-probabilities at T=1, so the tail-bucket loss is exact "
+            "at loss.temperature=1 only; set it, or loss.sparse=renormalized (exact at any T)"
         )
     return None
 
@@ -693,8 +794,9 @@ def _encoder_layer_losses_need_built_student(config: RunConfig) -> str | None:
 
 
 _CAUSAL_LM_RULES = (
-    _onpolicy_needs_live_teacher,
+    _onpolicy_needs_a_scoring_teacher,
     _intermediate_needs_live_teacher,
+    _served_teacher_loss_is_exact,
     _examples_need_live_teacher,
     _examples_need_jsonl,
     _layer_map_fits_student,

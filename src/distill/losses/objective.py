@@ -4,10 +4,11 @@ boundary where that object is unpacked into the pure loss functions' keyword arg
 :func:`head_distillation_loss` starts from the student's last hidden states and output head,
 whatever the teacher gave (full logits, a cache's top-k, or nothing): full teacher logits go to
 the fused chunked loss (``fused=True``: the student's ``[N, V]`` logits are never built) or to
-the unfused :func:`distillation_loss` on full logits; both take every divergence. A cache's
-top-k :class:`SparseTargets` need the full student logits and support the forward KL with the
-``T^2`` factor only. :func:`logits_distillation_loss` is the same objective on logits a model
-already returned (classifiers, encoders).
+the unfused :func:`distillation_loss` on full logits; both take every divergence. Top-k
+:class:`SparseTargets` (a cache or a served teacher) need the full student logits and support
+forward KL, reverse KL and JSD on the coarse outcomes, with the ``T^2`` factor.
+:func:`logits_distillation_loss` is the same objective on logits a model already returned
+(classifiers, encoders).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from distill.losses.functional import IGNORE_INDEX, LossTerms, distillation_loss
 from distill.losses.fused import fused_distillation_loss
 from distill.losses.schedule import LossSettings
-from distill.losses.sparse import SparseTargets, soft_target_loss
+from distill.losses.sparse import SPARSE_DIVERGENCES, SparseTargets, soft_target_loss
 
 __all__ = ["head_distillation_loss", "logits_distillation_loss"]
 
@@ -66,10 +67,10 @@ def head_distillation_loss(
     None (labels only).
     """
     if isinstance(targets, SparseTargets):
-        if settings.divergence != "forward_kl" or not settings.scale_by_t2:
+        if settings.divergence not in SPARSE_DIVERGENCES or not settings.scale_by_t2:
             raise ValueError(
-                f"divergence={settings.divergence!r}, scale_by_t2={settings.scale_by_t2}: a "
-                "sparse top-k teacher cache supports divergence='forward_kl' with scale_by_t2 only"
+                f"divergence={settings.divergence!r}, scale_by_t2={settings.scale_by_t2}: sparse "
+                f"top-k targets support divergence in {SPARSE_DIVERGENCES} with scale_by_t2 only"
             )
         logits = torch.nn.functional.linear(hidden, weight, bias)  # (N, V)
         return soft_target_loss(
@@ -79,6 +80,8 @@ def head_distillation_loss(
             temperature=settings.temperature,
             alpha=settings.alpha,
             sparse=settings.sparse,
+            divergence=settings.divergence,
+            beta=settings.beta,
         )
     vocab = weight.shape[0]
     teacher_logits = None if targets is None else targets.reshape(-1, vocab)  # (N, V)

@@ -18,6 +18,16 @@ temperatures (4 bytes per token each) and the tail-bucket loss refuses any other
 
 Both losses take full student logits ``[N, V]`` and rows of targets ``[N, k]`` and return sums
 over rows (the caller normalises over the accumulation window, as in ``functional.py``).
+
+Other divergences on the same outcomes (:func:`sparse_divergence`): with the teacher's ``(k+1)``
+outcome probabilities ``p`` (kept tokens, tail bucket) and the student's ``q`` on the same
+outcomes, forward KL(p || q), reverse KL(q || p) and GKD's JSD are all well defined and exact for
+those coarse distributions; on-policy batches from a served teacher use them. The renormalised
+variant takes them on the ``k`` kept outcomes instead.
+
+A served teacher (``distill.teacher.remote``) returns log-probabilities at ``T = 1`` only: its
+targets carry ``c_1 = 0`` and nothing else, so the tail bucket is exact at ``T = 1`` and the
+renormalised loss at any ``T``.
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ __all__ = [
     "SparseVariant",
     "tail_bucket_kl",
     "renormalized_topk_kl",
+    "sparse_outcome_logprobs",
+    "sparse_divergence",
     "sparse_distillation_loss",
     "soft_target_loss",
 ]
@@ -144,6 +156,71 @@ def renormalized_topk_kl(
 
 
 _SPARSE_KL = {"tail_bucket": tail_bucket_kl, "renormalized": renormalized_topk_kl}
+SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+# The smallest teacher tail probability used in log p_tail: storage rounding can make the kept
+# mass reach 1, and reverse KL / JSD need a finite log p for every outcome the student keeps.
+_TAIL_FLOOR = 1e-30
+
+
+def sparse_outcome_logprobs(
+    student_logits: torch.Tensor,
+    targets: SparseTargets,
+    *,
+    temperature: float = 1.0,
+    variant: SparseVariant = "tail_bucket",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p, log q) of teacher and student over the coarse outcomes, ``[N, k + 1]`` (tail
+    bucket: the k kept ids, then the rest of the mass) or ``[N, k]`` (renormalised over the kept
+    ids). The tail column of ``p`` is floored at 1e-30 (kept mass rounded up to 1 by storage)."""
+    _check_rows(student_logits, targets)
+    scaled = student_logits / temperature  # (N, V)
+    if variant == "renormalized":
+        log_q = torch.log_softmax(scaled.gather(-1, targets.ids), dim=-1)  # (N, k)
+        log_p = torch.log_softmax(targets.logprobs.to(log_q.dtype) / temperature, dim=-1)
+        return log_p, log_q
+    student_norm = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (N, 1)
+    log_q_kept = scaled.gather(-1, targets.ids) - student_norm  # (N, k)
+    log_p_kept = targets.teacher_logprobs(temperature).to(log_q_kept.dtype)  # (N, k)
+    if targets.ids.shape[-1] >= student_logits.shape[-1]:
+        return log_p_kept, log_q_kept  # k = V: no tail
+    p_tail = (-torch.expm1(torch.logsumexp(log_p_kept, dim=-1))).clamp_min(_TAIL_FLOOR)  # (N,)
+    tail_logits = scaled.scatter(-1, targets.ids, float("-inf"))  # (N, V), kept ids removed
+    log_q_tail = torch.logsumexp(tail_logits, dim=-1) - student_norm.squeeze(-1)  # (N,)
+    log_p = torch.cat([log_p_kept, p_tail.log()[:, None]], dim=-1)  # (N, k + 1)
+    log_q = torch.cat([log_q_kept, log_q_tail[:, None]], dim=-1)  # (N, k + 1)
+    return log_p, log_q
+
+
+def sparse_divergence(
+    student_logits: torch.Tensor,
+    targets: SparseTargets,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    variant: SparseVariant = "tail_bucket",
+) -> torch.Tensor:
+    """Sum over rows of ``divergence`` between the teacher's and the student's coarse outcome
+    distributions (see :func:`sparse_outcome_logprobs`): ``forward_kl`` KL(p || q),
+    ``reverse_kl`` KL(q || p), ``jsd`` beta KL(p || m) + (1 - beta) KL(q || m) with
+    m = beta p + (1 - beta) q. Forward KL is exactly :func:`tail_bucket_kl` /
+    :func:`renormalized_topk_kl` (those are called for it)."""
+    if divergence not in SPARSE_DIVERGENCES:
+        raise ValueError(
+            f"divergence={divergence!r}: sparse targets support {', '.join(SPARSE_DIVERGENCES)}"
+        )
+    if divergence == "forward_kl":
+        return _SPARSE_KL[variant](student_logits, targets, temperature=temperature)
+    log_p, log_q = sparse_outcome_logprobs(
+        student_logits, targets, temperature=temperature, variant=variant
+    )
+    if divergence == "reverse_kl":
+        return (log_q.exp() * (log_q - log_p)).sum()
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))
+    teacher_side = (log_p.exp() * (log_p - log_m)).sum()
+    student_side = (log_q.exp() * (log_q - log_m)).sum()
+    return beta * teacher_side + (1.0 - beta) * student_side
 
 
 def sparse_distillation_loss(
@@ -154,11 +231,14 @@ def sparse_distillation_loss(
     temperature: float,
     alpha: float,
     variant: SparseVariant = "tail_bucket",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
     ignore_index: int = IGNORE_INDEX,
 ) -> LossTerms:
-    """``alpha * CE + (1 - alpha) * T^2 * sparse KL``, summed; the sparse twin of
-    ``distillation_loss``. Shapes: ``student_logits`` ``[N, V]``, ``targets`` rows ``[N, k]``,
-    ``labels`` ``[N]``; rows whose label is ``ignore_index`` contribute nothing."""
+    """``alpha * CE + (1 - alpha) * T^2 * sparse D``, summed; the sparse twin of
+    ``distillation_loss`` (``D`` = :func:`sparse_divergence`'s ``divergence``). Shapes:
+    ``student_logits`` ``[N, V]``, ``targets`` rows ``[N, k]``, ``labels`` ``[N]``; rows whose
+    label is ``ignore_index`` contribute nothing."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
@@ -171,7 +251,14 @@ def sparse_distillation_loss(
     if alpha == 1.0:
         kl_sum = student_rows.new_zeros(())
     else:
-        kl_sum = _SPARSE_KL[variant](student_rows, targets.select(keep), temperature=temperature)
+        kl_sum = sparse_divergence(
+            student_rows,
+            targets.select(keep),
+            divergence=divergence,
+            temperature=temperature,
+            beta=beta,
+            variant=variant,
+        )
     loss_sum = alpha * ce_sum + (1.0 - alpha) * temperature**2 * kl_sum
     return LossTerms(loss_sum, ce_sum, kl_sum, int(keep.sum()))
 
@@ -184,6 +271,8 @@ def soft_target_loss(
     temperature: float,
     alpha: float,
     sparse: SparseVariant = "tail_bucket",
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
 ) -> LossTerms:
     """The KD loss for whatever a teacher gave: full logits ``[..., V]``, sparse top-k, or None.
 
@@ -198,6 +287,8 @@ def soft_target_loss(
             temperature=temperature,
             alpha=alpha,
             variant=sparse,
+            divergence=divergence,
+            beta=beta,
         )
     vocab = student_logits.shape[-1]
     return distillation_loss(

@@ -26,29 +26,34 @@ from distill.models import (
 )
 from distill.student import calibration_blocks, make_student, needs_calibration
 from distill.teacher.cache import read_manifest
+from distill.teacher.remote import RemoteTeacher
 
 __all__ = ["Models", "prepare_models", "prepare_data"]
 
 
 @dataclass
 class Models:
-    teacher: PreTrainedModel | None  # None while training from a teacher cache
+    teacher: PreTrainedModel | None  # None while training from a teacher cache or server
     student: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     vocab_rows: int
     teacher_source: str
     layers: list[int] | None = None  # teacher layer each student layer was built from
+    remote: RemoteTeacher | None = None  # teacher.url: the served teacher, checked
 
 
 def prepare_models(config: RunConfig) -> Models:
     """Load the teacher, then load or build the student, and check they share a tokenizer."""
     source = teacher_source(config.teacher)
     tokenizer = load_teacher_tokenizer(config.teacher)
-    # From a cache, the teacher's weights are needed only to build a student from its layers.
+    remote, served_rows = None, None
+    if config.teacher.url:  # asked first: an unreachable or other server stops the job here
+        remote = RemoteTeacher.from_config(config.teacher, vocab_rows=len(tokenizer))
+        served_rows = remote.check_server(teacher_rows=None, tokens=len(tokenizer)).vocab_size
+    # From a cache or a server, the teacher's weights are needed only to build a student.
+    elsewhere = config.teacher.cache or config.teacher.url
     teacher = (
-        None
-        if config.teacher.cache and config.student.path is not None
-        else load_teacher(config.teacher)
+        None if elsewhere and config.student.path is not None else load_teacher(config.teacher)
     )
     if config.student.path is not None:
         student = load_causal_lm(
@@ -68,20 +73,29 @@ def prepare_models(config: RunConfig) -> Models:
         built = make_student(teacher, config.student, calibration)
         student, layers = built.model, built.layers
         student_tokenizer, student_name = tokenizer, "student"
+    student_rows = student.get_output_embeddings().weight.shape[0]
+    if teacher is not None:
+        teacher_rows = teacher.get_output_embeddings().weight.shape[0]
+    elif config.teacher.cache:
+        teacher_rows = read_manifest(config.teacher.cache)["teacher"]["vocab_rows"]
+    else:
+        teacher_rows = served_rows or student_rows
+    if remote is not None and teacher is not None:  # the server must serve this very teacher
+        remote.check_server(teacher_rows=teacher_rows, tokens=len(tokenizer))
     vocab_rows = shared_vocab_rows(
         tokenizer,
         student_tokenizer,
-        teacher.get_output_embeddings().weight.shape[0]
-        if teacher is not None
-        else read_manifest(config.teacher.cache)["teacher"]["vocab_rows"],
-        student.get_output_embeddings().weight.shape[0],
+        teacher_rows,
+        student_rows,
         teacher_name=source,
         student_name=student_name,
     )
-    if config.teacher.cache:  # freed before training; loaded again only for evaluation
+    if remote is not None:
+        remote.vocab_rows = vocab_rows
+    if elsewhere:  # freed before training; loaded again only for evaluation
         teacher = None
     origin = layers if config.student.path is None else None
-    return Models(teacher, student, tokenizer, vocab_rows, source, origin)
+    return Models(teacher, student, tokenizer, vocab_rows, source, origin, remote)
 
 
 def prepare_data(

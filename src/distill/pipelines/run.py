@@ -67,10 +67,14 @@ def _print_plan(
     student_params = count_params(models.student)
     optimizer_bytes = 2 * student_params * 4  # AdamW's two float32 moments, created at step 1
     runs = 2 if config.baseline else 1
+    if models.teacher is not None:
+        teacher_params = count_params(models.teacher)
+    elif config.teacher.cache:
+        teacher_params = read_manifest(config.teacher.cache)["teacher"]["params"]
+    else:
+        teacher_params = None  # served: the server does not say
     plan = {
-        "teacher_params": count_params(models.teacher)
-        if models.teacher is not None
-        else read_manifest(config.teacher.cache)["teacher"]["params"],
+        "teacher_params": teacher_params,
         "student_params": student_params,
         "tokens_per_step": tokens_per_step,
         "train_blocks": n_train_blocks,
@@ -79,10 +83,21 @@ def _print_plan(
         "estimated_train_seconds": runs
         * min(step_seconds * train_cfg.steps, train_cfg.max_seconds or float("inf")),
     }
+    remote = models.remote
+    if remote is not None:
+        plan["teacher_round_trip_seconds"] = remote.last_seconds
+        where = (
+            f"  teacher {models.teacher_source}, served at {remote.url} ({remote.api}, model "
+            f"{remote.model}, top {remote.top_k}); warm-up batch round trip "
+            f"{remote.last_seconds or 0.0:.2f} s"
+        )
+    else:
+        where = f"  teacher {plan['teacher_params']:,} params ({models.teacher_source})" + (
+            f", from the cache {config.teacher.cache}" if config.teacher.cache else ""
+        )
     lines = [
         "plan:",
-        f"  teacher {plan['teacher_params']:,} params ({models.teacher_source})"
-        + (f", from the cache {config.teacher.cache}" if config.teacher.cache else ""),
+        where,
         f"  student {student_params:,} params, {models.student.config.num_hidden_layers} layers",
         f"  {tokens_per_step} tokens/step = {train_cfg.batch_size} x {config.data.block_size} x "
         f"accumulation {train_cfg.grad_accum}; {n_train_blocks} training blocks",
@@ -203,7 +218,7 @@ def distill(
     train_blocks, heldout_blocks = prepare_data(config, models.tokenizer)
     examples = isinstance(train_blocks, Examples)
     onpolicy = None
-    if config.onpolicy.lambda_ > 0:  # the schema refuses it with a teacher cache
+    if config.onpolicy.lambda_ > 0:  # the schema refuses it with a teacher cache (fixed blocks)
         eos = models.tokenizer.eos_token_id
         pad = models.tokenizer.pad_token_id
         onpolicy = OnPolicy(config.onpolicy, eos, pad if pad is not None else eos or 0, config.seed)
@@ -215,6 +230,8 @@ def distill(
             train_blocks=train_blocks,
             vocab_rows=models.vocab_rows,
         )
+    elif models.remote is not None:  # checked against the run in prepare_models
+        teacher = models.remote
     else:
         teacher = LiveTeacher(models.teacher, models.vocab_rows)
     student_before = copy.deepcopy(models.student).eval()
@@ -271,6 +288,8 @@ def distill(
     )
     if distiller is not None:
         distiller.remove()
+    if models.remote is not None:
+        models.remote.close()
     compared = {"student_before": student_before, "student_after": models.student}
     if config.baseline:
         labels_only = copy.deepcopy(student_before).train()
@@ -301,7 +320,7 @@ def distill(
         models.student.save_pretrained(tmp, safe_serialization=True)
         models.tokenizer.save_pretrained(tmp)
 
-    if models.teacher is None:  # trained from the cache (or sharded): needed to evaluate
+    if models.teacher is None:  # trained from a cache or server (or sharded): needed to evaluate
         models.teacher = load_teacher(config.teacher).to(models.student.device)
         teacher = LiveTeacher(models.teacher, models.vocab_rows)
     quality = heldout_metrics(

@@ -1,7 +1,7 @@
 """Teachers: anything that gives soft targets for a batch of token ids.
 
-The training loop only sees the :class:`Teacher` protocol, so a live model and an on-disk cache
-are interchangeable.
+The training loop only sees the :class:`Teacher` protocol, so a live model, an on-disk cache and a
+served teacher (over HTTP) are interchangeable.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import torch
 from distill.losses.sparse import SparseTargets
 from distill.teacher.cache import CachedTeacher
 from distill.teacher.live import LiveTeacher
+from distill.teacher.remote import RemoteTeacher
 
-__all__ = ["Teacher", "LiveTeacher", "CachedTeacher", "SparseTargets"]
+__all__ = ["Teacher", "LiveTeacher", "CachedTeacher", "RemoteTeacher", "SparseTargets"]
 
 
 @runtime_checkable
@@ -23,6 +24,6 @@ class Teacher(Protocol):
 
     def soft_targets(self, input_ids: torch.Tensor) -> torch.Tensor | SparseTargets:
         """Soft targets for ``input_ids`` ``[B, T]``, without gradients: full float32 logits
-        ``[B, T, V]`` (a live model) or the top-k :class:`SparseTargets` (a cache);
+        ``[B, T, V]`` (a live model) or the top-k :class:`SparseTargets` (a cache, a server);
         ``distill.losses.sparse.soft_target_loss`` takes either."""
         ...
