@@ -17,7 +17,6 @@ from conftest import make_llama
 from safetensors.torch import load_file
 
 from distill.config import TrainConfig
-from distill.data import default_documents
 from distill.data.examples import encode_examples
 from distill.losses import IGNORE_INDEX
 from distill.train.checkpoint import latest_checkpoint, save_checkpoint
@@ -190,13 +189,32 @@ def test_two_processes_equal_one_process(tmp_path, tiny_teacher_dir):
 
 
 def _prompt_response_rows(path: Path) -> Path:
-    """12 prompt/response rows whose responses are ever longer prefixes of one text (1, 3, 5,
-    ... words): every row holds its own number of targets, so the two ranks' rows never do."""
-    words = " ".join(default_documents()[:3]).split()
+    """12 prompt/response rows whose responses are ever longer prefixes of one sentence (1 to 12
+    words): every row holds its own number of targets, so the two ranks' rows never do."""
+    words = [
+        "the",
+        "for",
+        "statement",
+        "repeats",
+        "a",
+        "block",
+        "of",
+        "code",
+        "once",
+        "for",
+        "each",
+        "item",
+        "of",
+        "a",
+        "sequence",
+        "and",
+        "then",
+        "stops",
+    ]
     rows = [
         {
             "prompt": f"Question {index}: how does it go on?",
-            "response": " ".join(words[: 2 * index + 1]),
+            "response": " ".join(words[: index + 1]),
         }
         for index in range(12)
     ]
