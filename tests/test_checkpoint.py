@@ -17,6 +17,8 @@ from conftest import make_llama
 from safetensors.torch import load_file
 
 from distill.config import TrainConfig
+from distill.data.examples import encode_examples
+from distill.losses import IGNORE_INDEX
 from distill.train.checkpoint import latest_checkpoint, save_checkpoint
 from distill.train.optim import build_optimizer
 
@@ -178,6 +180,64 @@ def test_two_processes_equal_one_process(tmp_path, tiny_teacher_dir):
     assert single.returncode == 0, single.stderr
     args = tiny_args(tiny_teacher_dir, tmp_path, "two", steps=4) + ["--set", "train.batch_size=1"]
     double = torchrun("run", *args, port_offset=3)
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "world size 2" in double.stderr
+    one, two = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-5, msg=name)
+    assert steps_logged(tmp_path / "two" / "metrics.jsonl") == [1, 2, 3, 4]
+
+
+def _prompt_response_rows(path: Path) -> Path:
+    """12 prompt/response rows whose responses are ever longer prefixes of one sentence (1 to 12
+    words): every row holds its own number of targets, so the two ranks' rows never do."""
+    words = [
+        "the",
+        "for",
+        "statement",
+        "repeats",
+        "a",
+        "block",
+        "of",
+        "code",
+        "once",
+        "for",
+        "each",
+        "item",
+        "of",
+        "a",
+        "sequence",
+        "and",
+        "then",
+        "stops",
+    ]
+    rows = [
+        {
+            "prompt": f"Question {index}: how does it go on?",
+            "response": " ".join(words[: index + 1]),
+        }
+        for index in range(12)
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_two_processes_equal_one_process_with_unequal_target_counts(
+    tmp_path, tiny_teacher_dir, tiny_tokenizer
+):
+    """2 gloo ranks x batch 1 == 1 process x batch 2 on prompt/response rows where the ranks'
+    rows hold different target counts: the normaliser is the count summed over all ranks (a
+    per-rank mean would give other weights), rtol/atol 1e-5 as above."""
+    data = _prompt_response_rows(tmp_path / "pairs.jsonl")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    examples = encode_examples(rows, "prompt_response", tiny_tokenizer, 64, "pairs.jsonl")
+    counts = [int((row != IGNORE_INDEX).sum()) for row in examples.labels]
+    assert len(set(counts)) == len(rows), counts  # distinct counts, none cut at the block size
+    extra = ["--set", f"data.path={data}", "--set", "data.block_size=64"]
+    single = distill_cli("run", *tiny_args(tiny_teacher_dir, tmp_path, "one", steps=4), *extra)
+    assert single.returncode == 0, single.stderr
+    args = tiny_args(tiny_teacher_dir, tmp_path, "two", steps=4) + ["--set", "train.batch_size=1"]
+    double = torchrun("run", *args, *extra, port_offset=5)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "world size 2" in double.stderr
     one, two = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")

@@ -26,6 +26,7 @@ from distill.evaluate.choice import (
     read_questions,
 )
 from distill.evaluate.heldout import heldout_quality
+from distill.models import load_causal_lm
 from distill.pipelines.eval import evaluate_models, format_tables, retention
 from distill.teacher import LiveTeacher
 
@@ -166,18 +167,20 @@ def test_evaluate_models_end_to_end(tmp_path, tiny_teacher_dir, tiny_tokenizer, 
     result = evaluate_models([str(int8_dir)], config)
     rows = result["models"]
     assert set(rows) == {"teacher", "student_int8"}
+    teacher, int8 = rows["teacher"], rows["student_int8"]
+    # The teacher against itself, the (other, random) student against the teacher.
+    assert teacher["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)
+    assert teacher["top5_agreement"] == 1.0 and int8["top5_agreement"] < 1.0
+    assert int8["kl_to_teacher"] > 1e-3
+    assert int8["perplexity"] != pytest.approx(teacher["perplexity"], rel=1e-3)
+    assert teacher["params"] == sum(
+        p.numel() for p in load_causal_lm(tiny_teacher_dir).parameters()
+    )
     for row in rows.values():
-        for key in (
-            "perplexity",
-            "top5_agreement",
-            "mc_accuracy",
-            "tokens_per_s_batch1",
-            "tokens_per_s_batch8",
-            "ttft_s",
-            "peak_rss_bytes",
-            "params",
-        ):
-            assert row[key] > 0 or key == "mc_accuracy", key
+        # a share of the 4 questions; measurements taken (a skipped one is None or 0)
+        assert row["mc_accuracy"] * 4 == pytest.approx(round(row["mc_accuracy"] * 4))
+        for key in ("tokens_per_s_batch1", "tokens_per_s_batch8", "ttft_s", "peak_rss_bytes"):
+            assert row[key] > 0, key
     assert rows["student_int8"]["bytes"] == (int8_dir / "model.safetensors").stat().st_size
     assert rows["student_int8"]["params"] == sum(p.numel() for p in student.parameters())
     assert rows["teacher"]["bytes"] == model_bytes(tiny_teacher_dir)
@@ -233,7 +236,10 @@ def test_eval_cli_writes_json(tmp_path, tiny_teacher_dir, tiny_tokenizer, eval_d
         ]
     )
     result = json.loads(out.read_text())
-    assert result["models"]["s"]["perplexity"] > 1
+    models = result["models"]
+    assert models["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)
+    assert models["s"]["kl_to_teacher"] > 1e-3  # another (1-layer, random) model
+    assert models["s"]["perplexity"] != pytest.approx(models["teacher"]["perplexity"], rel=1e-3)
     assert "| s |" in capsys.readouterr().out
 
 

@@ -70,3 +70,27 @@ def test_export_cli_writes_hf_and_verified_gguf(tmp_path, tiny_tokenizer, capsys
         assert (tmp_path / "out" / f"student-{kind}.gguf").stat().st_size > 0
     f16 = (tmp_path / "out" / "student-f16.gguf").stat().st_size
     assert (tmp_path / "out" / "student-q8_0.gguf").stat().st_size < 0.7 * f16
+
+
+def test_load_causal_lm_reads_the_gguf_that_export_writes(tmp_path, tiny_tokenizer):
+    """``distill export --gguf f16`` then ``load_causal_lm``/``load_tokenizer`` on the .gguf (the
+    path a teacher or student given as a GGUF file takes): the same logits as the exported model
+    (F16 tolerance), a plain float model (no quantization marker) that saves as a checkpoint."""
+    from distill.models import load_causal_lm, load_tokenizer
+
+    model = make_llama(len(tiny_tokenizer))
+    source = save_model(model, tiny_tokenizer, tmp_path / "student")
+    main(["export", str(source), "--out", str(tmp_path / "out"), "--gguf", "f16"])
+    gguf = tmp_path / "out" / "student-f16.gguf"
+    loaded = load_causal_lm(gguf).eval()
+    assert getattr(loaded.config, "quantization_config", None) is None
+    assert next(loaded.parameters()).dtype == torch.float32
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 16))
+    with torch.no_grad():
+        reference = model(ids).logits
+        relative = float((loaded(ids).logits - reference).abs().max() / reference.abs().max())
+    assert relative <= TOLERANCES["f16"]
+    text = "for x in items: print(x)"
+    assert load_tokenizer(gguf)(text).input_ids == tiny_tokenizer(text).input_ids
+    loaded.save_pretrained(tmp_path / "resaved")
+    assert (tmp_path / "resaved" / "model.safetensors").is_file()

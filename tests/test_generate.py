@@ -96,6 +96,10 @@ def test_sampling_with_a_seed_repeats_and_temperature_matters(tiny_tokenizer):
     again = sample_continuations(model, prompts, hot, eos_token_id=None, pad_token_id=0)
     assert first == again
     assert len({tuple(c) for c in first}) > 1  # sampled, not greedy: rows differ
+    cold = Sampling(max_new_tokens=12, temperature=1e-4)  # ~greedy: every row the same
+    torch.manual_seed(3)
+    frozen = sample_continuations(model, prompts, cold, eos_token_id=None, pad_token_id=0)
+    assert len({tuple(c) for c in frozen}) == 1 and frozen != first
 
 
 # --- prompts files ----------------------------------------------------------------------------

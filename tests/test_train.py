@@ -9,7 +9,7 @@ import torch
 from conftest import make_llama
 
 from distill.config import LossConfig, TrainConfig
-from distill.data import Batch, BlockBatches
+from distill.data import Batch, BlockBatches, ExampleBatches, Examples
 from distill.errors import DistillError
 from distill.losses import IGNORE_INDEX
 from distill.losses.schedule import LossSchedule, loss_settings
@@ -66,17 +66,118 @@ def test_batch_8x1_equals_batch_2x4():
     )
 
 
-def test_per_micro_batch_normalisation_would_differ():
-    """Guard for the test above: with unequal masks per micro-batch, averaging per micro-batch
-    gives another number than the window normalisation the loop uses."""
+def _prompt_response_examples(vocab: int = 64, rows: int = 16, width: int = 16) -> Examples:
+    """Right-padded prompt/response examples whose rows hold 1 to 12 targets (prompt 2-4
+    tokens, response 1-12), so micro-batches of 2 rows hold different target counts."""
+    generator = torch.Generator().manual_seed(5)
+    input_ids = torch.zeros(rows, width, dtype=torch.long)
+    labels = torch.full((rows, width), IGNORE_INDEX)
+    lengths, prompt_lengths = [], []
+    for row in range(rows):
+        prompt = int(torch.randint(2, 5, (), generator=generator))
+        response = 1 + (row * 5) % 12  # 1, 6, 11, 4, 9, 2, ...
+        length = prompt + response
+        input_ids[row, :length] = torch.randint(1, vocab, (length,), generator=generator)
+        labels[row, prompt - 1 : length - 1] = input_ids[row, prompt:length]
+        lengths.append(length)
+        prompt_lengths.append(prompt)
+    return Examples(input_ids, labels, torch.tensor(lengths), torch.tensor(prompt_lengths))
+
+
+class _PerMicroBatchMean(CausalLMTask):
+    """A deliberately wrong normaliser: each micro-batch's loss divided by its own target count
+    (then averaged over the window's micro-batches) instead of by the window's total count.
+
+    The loop divides every ``terms`` result by the window's count, so this task rescales its
+    terms by ``window_count / (own_count * micro_batches)``."""
+
+    def draw_window(self, grad_accum: int) -> Window:
+        window = super().draw_window(grad_accum)
+        self._window = (sum(self.count(m) for m in window.batches), len(window.batches))
+        return window
+
+    def terms(self, micro, step):
+        loss_sum, parts = super().terms(micro, step)
+        window_count, micro_batches = self._window
+        return loss_sum * window_count / (self.count(micro) * micro_batches), parts
+
+
+def _train_examples(student, teacher, examples, batch_size, grad_accum, task_class=CausalLMTask):
+    return train(
+        task_class(
+            student,
+            teacher,
+            ExampleBatches(examples, batch_size, seed=0),
+            LossConfig(temperature=2.0, alpha=0.5),
+            vocab_rows=teacher.vocab_rows,
+        ),
+        TrainConfig(steps=2, batch_size=batch_size, grad_accum=grad_accum, warmup_steps=0, lr=1e-2),
+    )
+
+
+def _assert_same_training(state_a, student_a, state_b, student_b) -> None:
+    """Same logged losses (rtol 1e-5) and same weights (rtol 1e-5, atol 1e-2 x lr = 1e-4).
+
+    The weight tolerance is wider than test_batch_8x1_equals_batch_2x4's: each batch is cut to
+    its longest row, so the two runs also differ in sequence length, and Adam turns the float32
+    noise of near-zero gradient entries into differences of up to ~2e-3 x lr (measured). A
+    per-micro-batch mean moves ~90% of the entries by more than 1e-2 x lr (up to ~3 x lr) and
+    the logged losses by ~1e-3 relative, so the margin is wide both ways."""
+    for record_a, record_b in zip(state_a.history, state_b.history, strict=True):
+        assert abs(record_a["loss"] - record_b["loss"]) < 1e-5 * abs(record_a["loss"])
+    for (name, param_a), param_b in zip(
+        student_a.named_parameters(), student_b.parameters(), strict=True
+    ):
+        torch.testing.assert_close(param_a, param_b, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_prompt_response_micro_batches_hold_different_target_counts():
+    """Guard for the two tests below: the 2-row micro-batches of a window of 8 rows hold
+    different numbers of targets (else a per-micro-batch mean equals the window mean)."""
+    batches = ExampleBatches(_prompt_response_examples(), 2, seed=0)
+    counts = [batches.next_batch().n_targets for _ in range(4)]
+    assert len(set(counts)) > 1, counts
+
+
+def test_batch_8x1_equals_batch_2x4_with_unequal_target_counts():
+    """The window normaliser through ``train()`` on prompt/response batches whose micro-batches
+    hold different target counts: batch 8 x 1 == batch 2 x 4 (ExampleBatches cut each batch to
+    its longest row; right padding cannot change a causal model's logits)."""
+    teacher, student, _ = _setup()
+    examples = _prompt_response_examples()
+    student_a, student_b = copy.deepcopy(student), copy.deepcopy(student)
+    state_a = _train_examples(student_a, teacher, examples, batch_size=8, grad_accum=1)
+    state_b = _train_examples(student_b, teacher, examples, batch_size=2, grad_accum=4)
+    _assert_same_training(state_a, student_a, state_b, student_b)
+    assert not torch.equal(student_a.lm_head.weight, student.lm_head.weight)
+
+
+def test_per_micro_batch_mean_fails_the_equivalence():
+    """The test above can fail: with each micro-batch divided by its own count, batch 2 x 4
+    trains to other weights than batch 8 x 1 (by far more than the tolerance)."""
+    teacher, student, _ = _setup()
+    examples = _prompt_response_examples()
+    student_a, student_b = copy.deepcopy(student), copy.deepcopy(student)
+    state_a = _train_examples(student_a, teacher, examples, batch_size=8, grad_accum=1)
+    state_b = _train_examples(
+        student_b, teacher, examples, batch_size=2, grad_accum=4, task_class=_PerMicroBatchMean
+    )
+    with pytest.raises(AssertionError):
+        _assert_same_training(state_a, student_a, state_b, student_b)
+    # ... and on equal-count blocks the same wrong normaliser passes: why the test above exists.
     teacher, student, blocks = _setup()
-    settings = loss_settings(LossConfig())
-    first, second = blocks[:2].clone(), blocks[2:4].clone()
-    terms_a = micro_batch_terms(student, teacher, first, settings, teacher.vocab_rows)
-    terms_b = micro_batch_terms(student, teacher, second[:, :4], settings, teacher.vocab_rows)
-    window = (terms_a.loss_sum + terms_b.loss_sum) / (terms_a.n_tokens + terms_b.n_tokens)
-    per_micro = (terms_a.loss_sum / terms_a.n_tokens + terms_b.loss_sum / terms_b.n_tokens) / 2
-    assert not torch.isclose(window, per_micro)
+    examples = Examples(
+        blocks,
+        labels_for(blocks),
+        torch.full((blocks.shape[0],), blocks.shape[1]),
+        torch.ones(blocks.shape[0], dtype=torch.long),
+    )
+    student_a, student_b = copy.deepcopy(student), copy.deepcopy(student)
+    state_a = _train_examples(student_a, teacher, examples, batch_size=8, grad_accum=1)
+    state_b = _train_examples(
+        student_b, teacher, examples, batch_size=2, grad_accum=4, task_class=_PerMicroBatchMean
+    )
+    _assert_same_training(state_a, student_a, state_b, student_b)
 
 
 def test_training_is_deterministic_and_lowers_kl():
