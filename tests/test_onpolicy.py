@@ -289,7 +289,10 @@ def test_distill_run_on_chat_data_with_on_policy_batches(
     ]
     assert len(records) == 3 and all("onpolicy_fraction" in r for r in records)
     models = result.report["models"]
-    assert models["student_after"]["kl_to_teacher"] < models["student_before"]["kl_to_teacher"]
+    # The 2-layer teacher's student keeps both layers: it starts as an exact copy (KL 0), and
+    # the on-policy steps (sampled continuations, JSD) move it away from that copy.
+    assert models["student_before"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)
+    assert models["student_after"]["kl_to_teacher"] > 1e-7
     mean_fraction = sum(r["onpolicy_fraction"] for r in records) / len(records)
     assert result.report["training"]["onpolicy_fraction"] == pytest.approx(mean_fraction)
     assert "On-policy micro-batches" in (result.run_dir / "report.md").read_text()
