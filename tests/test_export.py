@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from distill.cli import main
 from distill.compress import save_model as save_compressed
 from distill.errors import ModelError
-from distill.export import TOLERANCES, export_gguf, export_model
+from distill.export import TOLERANCES, export_gguf
 from distill.export.gguf import _permute_rotary, gguf_tensor_name
+from distill.pipelines.export import export_model
 
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])

@@ -42,7 +42,7 @@ from distill.student.intermediate import IntermediateDistiller, is_enabled
 from distill.teacher import LiveTeacher
 from distill.teacher.cache import open_run_cache, read_manifest
 from distill.train import train
-from distill.train.distributed import init_distributed
+from distill.train.distributed import init_distributed, resolve_device
 from distill.train.loop import CheckpointPlan
 from distill.train.onpolicy import OnPolicy
 
@@ -59,7 +59,11 @@ class RunResult:
 
 
 def _print_plan(
-    config: RunConfig, models: Models, warmup: dict[str, float], n_train_blocks: int
+    config: RunConfig,
+    models: Models,
+    warmup: dict[str, float],
+    n_train_blocks: int,
+    device: torch.device,
 ) -> dict:
     train_cfg = config.train
     tokens_per_step = train_cfg.batch_size * config.data.block_size * train_cfg.grad_accum
@@ -68,6 +72,7 @@ def _print_plan(
     optimizer_bytes = 2 * student_params * 4  # AdamW's two float32 moments, created at step 1
     runs = 2 if config.baseline else 1
     plan = {
+        "device": str(device),
         "teacher_params": count_params(models.teacher)
         if models.teacher is not None
         else read_manifest(config.teacher.cache)["teacher"]["params"],
@@ -81,6 +86,7 @@ def _print_plan(
     }
     lines = [
         "plan:",
+        f"  device {device} (train.device={train_cfg.device})",
         f"  teacher {plan['teacher_params']:,} params ({models.teacher_source})"
         + (f", from the cache {config.teacher.cache}" if config.teacher.cache else ""),
         f"  student {student_params:,} params, {models.student.config.num_hidden_layers} layers",
@@ -171,7 +177,8 @@ def distill(
         config = load_config(config, overrides)
     check_data_source(config)  # before any model loads: a missing or unreadable data file
     run_dir = config.run_dir
-    context = init_distributed(config.parallel.backend)
+    context = init_distributed(config.parallel.backend, config.train)
+    device = resolve_device(config.train, context.local_rank)  # a missing GPU: exit 2, no load
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(
             f"run directory {run_dir} already holds a run: choose another name (--name) or "
@@ -194,10 +201,10 @@ def distill(
 
     models = prepare_models(config)
     sharded = config.parallel.strategy == "fsdp" and context.enabled  # placed by the sharding
-    if torch.cuda.is_available() and not sharded:
+    if not sharded:
         if models.teacher is not None:
-            models.teacher.to(f"cuda:{context.local_rank}")
-        models.student.to(f"cuda:{context.local_rank}")
+            models.teacher.to(device)
+        models.student.to(device)
     train_blocks, heldout_blocks = prepare_data(config, models.tokenizer)
     examples = isinstance(train_blocks, Examples)
     onpolicy = None
@@ -221,7 +228,7 @@ def distill(
 
     def on_warmup(warmup: dict[str, float]) -> None:
         if context.is_main:
-            plan.update(_print_plan(config, models, warmup, len(train_blocks)))
+            plan.update(_print_plan(config, models, warmup, len(train_blocks), device))
 
     global_batch = config.train.batch_size * config.train.grad_accum * context.world_size
     if context.is_main:
