@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU PyTorch where there is no NVIDIA GPU (torch==2.13.0 is the CPU build found on this machine).
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 
-.PHONY: demo demo-onpolicy install dev test test-slow test-gpu test-compat lint format bench clean
+.PHONY: demo demo-onpolicy install dev test test-slow test-gpu test-compat lint format bench bench-peer clean
 
 demo: install  ## distil the embedded default teacher into a 15-layer student (~10 min on 2 cores)
 	$(VENV)/bin/distill run
@@ -68,7 +68,12 @@ format: dev
 	$(VENV)/bin/ruff format src tests benchmarks examples
 
 bench: install  ## every benchmark script (minutes each); results go to benchmarks/results/
-	for script in $(filter-out benchmarks/common.py benchmarks/table.py,$(wildcard benchmarks/*.py)); do $(PY) $$script || exit 1; done
+	for script in $(filter-out benchmarks/common.py benchmarks/table.py benchmarks/peer_trl.py,$(wildcard benchmarks/*.py)); do $(PY) $$script || exit 1; done
+	$(PY) benchmarks/table.py
+
+bench-peer: install  ## distill's step against TRL's GKD trainer, side by side (installs TRL)
+	$(PY) -m pip install -q "trl>=1.16"
+	$(PY) benchmarks/peer_trl.py
 	$(PY) benchmarks/table.py
 
 clean:
