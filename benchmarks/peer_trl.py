@@ -78,6 +78,12 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cpu", help="cpu (float32) or cuda / cuda:N (bf16 autocast)"
     )
+    parser.add_argument(
+        "--trl-optim",
+        default="",
+        help="TRL's optimizer (a transformers `optim` name); empty = its default "
+        "(fused AdamW); adamw_torch = the same torch AdamW that distill uses",
+    )
     args = parser.parse_args()
     if args.steps < 5:
         parser.error("--steps: at least 5 timed steps of each")
@@ -139,6 +145,7 @@ def main() -> None:
             report_to=[],
             save_strategy="no",
             logging_strategy="no",
+            **({"optim": args.trl_optim} if args.trl_optim else {}),
         )
         from datasets import Dataset
 
@@ -210,6 +217,8 @@ def main() -> None:
                 "objective": "forward KL(teacher || student), mean over predicted tokens: "
                 "TRL GKD lmbda=0 beta=0; distill loss.alpha=0 loss.temperature=1",
                 "optimizer": "AdamW lr 2e-4, betas (0.9, 0.95), weight decay 0.01, clip 1.0",
+                "distill_optimizer": "torch.optim.AdamW, torch's default implementation",
+                "trl_optim": str(getattr(config.optim, "value", config.optim)),
             },
             "first_step_loss": {"distill": first_distill, "trl": first_trl},
             "warmup_seconds": {"distill": warmup_distill, "trl": warmup_trl},
