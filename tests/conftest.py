@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
 from distill.data import default_documents  # noqa: E402
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now: the OS picks it, so parallel test workers
+    (``pytest -n``) and other users of the machine never get the same fixed port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +128,7 @@ def tiny_run_config(tmp_path, tiny_teacher_dir) -> dict:
         "teacher": {"path": str(tiny_teacher_dir)},
         "student": {"keep_first": 1, "keep_last": 1},
         "data": {"block_size": 32},
-        "train": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "threads": 1},
+        "train": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "threads": 1, "device": "cpu"},
         "eval": {"max_blocks": 4, "batch_size": 2, "gen_new_tokens": 4, "gen_prompts": ["def f"]},
     }
 

@@ -394,7 +394,7 @@ def written_cache(tmp_path_factory, tiny_teacher_dir) -> dict:
         "student": {"keep_first": 1, "keep_last": 1},
         "data": {"block_size": 32, "path": str(data)},
         "cache": {"k": 16, "shard_blocks": 16},
-        "train": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "threads": 1},
+        "train": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "threads": 1, "device": "cpu"},
         "eval": {"max_blocks": 4, "batch_size": 2, "speed": False},
     }
     _cli(config, root / "cache.yaml", "cache")

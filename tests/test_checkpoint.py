@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import make_llama
+from conftest import free_port, make_llama
 from safetensors.torch import load_file
 
 from distill.config import TrainConfig
@@ -35,6 +35,7 @@ def tiny_args(teacher_dir: Path, output_dir: Path, name: str, steps: int = 24) -
         "train.batch_size": 2,
         "train.warmup_steps": 2,
         "train.threads": 1,
+        "train.device": "cpu",
         "train.lr": 3e-3,
         "checkpoint.every": 1,
         "eval.max_blocks": 2,
@@ -153,8 +154,9 @@ def test_keep_prunes_old_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000003", "step-00000004"]
 
 
-def torchrun(*args: str, port_offset: int = 0) -> subprocess.CompletedProcess:
-    """``python -m distill ARGS`` under torchrun with 2 CPU (gloo) processes, 1 thread each."""
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``python -m distill ARGS`` under torchrun with 2 CPU (gloo) processes, 1 thread each, on a
+    port free at the call (no fixed port: xdist workers run torchrun side by side)."""
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable,
@@ -163,7 +165,7 @@ def torchrun(*args: str, port_offset: int = 0) -> subprocess.CompletedProcess:
         "--nproc-per-node",
         "2",
         "--master-port",
-        str(30500 + (os.getpid() * 7 + port_offset) % 1000),
+        str(free_port()),
         "-m",
         "distill",
         *args,
@@ -179,7 +181,7 @@ def test_two_processes_equal_one_process(tmp_path, tiny_teacher_dir):
     single = distill_cli("run", *tiny_args(tiny_teacher_dir, tmp_path, "one", steps=4))
     assert single.returncode == 0, single.stderr
     args = tiny_args(tiny_teacher_dir, tmp_path, "two", steps=4) + ["--set", "train.batch_size=1"]
-    double = torchrun("run", *args, port_offset=3)
+    double = torchrun("run", *args)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "world size 2" in double.stderr
     one, two = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")

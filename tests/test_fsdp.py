@@ -93,7 +93,7 @@ def test_fsdp_resume_is_bit_identical(sharded_runs):
     run_dir = sharded_runs["run_dir"]
     for late in ("step-00000003", "step-00000004"):
         shutil.rmtree(run_dir / "checkpoints" / late)
-    resumed = torchrun("run", "--resume", str(run_dir), port_offset=1)
+    resumed = torchrun("run", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert steps_logged(run_dir / "metrics.jsonl") == [1, 2, 3, 4]
     again, before = student_weights(run_dir), sharded_runs["two"]["weights"]
@@ -108,7 +108,7 @@ def test_projection_gradients_are_summed_over_ranks(tmp_path, tiny_teacher_dir):
     single = distill_cli("run", *tiny_args(tiny_teacher_dir, tmp_path, "one", steps=4), *PROJECTION)
     assert single.returncode == 0, single.stderr
     args = tiny_args(tiny_teacher_dir, tmp_path, "two", steps=4)
-    double = torchrun("run", *args, *PROJECTION, "--set", "train.batch_size=1", port_offset=2)
+    double = torchrun("run", *args, *PROJECTION, "--set", "train.batch_size=1")
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = student_weights(tmp_path / "one"), student_weights(tmp_path / "two")
     for key in one:

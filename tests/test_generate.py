@@ -39,6 +39,7 @@ def _config(teacher: Path, prompts: Path, output: Path, *extra: str):
             f"generate.prompts={prompts}",
             f"generate.output={output}",
             "train.threads=1",
+            "train.device=cpu",
             *extra,
         ],
     )
@@ -292,6 +293,8 @@ def test_cli_resumes_after_sigkill_without_duplicates_or_losses(
         "generate.temperature=1.0",
         "--set",
         "train.threads=1",
+        "--set",
+        "train.device=cpu",
     ]
     process = _cli(*args)
     deadline = time.monotonic() + 120

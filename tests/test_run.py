@@ -33,7 +33,14 @@ def finished_run(tmp_path_factory, tiny_teacher_dir):
         "teacher": {"path": str(tiny_teacher_dir)},
         "student": {"keep_first": 1, "keep_last": 1},
         "data": {"block_size": 32},
-        "train": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "threads": 1, "lr": 5e-3},
+        "train": {
+            "steps": 3,
+            "batch_size": 2,
+            "warmup_steps": 1,
+            "threads": 1,
+            "device": "cpu",
+            "lr": 5e-3,
+        },
         "eval": {"max_blocks": 4, "batch_size": 2, "gen_new_tokens": 4, "gen_prompts": ["def f"]},
     }
     return distill.distill(config)
@@ -72,6 +79,7 @@ def test_report_has_every_model_and_key(finished_run):
         assert all(metrics[key] is not None for key in REPORT_KEYS), name
     assert report["models"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)
     assert report["models"]["teacher"]["top1_agreement"] == 1.0
+    assert report["plan"]["device"] == "cpu"  # the run config names train.device=cpu
     student_file = finished_run.run_dir / "student" / "model.safetensors"
     assert report["models"]["student_after"]["bytes"] == student_file.stat().st_size
     assert report["models"]["student_after"]["params"] < report["models"]["teacher"]["params"]

@@ -8,11 +8,19 @@ naming the key, the value and what was expected. Every field's ``description`` i
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from distill.errors import ConfigError
 
@@ -360,12 +368,26 @@ class TrainConfig(_Section):
     grad_clip: float = Field(1.0, ge=0.0, description="Max global gradient norm; 0 disables.")
     log_every: int = Field(1, ge=1, description="Write a metrics.jsonl record every N steps.")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores.")
+    device: str = Field(
+        "auto",
+        description="Where the student and a live teacher train (and distill generate samples): "
+        "auto = CUDA when torch sees a GPU (under torchrun, GPU LOCAL_RANK), else CPU; cpu; "
+        "cuda (GPU LOCAL_RANK); cuda:N (one named GPU, one process only). The encoder tasks "
+        "run on CPU.",
+    )
     max_seconds: float = Field(
         0.0,
         ge=0.0,
         description="Wall-clock budget of training: stop after the step that reaches it (the "
         "schedule still spans train.steps); 0 = no budget, train.steps decides.",
     )
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", value):
+            raise ValueError("expected auto, cpu, cuda or cuda:N (N a GPU index, e.g. cuda:0)")
+        return value
 
 
 class EvalConfig(_Section):
@@ -793,6 +815,15 @@ def _encoder_layer_losses_need_built_student(config: RunConfig) -> str | None:
     return None
 
 
+def _encoder_runs_on_cpu(config: RunConfig) -> str | None:
+    if config.train.device.startswith("cuda"):
+        return (
+            f"train.device={config.train.device}: task {config.task} trains on CPU only "
+            "(set train.device=cpu or auto)"
+        )
+    return None
+
+
 _CAUSAL_LM_RULES = (
     _onpolicy_needs_a_scoring_teacher,
     _intermediate_needs_live_teacher,
@@ -805,6 +836,7 @@ _ENCODER_RULES = (
     _classification_needs_files,
     _embedding_has_no_baseline,
     _encoder_layer_losses_need_built_student,
+    _encoder_runs_on_cpu,
 )
 
 

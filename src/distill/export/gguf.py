@@ -19,7 +19,14 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from distill.errors import ModelError
 
-__all__ = ["GGUF_TYPES", "TOLERANCES", "gguf_tensor_name", "export_gguf", "verify_gguf"]
+__all__ = [
+    "GGUF_TYPES",
+    "TOLERANCES",
+    "gguf_tensor_name",
+    "export_gguf",
+    "special_token_ids",
+    "verify_gguf",
+]
 
 GGUF_TYPES = ("f16", "q8_0")
 # max |logit difference| / max |logit| allowed after the round trip, per weight type
@@ -97,7 +104,9 @@ def _add_metadata(writer, model: PreTrainedModel, kind: str, name: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _add_tokenizer(writer, tokenizer: PreTrainedTokenizerBase, vocab_rows: int) -> None:
+def _add_tokenizer(
+    writer, tokenizer: PreTrainedTokenizerBase, vocab_rows: int, model_bos: int | None = None
+) -> None:
     import gguf
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
@@ -119,13 +128,31 @@ def _add_tokenizer(writer, tokenizer: PreTrainedTokenizerBase, vocab_rows: int) 
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
-    for setter, token_id in (
-        (writer.add_bos_token_id, tokenizer.bos_token_id),
-        (writer.add_eos_token_id, tokenizer.eos_token_id),
-        (writer.add_pad_token_id, tokenizer.pad_token_id),
-    ):
-        if token_id is not None:
-            setter(token_id)
+    for key, token_id in special_token_ids(tokenizer, model_bos, vocab_rows).items():
+        getattr(writer, f"add_{key}_token_id")(token_id)  # tokenizer.ggml.<key>_token_id
+    bos = tokenizer.bos_token_id
+    encoded = tokenizer("a").input_ids if bos is not None else []
+    writer.add_add_bos_token(bool(encoded) and encoded[0] == bos)  # GPT-2 style: no BOS added
+
+
+def special_token_ids(
+    tokenizer: PreTrainedTokenizerBase, model_bos: int | None, vocab_rows: int
+) -> dict[str, int]:
+    """The ``tokenizer.ggml.{bos,eos,pad,unk}_token_id`` values of the GGUF file.
+
+    Every GGUF carries a BOS id (llama.cpp and transformers' GGUF tokenizer loader expect one):
+    the tokenizer's, else the model config's ``bos_token_id``, else the EOS id. Pad and unk are
+    written only when the tokenizer has them."""
+    ids = {
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+        "unk": tokenizer.unk_token_id,
+    }
+    if ids["bos"] is None:
+        fallback = model_bos if model_bos is not None and 0 <= model_bos < vocab_rows else None
+        ids["bos"] = fallback if fallback is not None else ids["eos"]
+    return {key: int(value) for key, value in ids.items() if value is not None}
 
 
 def export_gguf(
@@ -148,7 +175,7 @@ def export_gguf(
     tmp = target.with_name(f".{target.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     _add_metadata(writer, model, kind, name)
-    _add_tokenizer(writer, tokenizer, config.vocab_size)
+    _add_tokenizer(writer, tokenizer, config.vocab_size, getattr(config, "bos_token_id", None))
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":

@@ -38,6 +38,7 @@ from distill.io import (
 )
 from distill.models import load_teacher, load_teacher_tokenizer, teacher_source
 from distill.sampling import Sampling, sample_continuations
+from distill.train.distributed import resolve_device
 
 __all__ = [
     "Prompt",
@@ -205,6 +206,7 @@ def generate_responses(config: RunConfig) -> Path:
     """Sample one teacher response per prompt of ``generate.prompts`` into ``generate.output``
     (resuming a partial file); returns the output path."""
     settings = config.generate
+    device = resolve_device(config.train)  # a missing GPU: one line, before anything loads
     prompts_file = Path(settings.prompts) if settings.prompts else default_prompts_path()
     output = Path(settings.output) if settings.output else config.run_dir / "generations.jsonl"
     prompts = read_prompts(prompts_file)
@@ -235,9 +237,7 @@ def generate_responses(config: RunConfig) -> Path:
     if todo:
         if config.train.threads:
             torch.set_num_threads(config.train.threads)
-        model = load_teacher(config.teacher)
-        if torch.cuda.is_available():
-            model.to("cuda")
+        model = load_teacher(config.teacher).to(device)
         eos = tokenizer.eos_token_id
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         pad = pad if pad is not None else 0

@@ -42,7 +42,7 @@ from distill.student.intermediate import IntermediateDistiller, is_enabled
 from distill.teacher import LiveTeacher
 from distill.teacher.cache import open_run_cache, read_manifest
 from distill.train import CausalLMTask, CheckpointPlan, train
-from distill.train.distributed import init_distributed
+from distill.train.distributed import init_distributed, resolve_device
 from distill.train.onpolicy import OnPolicy
 from distill.train.task import refuse_torchrun
 
@@ -59,7 +59,11 @@ class RunResult:
 
 
 def _print_plan(
-    config: RunConfig, models: Models, warmup: dict[str, float], n_train_blocks: int
+    config: RunConfig,
+    models: Models,
+    warmup: dict[str, float],
+    n_train_blocks: int,
+    device: torch.device,
 ) -> dict:
     train_cfg = config.train
     tokens_per_step = train_cfg.batch_size * config.data.block_size * train_cfg.grad_accum
@@ -74,6 +78,7 @@ def _print_plan(
     else:
         teacher_params = None  # served: the server does not say
     plan = {
+        "device": str(device),
         "teacher_params": teacher_params,
         "student_params": student_params,
         "tokens_per_step": tokens_per_step,
@@ -97,6 +102,7 @@ def _print_plan(
         )
     lines = [
         "plan:",
+        f"  device {device} (train.device={train_cfg.device})",
         where,
         f"  student {student_params:,} params, {models.student.config.num_hidden_layers} layers",
         f"  {tokens_per_step} tokens/step = {train_cfg.batch_size} x {config.data.block_size} x "
@@ -188,7 +194,8 @@ def distill(
     if config.task != "causal_lm":  # encoder runs: one process (refused before any work)
         refuse_torchrun(f"task {config.task}")
     run_dir = config.run_dir
-    context = init_distributed(config.parallel.backend)
+    context = init_distributed(config.parallel.backend, config.train)
+    device = resolve_device(config.train, context.local_rank)  # a missing GPU: exit 2, no load
     if not resume and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(
             f"run directory {run_dir} already holds a run: choose another name (--name) or "
@@ -211,10 +218,10 @@ def distill(
 
     models = prepare_models(config)
     sharded = config.parallel.strategy == "fsdp" and context.enabled  # placed by the sharding
-    if torch.cuda.is_available() and not sharded:
+    if not sharded:
         if models.teacher is not None:
-            models.teacher.to(f"cuda:{context.local_rank}")
-        models.student.to(f"cuda:{context.local_rank}")
+            models.teacher.to(device)
+        models.student.to(device)
     train_blocks, heldout_blocks = prepare_data(config, models.tokenizer)
     examples = isinstance(train_blocks, Examples)
     onpolicy = None
@@ -240,7 +247,7 @@ def distill(
 
     def on_warmup(warmup: dict[str, float]) -> None:
         if context.is_main:
-            plan.update(_print_plan(config, models, warmup, len(train_blocks)))
+            plan.update(_print_plan(config, models, warmup, len(train_blocks), device))
 
     global_batch = config.train.batch_size * config.train.grad_accum * context.world_size
     if context.is_main:

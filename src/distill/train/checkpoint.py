@@ -130,8 +130,10 @@ def load_checkpoint(
         raise RuntimeError(
             f"checkpoint {checkpoint} does not match the model: {missing or unexpected}"
         )
-    optimizer_state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    trainer_state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    # Read onto the CPU: a GPU run's checkpoint resumes on a CPU-only machine too
+    # (``optimizer.load_state_dict`` moves the state to each parameter's device).
+    optimizer_state = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+    trainer_state = torch.load(checkpoint / "trainer.pt", map_location="cpu", weights_only=True)
     if optimizer is None:
         return {**trainer_state, "optimizer": optimizer_state}
     optimizer.load_state_dict(optimizer_state)

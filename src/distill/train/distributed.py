@@ -16,9 +16,12 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from distill.errors import ConfigError
+
 __all__ = [
     "DistContext",
     "init_distributed",
+    "resolve_device",
     "all_reduce_sum",
     "all_reduce_gradients",
     "broadcast_parameters",
@@ -40,18 +43,59 @@ class DistContext:
         return self.world_size > 1
 
 
-def init_distributed(backend: str = "auto") -> DistContext:
-    """Join the process group that torchrun describes in the environment; one process otherwise."""
+def resolve_device(setting: object = "auto", local_rank: int = 0) -> torch.device:
+    """The device that ``train.device`` names for this process.
+
+    ``setting`` is a :class:`~distill.config.TrainConfig` (its ``device``) or the string itself:
+    ``auto`` = ``cuda:<local_rank>`` when torch sees a GPU, else CPU; ``cpu``; ``cuda`` =
+    ``cuda:<local_rank>``; ``cuda:N`` = that GPU. A GPU that is not there is a
+    :class:`ConfigError` (one line, exit 2), raised before any model is loaded.
+    """
+    name = str(getattr(setting, "device", setting))
+    if name == "cpu":
+        return torch.device("cpu")
+    available = torch.cuda.is_available()
+    if name == "auto":
+        return torch.device("cuda", local_rank) if available else torch.device("cpu")
+    if name != "cuda" and not name.startswith("cuda:"):
+        raise ConfigError(f"train.device={name}: expected auto, cpu, cuda or cuda:N")
+    if not available:
+        build = "built without CUDA" if torch.version.cuda is None else "sees no GPU"
+        raise ConfigError(
+            f"train.device={name}: this torch {torch.__version__} {build}; "
+            "use train.device=cpu (or auto)"
+        )
+    index = local_rank if name == "cuda" else int(name.split(":", 1)[1])
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise ConfigError(
+            f"train.device={name}: GPU {index} does not exist ({count} visible: 0..{count - 1})"
+        )
+    return torch.device("cuda", index)
+
+
+def init_distributed(backend: str = "auto", device: object = "auto") -> DistContext:
+    """Join the process group that torchrun describes in the environment; one process otherwise.
+
+    ``backend`` auto is NCCL when this rank trains on a GPU (``device``, see
+    :func:`resolve_device`), else gloo."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistContext()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    name = str(getattr(device, "device", device))
+    if name.startswith("cuda:"):
+        raise ConfigError(
+            f"train.device={name} names one GPU for all {world_size} ranks: under torchrun use "
+            "train.device=cuda (rank i takes GPU LOCAL_RANK) or auto"
+        )
+    placed = resolve_device(device, local_rank)
     if not dist.is_initialized():
         if backend == "auto":
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = "nccl" if placed.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+    if placed.type == "cuda":
+        torch.cuda.set_device(placed)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
 
 

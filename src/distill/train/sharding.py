@@ -104,8 +104,10 @@ def autocast(setting: str, device: torch.device) -> contextlib.AbstractContextMa
 
 
 def device_mesh(world_size: int) -> DeviceMesh:
-    """A 1-D mesh over all ranks on this process's device (CUDA when there is one)."""
-    return init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world_size,))
+    """A 1-D mesh over all ranks on this process's device: CUDA under NCCL (``train.device``
+    chose a GPU, see :func:`distill.train.distributed.init_distributed`), else CPU."""
+    nccl = torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl"
+    return init_device_mesh("cuda" if nccl else "cpu", (world_size,))
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
