@@ -402,6 +402,32 @@ class EvalConfig(_Section):
         True,
         description="Measure generation tokens/s and peak RSS, each model in a fresh process.",
     )
+    extra_data: list[str] | None = Field(
+        None,
+        description="More held-out sets of another kind than the training data (.txt / .jsonl / "
+        ".parquet text files, never trained on), each scored for every model like the held-out "
+        "blocks; unset = the shipped other_domain.txt (English prose of other genres, valid for "
+        "any tokenizer); [] = none.",
+    )
+    sample_prompts: int = Field(
+        4,
+        ge=0,
+        description="Per held-out set: prefixes the students continue (sampled, seeded), scored "
+        "by the teacher (teacher_nll: does the student write like the teacher); 0 = off.",
+    )
+    sample_tokens: int = Field(
+        24, ge=1, description="Tokens each student writes per eval.sample_prompts prefix."
+    )
+    every: int = Field(
+        10,
+        ge=0,
+        description="During training, score the student's KL to the teacher and top-1 agreement "
+        "on eval.every_blocks blocks of each held-out set every N steps (and at the last step), "
+        "into metrics.jsonl's `fidelity`; live teacher only; 0 = off.",
+    )
+    every_blocks: int = Field(
+        4, ge=1, description="Blocks per held-out set scored at each eval.every step."
+    )
 
 
 class EncoderConfig(_Section):
