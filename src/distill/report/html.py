@@ -21,7 +21,14 @@ import yaml
 
 from distill.io import atomic_write_text
 
-__all__ = ["HTML_COLUMNS", "LOSS_TERMS_SKIPPED", "describe_speed", "render_html", "write_html"]
+__all__ = [
+    "HTML_COLUMNS",
+    "LOSS_TERMS_SKIPPED",
+    "describe_speed",
+    "loss_terms",
+    "render_html",
+    "write_html",
+]
 
 # (key, title, format); bytes-like keys are shown in MB
 HTML_COLUMNS = [
@@ -78,16 +85,24 @@ def _pyplot():
     return plt
 
 
-def _loss_plot(curves: dict[str, list[dict[str, Any]]]) -> str:
-    terms = sorted(
+def loss_terms(curves: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """The numeric terms of the metrics records plotted as training curves (not the step,
+    rates, times such as ``comm_s``, nor the nested ``fidelity`` record)."""
+    return sorted(
         {
             key
             for history in curves.values()
             for record in history
             for key, value in record.items()
-            if key not in LOSS_TERMS_SKIPPED and isinstance(value, int | float)
+            if key not in LOSS_TERMS_SKIPPED
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
         }
     )
+
+
+def _loss_plot(curves: dict[str, list[dict[str, Any]]]) -> str:
+    terms = loss_terms(curves)
     if not terms:
         return "<p>No training metrics were logged.</p>"
     plt = _pyplot()
