@@ -241,6 +241,19 @@ class IntermediateConfig(_Section):
         return self.hidden_weight > 0 or self.attention_weight > 0
 
 
+class SourceConfig(_Section):
+    path: str = Field(description="A .txt / .jsonl / .parquet file or a directory of them.")
+    weight: float = Field(
+        1.0, gt=0.0, description="Share of training rows drawn from this source (normalised)."
+    )
+    format: Literal["text"] = Field(
+        "text",
+        description="text = documents packed into blocks (chat / prompt_response sources are "
+        "not supported yet).",
+    )
+    text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet rows.")
+
+
 class DataConfig(_Section):
     path: str | None = Field(
         None,
@@ -259,6 +272,13 @@ class DataConfig(_Section):
     block_size: int = Field(256, ge=8, description="Tokens per packed training block.")
     heldout_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="Share of characters held out, as whole documents."
+    )
+    sources: list[SourceConfig] | None = Field(
+        None,
+        min_length=1,
+        description="Several text sources instead of data.path: [{path, weight, format}]; each "
+        "is split into train / held-out on its own (data.heldout_fraction), training rows are "
+        "drawn from them by weight, the held-out blocks come from every source in turn.",
     )
 
 
@@ -819,7 +839,20 @@ def _encoder_layer_losses_need_built_student(config: RunConfig) -> str | None:
     return None
 
 
+def _sources_are_text_blocks(config: RunConfig) -> str | None:
+    if not config.data.sources:
+        return None
+    if config.data.path is not None:
+        return "data.sources and data.path: set one of them (data.sources lists every file)"
+    if config.data.format not in ("auto", "text"):
+        return f"data.sources are text sources; data.format={config.data.format} does not apply"
+    if config.teacher.cache:
+        return "data.sources: a teacher.cache holds one corpus's blocks; unset teacher.cache"
+    return None
+
+
 _CAUSAL_LM_RULES = (
+    _sources_are_text_blocks,
     _onpolicy_needs_a_scoring_teacher,
     _intermediate_needs_live_teacher,
     _served_teacher_loss_is_exact,

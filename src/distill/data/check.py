@@ -37,6 +37,9 @@ def check_data_source(config: RunConfig) -> None:
         for path in extra_sources(config.eval.extra_data).values():
             for file in data_files(path, DOCUMENT_SUFFIXES):
                 _check_utf8(file)
+    for source in config.data.sources or []:
+        for file in data_files(source.path, DOCUMENT_SUFFIXES):
+            _check_utf8(file)
     if config.data.path is None:
         return
     suffixes = _LABELLED_SUFFIXES if config.task == "classification" else DOCUMENT_SUFFIXES

@@ -29,6 +29,7 @@ from distill.data import (
     check_data_source,
 )
 from distill.data.extra import extra_blocks, extra_sources, spread
+from distill.data.sources import WeightedBatches
 from distill.errors import ConfigError
 from distill.evaluate import heldout_metrics
 from distill.evaluate.fidelity import FidelityProbe, block_prompts, sample_fidelity
@@ -38,7 +39,7 @@ from distill.models import (
     count_params,
     load_teacher,
 )
-from distill.pipelines.prepare import Models, prepare_data, prepare_models
+from distill.pipelines.prepare import Models, prepare_data, prepare_models, prepare_sources
 from distill.report import build_report
 from distill.student.intermediate import IntermediateDistiller, is_enabled
 from distill.teacher import LiveTeacher
@@ -238,7 +239,12 @@ def distill(
         if models.teacher is not None:
             models.teacher.to(f"cuda:{context.local_rank}")
         models.student.to(f"cuda:{context.local_rank}")
-    train_blocks, heldout_blocks = prepare_data(config, models.tokenizer)
+    source_parts = None
+    if config.data.sources:  # several weighted sources, each with its own held-out split
+        source_parts, heldout_blocks = prepare_sources(config, models.tokenizer)
+        train_blocks = torch.cat(source_parts)
+    else:
+        train_blocks, heldout_blocks = prepare_data(config, models.tokenizer)
     examples = isinstance(train_blocks, Examples)
     extra_sets = extra_blocks(
         config.eval.extra_data,
@@ -290,6 +296,9 @@ def distill(
         size = config.train.batch_size * context.world_size
         if examples:
             return ExampleBatches(train_blocks, size, config.seed)
+        if source_parts is not None:
+            weights = [source.weight for source in config.data.sources]
+            return WeightedBatches(source_parts, weights, size, config.seed)
         return BlockBatches(train_blocks, size, config.seed)
 
     probe = None
