@@ -196,7 +196,8 @@ def describe_speed(settings: dict[str, Any]) -> str:
     sizes = settings.get("batch_sizes") or [settings.get("batch")]
     runs = settings.get("timed_runs")
     return (
-        f"{settings['threads']} threads, {settings['prompts']} prompt(s) x "
+        f"{settings['threads']} thread{'' if settings['threads'] == 1 else 's'}, "
+        f"{settings['prompts']} prompt(s) x "
         f"{settings['new_tokens']} new tokens, {settings.get('decoding', 'greedy')} decoding, "
         f"batch size {' and '.join(str(b) for b in sizes if b is not None)}"
         + (f", median of {runs} timed runs" if runs else "")
