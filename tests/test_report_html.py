@@ -189,3 +189,33 @@ def test_report_renders_in_headless_chromium(run_dir, tmp_path):
         check=True,
     )
     assert screenshot.stat().st_size > 10_000  # tables and three plots painted
+
+
+def test_speed_settings_read_as_text_and_times_are_not_loss_terms(run_dir):
+    from distill.report.html import loss_terms
+
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    evaluation["speed_settings"] = {
+        "threads": 2,
+        "prompts": 3,
+        "new_tokens": 32,
+        "batch_sizes": [1, 8],
+        "timed_runs": 3,
+        "decoding": "greedy",
+    }
+    (run_dir / "evaluation.json").write_text(json.dumps(evaluation))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.update(comm_s=0.01, eval_s=0.2)
+    records[-1]["fidelity"] = {"heldout": {"kl_to_teacher": 1.0, "top1_agreement": 0.5}}
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    build_report(run_dir)
+    page = (run_dir / "report.html").read_text()
+    assert "{'" not in page and "{&#x27;" not in page  # no Python dict on the page
+    expected = (
+        "Speed settings: 2 threads, 3 prompt(s) x 32 new tokens, greedy decoding, batch size 1 "
+        "and 8, median of 3 timed runs."
+    )
+    assert expected in page
+    assert loss_terms({"distilled": records}) == ["ce", "divergence", "loss"]
+    assert page.count("data:image/png;base64,") == 4  # losses, fidelity, size, speed

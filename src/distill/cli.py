@@ -290,7 +290,15 @@ def _report(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "transformers", "accelerate"):
+    # torchao (optional) logs native-library and pytree warnings when transformers imports it.
+    for noisy in (
+        "httpx",
+        "urllib3",
+        "transformers",
+        "accelerate",
+        "torchao",
+        "torch.utils._pytree",
+    ):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     handlers = {"run": _run, "config": _config, "report": _report, "cache": _cache}
     handlers |= {"eval": _eval, "compress": _compress, "export": _export}

@@ -249,6 +249,19 @@ class IntermediateConfig(_Section):
         return self.hidden_weight > 0 or self.attention_weight > 0
 
 
+class SourceConfig(_Section):
+    path: str = Field(description="A .txt / .jsonl / .parquet file or a directory of them.")
+    weight: float = Field(
+        1.0, gt=0.0, description="Share of training rows drawn from this source (normalised)."
+    )
+    format: Literal["text"] = Field(
+        "text",
+        description="text = documents packed into blocks (chat / prompt_response sources are "
+        "not supported yet).",
+    )
+    text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet rows.")
+
+
 class DataConfig(_Section):
     path: str | None = Field(
         None,
@@ -267,6 +280,13 @@ class DataConfig(_Section):
     block_size: int = Field(256, ge=8, description="Tokens per packed training block.")
     heldout_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="Share of characters held out, as whole documents."
+    )
+    sources: list[SourceConfig] | None = Field(
+        None,
+        min_length=1,
+        description="Several text sources instead of data.path: [{path, weight, format}]; each "
+        "is split into train / held-out on its own (data.heldout_fraction), training rows are "
+        "drawn from them by weight, the held-out blocks come from every source in turn.",
     )
 
 
@@ -423,6 +443,32 @@ class EvalConfig(_Section):
     speed: bool = Field(
         True,
         description="Measure generation tokens/s and peak RSS, each model in a fresh process.",
+    )
+    extra_data: list[str] | None = Field(
+        None,
+        description="More held-out sets of another kind than the training data (.txt / .jsonl / "
+        ".parquet text files, never trained on), each scored for every model like the held-out "
+        "blocks; unset = the shipped other_domain.txt (English prose of other genres, valid for "
+        "any tokenizer); [] = none.",
+    )
+    sample_prompts: int = Field(
+        4,
+        ge=0,
+        description="Per held-out set: prefixes the students continue (sampled, seeded), scored "
+        "by the teacher (teacher_nll: does the student write like the teacher); 0 = off.",
+    )
+    sample_tokens: int = Field(
+        24, ge=1, description="Tokens each student writes per eval.sample_prompts prefix."
+    )
+    every: int = Field(
+        10,
+        ge=0,
+        description="During training, score the student's KL to the teacher and top-1 agreement "
+        "on eval.every_blocks blocks of each held-out set every N steps (and at the last step), "
+        "into metrics.jsonl's `fidelity`; live teacher only; 0 = off.",
+    )
+    every_blocks: int = Field(
+        4, ge=1, description="Blocks per held-out set scored at each eval.every step."
     )
 
 
@@ -824,7 +870,20 @@ def _encoder_runs_on_cpu(config: RunConfig) -> str | None:
     return None
 
 
+def _sources_are_text_blocks(config: RunConfig) -> str | None:
+    if not config.data.sources:
+        return None
+    if config.data.path is not None:
+        return "data.sources and data.path: set one of them (data.sources lists every file)"
+    if config.data.format not in ("auto", "text"):
+        return f"data.sources are text sources; data.format={config.data.format} does not apply"
+    if config.teacher.cache:
+        return "data.sources: a teacher.cache holds one corpus's blocks; unset teacher.cache"
+    return None
+
+
 _CAUSAL_LM_RULES = (
+    _sources_are_text_blocks,
     _onpolicy_needs_a_scoring_teacher,
     _intermediate_needs_live_teacher,
     _served_teacher_loss_is_exact,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from distill.data.corpus import DOCUMENT_SUFFIXES, data_files
 from distill.data.examples import detect_format
+from distill.data.extra import extra_sources
 from distill.errors import ConfigError, DataError
 from distill.io import text_lines
 
@@ -30,7 +31,15 @@ def check_data_source(config: RunConfig) -> None:
     the kind ``task`` reads, all valid UTF-8 (a :class:`DataError` naming the file and the byte
     offset of the first bad byte), and chat / prompt-response rows found by ``data.format=auto``
     cannot be trained from ``teacher.cache`` (a :class:`ConfigError`). Reads every text file
-    once; the default corpus (no ``data.path``) needs no check."""
+    once; the default corpus (no ``data.path``) needs no check. ``eval.extra_data`` paths
+    must exist and be text files too."""
+    if config.task == "causal_lm" and config.eval.extra_data:
+        for path in extra_sources(config.eval.extra_data).values():
+            for file in data_files(path, DOCUMENT_SUFFIXES):
+                _check_utf8(file)
+    for source in config.data.sources or []:
+        for file in data_files(source.path, DOCUMENT_SUFFIXES):
+            _check_utf8(file)
     if config.data.path is None:
         return
     suffixes = _LABELLED_SUFFIXES if config.task == "classification" else DOCUMENT_SUFFIXES

@@ -29,13 +29,14 @@ def heldout_metrics(
     vocab_rows: int,
     batch_size: int,
     labels: torch.Tensor | None = None,
+    progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """``{name: {perplexity, kl_to_teacher, top1_agreement, top5_agreement}}`` for the teacher
     and each model, the students scored through their decoder + output-head rows (as trained).
 
     ``labels`` ``[n, T]`` choose the scored positions (chat data: the assistant's tokens);
     default every next token of the blocks."""
-    return _score(models, teacher, blocks, vocab_rows, batch_size, student_logits, True, labels)
+    return _score(models, teacher, blocks, vocab_rows, batch_size, student_logits, progress, labels)
 
 
 def model_logits(model: PreTrainedModel, input_ids: torch.Tensor, vocab_rows: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from distill.student import calibration_blocks, make_student, needs_calibration
 from distill.teacher.cache import read_manifest
 from distill.teacher.remote import RemoteTeacher
 
-__all__ = ["Models", "prepare_models", "prepare_data"]
+__all__ = ["Models", "prepare_models", "prepare_data", "prepare_sources"]
 
 
 @dataclass
@@ -98,11 +98,31 @@ def prepare_models(config: RunConfig) -> Models:
     return Models(teacher, student, tokenizer, vocab_rows, source, origin, remote)
 
 
+def prepare_sources(
+    config: RunConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``data.sources``: (each source's training blocks, held-out blocks). Every source is split
+    on its own; the held-out blocks take every source's in turn, up to ``eval.max_blocks``."""
+    assert config.data.sources
+    parts, held = [], []
+    for source in config.data.sources:
+        documents = read_documents(source.path, source.text_field)
+        train_docs, heldout_docs = split_documents(documents, config.data.heldout_fraction)
+        parts.append(pack_documents(train_docs, tokenizer, config.data.block_size))
+        held.append(pack_documents(heldout_docs, tokenizer, config.data.block_size))
+    rows = [part[i] for i in range(max(len(h) for h in held)) for part in held if i < len(part)]
+    return parts, torch.stack(rows[: config.eval.max_blocks])
+
+
 def prepare_data(
     config: RunConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[Examples, Examples]:
     """(train, heldout): packed text blocks ``[n, block_size]``, or encoded chat /
-    prompt-response :class:`Examples` (``data.format``)."""
+    prompt-response :class:`Examples` (``data.format``). With ``data.sources``, the training
+    blocks of every source concatenated (see :func:`prepare_sources`)."""
+    if config.data.sources:
+        parts, heldout = prepare_sources(config, tokenizer)
+        return torch.cat(parts), heldout
     data_format = detect_format(config.data.path, config.data.format)
     if data_format != "text":
         assert config.data.path is not None  # detect_format finds rows only in a file

@@ -28,15 +28,18 @@ from distill.data import (
     Examples,
     check_data_source,
 )
+from distill.data.extra import extra_blocks, extra_sources, spread
+from distill.data.sources import WeightedBatches
 from distill.errors import ConfigError
 from distill.evaluate import heldout_metrics
+from distill.evaluate.fidelity import FidelityProbe, block_prompts, sample_fidelity
 from distill.evaluate.generation import GenerationSettings, measure_generation_in_subprocess
 from distill.io import atomic_directory, atomic_write_json, atomic_write_text
 from distill.models import (
     count_params,
     load_teacher,
 )
-from distill.pipelines.prepare import Models, prepare_data, prepare_models
+from distill.pipelines.prepare import Models, prepare_data, prepare_models, prepare_sources
 from distill.report import build_report
 from distill.student.intermediate import IntermediateDistiller, is_enabled
 from distill.teacher import LiveTeacher
@@ -58,12 +61,18 @@ class RunResult:
     student: PreTrainedModel  # the distilled student, in memory (also saved in run_dir/student)
 
 
+# More passes over the training blocks than this and the plan warns that the student may fit
+# the data rather than the teacher (memorisation; see evaluate/fidelity.py).
+MANY_EPOCHS = 4.0
+
+
 def _print_plan(
     config: RunConfig,
     models: Models,
     warmup: dict[str, float],
     n_train_blocks: int,
     device: torch.device,
+    world_size: int = 1,
 ) -> dict:
     train_cfg = config.train
     tokens_per_step = train_cfg.batch_size * config.data.block_size * train_cfg.grad_accum
@@ -77,12 +86,16 @@ def _print_plan(
         teacher_params = read_manifest(config.teacher.cache)["teacher"]["params"]
     else:
         teacher_params = None  # served: the server does not say
+    epochs = (train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum * world_size) / max(
+        n_train_blocks, 1
+    )
     plan = {
         "device": str(device),
         "teacher_params": teacher_params,
         "student_params": student_params,
         "tokens_per_step": tokens_per_step,
         "train_blocks": n_train_blocks,
+        "epochs": epochs,
         "step_seconds_measured": step_seconds,
         "estimated_peak_rss_bytes": warmup["peak_rss_bytes"] + optimizer_bytes,
         "estimated_train_seconds": runs
@@ -114,7 +127,15 @@ def _print_plan(
         + (f" (budget {train_cfg.max_seconds:.0f} s each)" if train_cfg.max_seconds else "")
         + f": ~{plan['estimated_train_seconds'] / 60:.1f} min"
         " of training, plus evaluation",
+        f"  {epochs:.1f} passes over the training blocks",
     ]
+    if epochs > MANY_EPOCHS:
+        plan["memorisation_warning"] = (
+            f"this run passes over its {n_train_blocks} training blocks {epochs:.1f} times "
+            f"(more than {MANY_EPOCHS:.0f}): the student may fit the data rather than the "
+            "teacher (memorise the corpus); more data or fewer steps keep it on the teacher"
+        )
+        lines.append(f"  warning: {plan['memorisation_warning']}")
     print("\n".join(lines), flush=True)
     return plan
 
@@ -222,8 +243,20 @@ def distill(
         if models.teacher is not None:
             models.teacher.to(device)
         models.student.to(device)
-    train_blocks, heldout_blocks = prepare_data(config, models.tokenizer)
+    source_parts = None
+    if config.data.sources:  # several weighted sources, each with its own held-out split
+        source_parts, heldout_blocks = prepare_sources(config, models.tokenizer)
+        train_blocks = torch.cat(source_parts)
+    else:
+        train_blocks, heldout_blocks = prepare_data(config, models.tokenizer)
     examples = isinstance(train_blocks, Examples)
+    extra_sets = extra_blocks(
+        config.eval.extra_data,
+        models.tokenizer,
+        config.data.block_size,
+        config.eval.max_blocks,
+        config.data.text_field,
+    )
     onpolicy = None
     if config.onpolicy.lambda_ > 0:  # the schema refuses it with a teacher cache (fixed blocks)
         eos = models.tokenizer.eos_token_id
@@ -247,7 +280,9 @@ def distill(
 
     def on_warmup(warmup: dict[str, float]) -> None:
         if context.is_main:
-            plan.update(_print_plan(config, models, warmup, len(train_blocks), device))
+            plan.update(
+                _print_plan(config, models, warmup, len(train_blocks), device, context.world_size)
+            )
 
     global_batch = config.train.batch_size * config.train.grad_accum * context.world_size
     if context.is_main:
@@ -267,7 +302,48 @@ def distill(
         size = config.train.batch_size * context.world_size
         if examples:
             return ExampleBatches(train_blocks, size, config.seed)
+        if source_parts is not None:
+            weights = [source.weight for source in config.data.sources]
+            return WeightedBatches(source_parts, weights, size, config.seed)
         return BlockBatches(train_blocks, size, config.seed)
+
+    probe = None
+    every = config.eval.every
+    if every and context.is_main:
+        if models.teacher is None or sharded:
+            log.warning(
+                "eval.every: fidelity during training needs the live, unsharded teacher and "
+                "student (not teacher.cache / teacher.url / parallel.strategy=fsdp); skipped"
+            )
+        else:
+            keep = config.eval.every_blocks
+            probe_sets = {
+                "heldout": (
+                    (heldout_blocks.input_ids[:keep], heldout_blocks.labels[:keep])
+                    if examples
+                    else (heldout_blocks[:keep], None)
+                ),
+                **{name: (spread(blocks, keep), None) for name, blocks in extra_sets.items()},
+            }
+            probe = FidelityProbe(
+                probe_sets,
+                LiveTeacher(models.teacher, models.vocab_rows),
+                vocab_rows=models.vocab_rows,
+                batch_size=config.eval.batch_size,
+            )
+
+    def fidelity_hook(model):
+        """``on_step`` for ``train``: rank 0 scores ``model`` every ``eval.every`` steps."""
+        if probe is None:
+            return None
+
+        def on_step(step: int) -> dict | None:
+            if step % every and step != config.train.steps:
+                return None
+            scores = probe(model)
+            return {"eval_s": scores.pop("seconds"), "fidelity": scores}
+
+        return on_step
 
     distiller = None
     if is_enabled(config.intermediate):  # hooks on the mapped layers; removed after training
@@ -292,6 +368,7 @@ def distill(
         checkpoints=checkpoint_plan("checkpoints"),
         context=context,
         on_warmup=on_warmup,
+        on_step=fidelity_hook(models.student),
     )
     if distiller is not None:
         distiller.remove()
@@ -316,6 +393,7 @@ def distill(
             description="labels only",
             checkpoints=checkpoint_plan("checkpoints_labels_only"),
             context=context,
+            on_step=fidelity_hook(labels_only),
         )
         compared["student_labels_only"] = labels_only
     if sharded:  # the teacher is sharded over the ranks: rank 0 loads it whole to evaluate
@@ -339,6 +417,52 @@ def distill(
         labels=heldout_blocks.labels if examples else None,
     )
     all_models = {"teacher": models.teacher, **compared}
+    extra_results: dict[str, Any] = {}
+    sources = extra_sources(config.eval.extra_data)
+    for set_name, blocks in extra_sets.items():
+        log.info("evaluating every model on the held-out set %s", set_name)
+        extra_results[set_name] = {
+            "source": str(sources[set_name]),
+            "blocks": int(blocks.shape[0]),
+            "tokens": int(blocks.numel()),
+            "models": heldout_metrics(
+                compared,
+                teacher,
+                blocks,
+                vocab_rows=models.vocab_rows,
+                batch_size=config.eval.batch_size,
+            ),
+        }
+    if config.eval.sample_prompts:
+        eos = models.tokenizer.eos_token_id
+        pad = models.tokenizer.pad_token_id
+        pad = pad if pad is not None else (eos if eos is not None else 0)
+        if examples:
+            chosen = spread(torch.arange(len(heldout_blocks)), config.eval.sample_prompts)
+            domain_prompts = [
+                heldout_blocks.input_ids[i, : int(heldout_blocks.prompt_lengths[i])].tolist()
+                for i in chosen.tolist()
+            ]
+        else:
+            domain_prompts = block_prompts(heldout_blocks, config.eval.sample_prompts)
+        prompt_sets = {"heldout": domain_prompts} | {
+            name: block_prompts(blocks, config.eval.sample_prompts)
+            for name, blocks in extra_sets.items()
+        }
+        for set_name, prompts in prompt_sets.items():
+            log.info("sampling from every model on %s; the teacher scores the samples", set_name)
+            nll = sample_fidelity(
+                all_models,
+                teacher,
+                prompts,
+                new_tokens=config.eval.sample_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                seed=config.seed,
+            )
+            target = quality if set_name == "heldout" else extra_results[set_name]["models"]
+            for name, value in nll.items():
+                target[name]["teacher_nll"] = value
     scratch = run_dir / ".eval_models"
     model_dirs: dict[str, Path] = {"student_after": run_dir / "student"}
     for name, model in all_models.items():
@@ -346,7 +470,7 @@ def distill(
             model.save_pretrained(scratch / name, safe_serialization=True)
             models.tokenizer.save_pretrained(scratch / name)
             model_dirs[name] = scratch / name
-    evaluation: dict[str, Any] = {"models": {}, "plan": plan}
+    evaluation: dict[str, Any] = {"models": {}, "extra_sets": extra_results, "plan": plan}
     speed = _measure_speed(config, model_dirs, threads) if config.eval.speed else {}
     for name, model in all_models.items():
         evaluation["models"][name] = {

@@ -1,8 +1,13 @@
 """Build ``report.json``, ``report.md`` and ``loss.png`` from a run directory's files.
 
 Inputs: ``config.yaml``, ``metrics.jsonl`` (and ``metrics_labels_only.jsonl`` with a baseline),
-``evaluation.json`` (``{"models": {name: {metric: value}}, ...}``). ``distill report RUN_DIR``
-rebuilds these at any time.
+``evaluation.json`` (``{"models": {name: {metric: value}}, "extra_sets": {set: {"models": ...}},
+...}``). ``distill report RUN_DIR`` rebuilds these at any time.
+
+The headline is fidelity: how close the student is to the teacher (KL, top-1 / top-5 agreement,
+the teacher's NLL of the student's samples) on the training domain's held-out blocks and on
+each held-out set of another kind; a student whose perplexity falls below the teacher's is
+flagged as fitting the data rather than the teacher.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ from typing import Any
 import yaml
 
 from distill.errors import DistillError
+from distill.evaluate.fidelity import memorising
 from distill.io import atomic_write_json, atomic_write_text, read_jsonl
-from distill.report.html import write_html
+from distill.report.html import describe_speed, write_html
 from distill.report.tasks import write_task_report
 
 __all__ = ["build_report", "MODEL_ORDER", "METRICS"]
@@ -28,6 +34,8 @@ METRICS = [
     ("perplexity", "held-out ppl", "{:.2f}", "lower"),
     ("kl_to_teacher", "KL(teacher ‖ model) nats/tok", "{:.4f}", "lower"),
     ("top1_agreement", "top-1 agreement", "{:.3f}", "higher"),
+    ("top5_agreement", "top-5 agreement", "{:.3f}", "higher"),
+    ("teacher_nll", "teacher NLL of samples", "{:.3f}", "lower"),
     ("tokens_per_s", "gen tokens/s (batch 1)", "{:.1f}", "higher"),
     ("peak_rss_bytes", "peak RSS MB", "{:.0f}", "lower"),
 ]
@@ -41,21 +49,51 @@ def _cell(key: str, fmt: str, value: Any) -> str:
     return fmt.format(value)
 
 
-def _markdown(report: dict[str, Any]) -> str:
-    models = report["models"]
-    names = [name for name in MODEL_ORDER if name in models] + [
+# the columns of each held-out set of another kind
+SET_METRICS = [
+    ("perplexity", "ppl", "{:.2f}", "lower"),
+    ("kl_to_teacher", "KL(teacher ‖ model) nats/tok", "{:.4f}", "lower"),
+    ("top1_agreement", "top-1 agreement", "{:.3f}", "higher"),
+    ("top5_agreement", "top-5 agreement", "{:.3f}", "higher"),
+    ("teacher_nll", "teacher NLL of samples", "{:.3f}", "lower"),
+]
+
+
+def _ordered(models: dict[str, Any]) -> list[str]:
+    return [name for name in MODEL_ORDER if name in models] + [
         name for name in models if name not in MODEL_ORDER
     ]
-    header = "| model | " + " | ".join(title for _, title, _, _ in METRICS) + " |"
+
+
+def _md_table(models: dict[str, Any], metrics: list[tuple[str, str, str, str]]) -> list[str]:
+    columns = [m for m in metrics if any(models[n].get(m[0]) is not None for n in models)]
+    lines = [
+        "| model | " + " | ".join(title for _, title, _, _ in columns) + " |",
+        "|" + "---|" * (len(columns) + 1),
+    ]
+    for name in _ordered(models):
+        cells = [_cell(key, fmt, models[name].get(key)) for key, _, fmt, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# distill report: {report['run']['name']}",
         "",
-        header,
-        "|" + "---|" * (len(METRICS) + 1),
+        "## Held-out blocks of the training domain",
+        "",
+        *_md_table(report["models"], METRICS),
     ]
-    for name in names:
-        cells = [_cell(key, fmt, models[name].get(key)) for key, _, fmt, _ in METRICS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for set_name, held in report.get("extra_sets", {}).items():
+        lines += [
+            "",
+            f"## Held-out set `{set_name}` (another kind of text: {held['blocks']} blocks, "
+            f"{held['tokens']} tokens, from {Path(held['source']).name})",
+            "",
+            *_md_table(held["models"], SET_METRICS),
+        ]
+    lines.append("")
     training = report["training"]
     lines += [
         "",
@@ -67,24 +105,19 @@ def _markdown(report: dict[str, Any]) -> str:
             if "onpolicy_fraction" in training
             else ""
         ),
-        "Held-out metrics use the same held-out blocks for every model; speed and peak RSS are "
-        "measured for each model in a fresh process with the same prompts and thread count "
-        f"({_describe_speed(report['speed_settings'])}).",
+        "Held-out metrics use the same held-out blocks for every model; teacher NLL of samples "
+        "is the teacher's negative log-likelihood per token of what each model writes from "
+        "held-out prefixes (sampled at T=1, same seed); speed and peak RSS are measured for each "
+        "model in a fresh process with the same prompts and thread count "
+        f"({describe_speed(report['speed_settings'])}).",
     ]
+    warning = report.get("plan", {}).get("memorisation_warning")
+    if warning:
+        lines += ["", f"Plan: {warning}."]
     verdict = report.get("verdict")
     if verdict:
         lines += ["", verdict]
     return "\n".join(lines) + "\n"
-
-
-def _describe_speed(settings: dict[str, Any]) -> str:
-    if not settings:
-        return "not measured"
-    return (
-        f"{settings['threads']} threads, {settings['prompts']} prompts x {settings['new_tokens']} "
-        f"new tokens, batch {settings.get('batch_sizes', [settings.get('batch')])[0]}, "
-        f"{settings['decoding']} decoding"
-    )
 
 
 def _plot_losses(
@@ -97,7 +130,9 @@ def _plot_losses(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (loss_axis, kl_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    probed = any("fidelity" in record for history in curves.values() for record in history)
+    figure, axes = plt.subplots(1, 3 if probed else 2, figsize=(16 if probed else 11, 4))
+    loss_axis, kl_axis = axes[0], axes[1]
     for label, history in curves.items():
         steps = [record["step"] for record in history]
         loss_axis.plot(steps, [record["ce"] for record in history], label=f"{label}: train CE")
@@ -124,11 +159,13 @@ def _plot_losses(
                 linestyle=style[1:],
                 label=f"{name}: held-out KL at T=1",
             )
+    if probed:
+        _plot_fidelity(kl_axis, axes[2], curves)
     loss_axis.set(xlabel="step", ylabel="nats / token", title="cross-entropy")
     kl_axis.set(xlabel="step", ylabel="nats / token", title=f"{divergence} (train) / KL (held-out)")
     kl_axis.set_yscale("symlog", linthresh=0.1)
     kl_axis.set_ylim(bottom=0)
-    for axis in (loss_axis, kl_axis):
+    for axis in axes:
         axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -138,15 +175,69 @@ def _plot_losses(
     tmp.replace(path)
 
 
-def _verdict(models: dict[str, Any]) -> str | None:
+def fidelity_points(
+    history: list[dict[str, Any]], set_name: str, key: str
+) -> list[tuple[int, float]]:
+    """``(step, value)`` of ``fidelity[set_name][key]`` in the records that carry it."""
+    return [
+        (record["step"], record["fidelity"][set_name][key])
+        for record in history
+        if set_name in record.get("fidelity", {})
+    ]
+
+
+def _plot_fidelity(kl_axis, agreement_axis, curves: dict[str, list[dict[str, Any]]]) -> None:
+    """Held-out KL (on the KL panel) and top-1 agreement measured during training."""
+    for label, history in curves.items():
+        sets = {name for record in history for name in record.get("fidelity", {})}
+        for set_name in sorted(sets):
+            kl = fidelity_points(history, set_name, "kl_to_teacher")
+            kl_axis.plot(*zip(*kl, strict=True), marker="o", ms=3, label=f"{label}: {set_name} KL")
+            agree = fidelity_points(history, set_name, "top1_agreement")
+            agreement_axis.plot(
+                *zip(*agree, strict=True), marker="o", ms=3, label=f"{label}: {set_name}"
+            )
+    agreement_axis.set(
+        xlabel="step", ylabel="share of tokens", title="top-1 agreement with the teacher (held-out)"
+    )
+    agreement_axis.set_ylim(0, 1)
+
+
+def _moved(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """``KL b -> a nats/token, top-1 agreement b -> a`` (and top-5 when measured)."""
+    text = (
+        f"KL to the teacher {before['kl_to_teacher']:.3f} -> {after['kl_to_teacher']:.3f} "
+        f"nats/token, top-1 agreement {before['top1_agreement']:.3f} -> "
+        f"{after['top1_agreement']:.3f}"
+    )
+    if before.get("top5_agreement") is not None and after.get("top5_agreement") is not None:
+        text += f", top-5 {before['top5_agreement']:.3f} -> {after['top5_agreement']:.3f}"
+    return text
+
+
+def _verdict(models: dict[str, Any], extra_sets: dict[str, Any] | None = None) -> str | None:
+    """Fidelity first: how far distillation moved the student towards the teacher on every
+    held-out set; then perplexity, flagged when it falls below the teacher's (memorisation)."""
     if "student_after" not in models or "student_before" not in models:
         return None
     after, before = models["student_after"], models["student_before"]
     text = (
-        f"Distillation moved the student's held-out KL to the teacher from "
-        f"{before['kl_to_teacher']:.3f} to {after['kl_to_teacher']:.3f} nats/token "
-        f"(perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f})."
+        f"Fidelity to the teacher, held-out text of the training domain: {_moved(before, after)}."
     )
+    for set_name, held in (extra_sets or {}).items():
+        scored = held["models"]
+        if "student_after" in scored and "student_before" in scored:
+            text += f" On {set_name} (another kind of text): {_moved(scored['student_before'], scored['student_after'])}."
+    teacher = models.get("teacher", {})
+    text += f" Held-out perplexity {before['perplexity']:.1f} -> {after['perplexity']:.1f}"
+    text += f" (teacher {teacher['perplexity']:.1f})." if teacher.get("perplexity") else "."
+    if memorising(after, teacher):
+        text += (
+            f" Warning: the student's held-out perplexity ({after['perplexity']:.1f}) is below "
+            f"the teacher's ({teacher['perplexity']:.1f}): it is fitting the training data "
+            "rather than the teacher (memorisation); judge it by KL and agreement, and give it "
+            "more data or fewer passes over it."
+        )
     if "student_labels_only" in models:
         labels_only = models["student_labels_only"]
         better = after["kl_to_teacher"] < labels_only["kl_to_teacher"]
@@ -190,9 +281,11 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
     if labels_only:
         curves["labels only"] = labels_only
     models = evaluation["models"]
+    extra_sets = evaluation.get("extra_sets", {})
     report = {
         "run": {"name": config["name"], "dir": str(run_path)},
         "models": models,
+        "extra_sets": extra_sets,
         "training": {
             "steps": len(history) and history[-1]["step"],
             "tokens_per_step": history[-1]["tokens"] if history else 0,
@@ -202,7 +295,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         },
         "speed_settings": evaluation.get("speed_settings", {}),
         "plan": evaluation.get("plan", {}),
-        "verdict": _verdict(models),
+        "verdict": _verdict(models, extra_sets),
         "config": config,
     }
     atomic_write_json(run_path / "report.json", report)

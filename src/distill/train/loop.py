@@ -17,6 +17,8 @@ Map of one optimizer step:
   4. every ``checkpoint.every`` steps and at the end, a checkpoint (student, optimizer, schedule,
      ``task.state_dict()``, every rank's RNG states, the history, the elapsed time).
 Before step 1 of a fresh run, ``on_warmup`` gets one timed warm-up micro-batch's measurements.
+After each optimizer step (3), ``on_step(step)`` may return a dict merged into that step's record
+(a held-out evaluation, for example); a step it returns something for is always logged.
 """
 
 from __future__ import annotations
@@ -94,6 +96,7 @@ def train(
     checkpoints: CheckpointPlan | None = None,
     context: DistContext | None = None,
     on_warmup: Callable[[dict[str, float]], None] | None = None,
+    on_step: Callable[[int], dict[str, Any] | None] | None = None,
 ) -> TrainState:
     """Train ``task``'s modules in place for ``train_config.steps`` steps; see the module map.
 
@@ -102,6 +105,15 @@ def train(
     wrote it) and rewrites ``metrics_path`` to its history, so no step is logged twice or
     missed; without a checkpoint there, the run starts afresh. ``train.max_seconds`` stops
     early (rank 0's clock decides for all ranks).
+
+    ``on_step(step)`` is called on every rank after the optimizer step (the step number just
+    completed, 1-based); a dict it returns is merged into that step's record, which is then
+    logged whatever ``train.log_every`` says. It must leave the run as it found it (no change
+    to the weights, the modules' train mode or any RNG state), so a resumed run stays
+    bit-identical, and it must not time the step (its seconds are not in ``<unit>_per_s``).
+    It may run collectives only if it does so on every rank; an evaluation that needs the
+    whole model must return ``None`` on ranks other than 0 and is not possible under FSDP
+    (each rank holds a shard), where the caller should not pass one.
     """
     context = context or DistContext()
     task.start(context, train_config.steps)
@@ -175,7 +187,10 @@ def train(
             "comm_s": comm_seconds,
             **window.info,
         }
-        if state.step % train_config.log_every == 0 or state.step == train_config.steps:
+        extra = on_step(state.step) if on_step is not None else None
+        if extra:
+            record.update(extra)
+        if extra or state.step % train_config.log_every == 0 or state.step == train_config.steps:
             state.history.append(record)
             if metrics_path is not None and context.is_main:
                 append_jsonl(metrics_path, record)
