@@ -105,7 +105,9 @@ def plan_int8(
         else:
             module = _dynamic_linear(linear, *quantize_rows(weight))
         reference = linear(x)
-        plan.errors[name] = float((module(x) - reference).norm() / reference.norm().clamp(min=1e-12))
+        plan.errors[name] = float(
+            (module(x) - reference).norm() / reference.norm().clamp(min=1e-12)
+        )
     ranked = sorted(plan.errors.items(), key=lambda item: -item[1])[:float_layers]
     for rank, (name, error) in enumerate(ranked, start=1):
         plan.keep_float[name] = f"largest int8 output error #{rank}: {error:.3f} relative"

@@ -142,7 +142,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def _straight_through(w: torch.Tensor, low: torch.Tensor, high: torch.Tensor, grid) -> torch.Tensor:
     """``grid(clamp(w))`` in the forward; gradient 1 where ``low <= w <= high``, else 0."""
-    clipped = torch.minimum(torch.maximum(w, low), high)
+    clipped = torch.clamp(w, low, high)  # gradient 1 on the closed range, bounds included
     return clipped + (grid(clipped.detach()) - clipped).detach()
 
 
@@ -190,9 +190,7 @@ class FakeQuantize(nn.Module):
     ``smooth`` ``[in]`` (smoothed dynamic int8): the grid is that of ``W * smooth``, as stored.
     """
 
-    def __init__(
-        self, bits: int, group_size: int = 64, smooth: torch.Tensor | None = None
-    ) -> None:
+    def __init__(self, bits: int, group_size: int = 64, smooth: torch.Tensor | None = None) -> None:
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
