@@ -216,10 +216,13 @@ def _add_eval_compress_export(commands) -> None:
     )
 
     export = commands.add_parser("export", help="write a HF directory and verified GGUF files")
-    export.add_argument("model", help="HF model directory (float or pruned student)")
+    export.add_argument("model", help="HF model directory or distill compress output")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument(
-        "--gguf", action="append", choices=["f16", "q8_0"], help="GGUF type (repeatable)"
+        "--gguf",
+        action="append",
+        choices=["f16", "q8_0", "q4_0", "q4_1"],
+        help="GGUF type (repeatable)",
     )
 
 

@@ -156,7 +156,7 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
     return json.loads(manifest.read_text()) if manifest.is_file() else None
 
 
-def _load_quantized(path: Path, manifest: dict[str, Any]) -> PreTrainedModel:
+def _load_quantized(path: Path, manifest: dict[str, Any], runtime: bool) -> PreTrainedModel:
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     stored = load_file(str(path / "model.safetensors"))
@@ -189,19 +189,24 @@ def _load_quantized(path: Path, manifest: dict[str, Any]) -> PreTrainedModel:
         model.tie_weights()
         if embedding is not None and manifest.get("head_quantized", True):
             parts[head_key] = embedding
+    if not runtime:
+        return model.eval()
     linears = {key.removesuffix(".weight"): value for key, value in parts.items()}
     if manifest["quantize"] != "int8":  # weight-only methods: the head is int8 weight-only
         return install_quantized_linears(model.eval(), linears, "int8-weight-only")
     return install_quantized_linears(model.eval(), linears, "int8")
 
 
-def load_model(path: str | Path) -> PreTrainedModel:
-    """Any model distill writes or reads: HF directory, ``.gguf`` file, or quantized directory."""
+def load_model(path: str | Path, *, dequantize: bool = False) -> PreTrainedModel:
+    """Any model distill writes or reads: HF directory, ``.gguf`` file, or quantized directory.
+
+    A quantized directory loads with its int8 / int4 runtime layers; ``dequantize`` gives a plain
+    float32 model holding the de-quantized weights instead (for export)."""
     model_path = Path(path)
     manifest = read_manifest(model_path) if model_path.is_dir() else None
     if manifest is None or manifest.get("quantize") is None:
         return load_causal_lm(model_path).eval()
-    return _load_quantized(model_path, manifest)
+    return _load_quantized(model_path, manifest, runtime=not dequantize)
 
 
 def quantized_params(path: str | Path) -> int:
