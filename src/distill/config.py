@@ -501,7 +501,7 @@ class CompressConfig(_Section):
         "max|W|^(1-a) per input channel, from calibration blocks; 0 = no smoothing.",
     )
     float_layers: int = Field(
-        0,
+        4,
         ge=0,
         description="distill compress, int8: keep this many Linears (those with the largest "
         "smoothed-int8 output error on the calibration blocks) in float; the plan names them.",
@@ -516,7 +516,7 @@ class CompressConfig(_Section):
         "weights, straight-through gradients, the run's loss against its teacher) before the "
         "real quantization; needs quantize.",
     )
-    qad_lr: float = Field(2e-5, gt=0.0, description="distill compress: peak lr of the QAD.")
+    qad_lr: float = Field(5e-5, gt=0.0, description="distill compress: peak lr of the QAD.")
     prune: float = Field(
         0.0,
         ge=0.0,

@@ -236,6 +236,7 @@ def _score(
             prompts=config.eval.gen_prompts,
             new_tokens=config.eval.gen_new_tokens,
             batch_sizes=(1,),
+            runs=config.eval.gen_runs,
             threads=config.train.threads,
         )
         speed = measure_generation_in_subprocess(out_dir, settings)
