@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed generations per model")
     parser.add_argument("--no-speed", action="store_true")
     args = parser.parse_args()
-    load_before = os.getloadavg()
+    load_before, commit = os.getloadavg(), git_commit()  # the code as it was when it started
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -213,7 +213,7 @@ def main() -> None:
         "quantize",
         {
             "targets": targets,
-            "commit": git_commit(),
+            "commit": commit,
             "argv": sys.argv,
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
