@@ -286,7 +286,8 @@ def test_qad_killed_with_sigkill_resumes_bit_exact(tmp_path, tiny_run):
     assert before["qad_steps"] == 0 and after["qad_steps"] == steps
     for row in (before, after):
         assert {"bytes", "perplexity", "kl_to_teacher", "top1_agreement"} <= row.keys()
-    assert "student_" + label in (killed_dir / "report.md").read_text()
+    report = (killed_dir / "report.md").read_text()
+    assert "student_" + label in report and "QAD steps: KL to the teacher" in report
 
 
 @pytest.mark.parametrize(
