@@ -15,7 +15,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-ORDER = ["step", "losses", "cache", "students", "scale", "student_speed", "encoders", "onpolicy"]
+ORDER = [
+    "step",
+    "losses",
+    "cache",
+    "students",
+    "scale",
+    "student_speed",
+    "quantize",
+    "encoders",
+    "onpolicy",
+]
 START, END = "<!-- BENCHMARKS -->", "<!-- /BENCHMARKS -->"
 
 

@@ -1,4 +1,5 @@
-"""GGUF export: tiny Llama -> GGUF F16 / Q8_0 -> transformers' GGUF loader -> close logits."""
+"""GGUF export: tiny Llama -> GGUF F16 / Q8_0 / Q4_0 / Q4_1 -> transformers' GGUF loader -> close
+logits; quantized students export as their own directory plus GGUF files."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from conftest import make_llama, save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distill.cli import main
+from distill.compress import QuantizeSpec, load_model
 from distill.compress import save_model as save_compressed
 from distill.errors import ModelError
 from distill.export import TOLERANCES, export_gguf
@@ -16,7 +18,7 @@ from distill.export.gguf import _permute_rotary, gguf_tensor_name
 from distill.pipelines.export import export_model
 
 
-@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0", "q4_1"])
 def test_gguf_round_trip_logits(tmp_path, tiny_tokenizer, kind):
     model = make_llama(len(tiny_tokenizer), hidden=64)
     path = export_gguf(model, tiny_tokenizer, tmp_path / f"tiny-{kind}.gguf", kind)
@@ -53,11 +55,23 @@ def test_tensor_names_and_errors(tmp_path, tiny_tokenizer):
     assert gguf_tensor_name("model.embed_tokens.weight") == "token_embd.weight"
     with pytest.raises(ModelError, match="no GGUF name"):
         gguf_tensor_name("model.layers.0.mystery.weight")
-    int8_dir = save_compressed(
-        make_llama(len(tiny_tokenizer)), tiny_tokenizer, tmp_path / "q", quantize="int8"
+
+
+def test_quantized_student_exports_and_loads_back(tmp_path, tiny_tokenizer):
+    """An int4 (group 32) student: its directory loads back through distill.compress.load_model,
+    and its Q4_1 GGUF holds exactly its grid (Q4_1 = blocks of 32 with a scale and a minimum)."""
+    model = make_llama(len(tiny_tokenizer), hidden=64)
+    source = save_compressed(
+        model, tiny_tokenizer, tmp_path / "q", quantize=QuantizeSpec("int4", group_size=32)
     )
-    with pytest.raises(ModelError, match="int8-quantized"):
-        export_model(int8_dir, tmp_path / "out", ["f16"])
+    artifacts = export_model(source, tmp_path / "out", ["q4_0", "q4_1"])
+    assert artifacts["hf"]["loader"] == "distill.compress.load_model"
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 12))
+    with torch.no_grad():
+        original = load_model(source)(ids).logits
+        assert torch.equal(load_model(tmp_path / "out" / "hf")(ids).logits, original)
+    assert artifacts["q4_1"]["relative_logit_error"] < artifacts["q4_0"]["relative_logit_error"]
+    assert artifacts["q4_1"]["relative_logit_error"] <= 2e-2  # float16 scales of the embedding
 
 
 def test_export_cli_writes_hf_and_verified_gguf(tmp_path, tiny_tokenizer, capsys):

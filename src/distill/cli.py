@@ -226,15 +226,23 @@ def _add_eval_compress_export(commands) -> None:
     compress = commands.add_parser("compress", help="prune / heal / quantize a run's student")
     _add_config_args(compress)
     compress.add_argument("run_dir")
-    compress.add_argument("--quantize", choices=["none", "int8", "int8-weight-only"])
+    compress.add_argument("--quantize", help="none, int8, int8-weight-only or int4")
+    compress.add_argument("--group-size", type=int, help="int4 group size (32, 64, 128)")
     compress.add_argument("--prune", help="share of weights to zero (e.g. 0.3), or 2:4")
     compress.add_argument("--heal-steps", type=int, help="distillation steps after pruning")
+    compress.add_argument("--qad-steps", type=int, help="quantization-aware distillation steps")
+    compress.add_argument(
+        "--resume", action="store_true", help="continue an interrupted heal / QAD exactly"
+    )
 
     export = commands.add_parser("export", help="write a HF directory and verified GGUF files")
-    export.add_argument("model", help="HF model directory (float or pruned student)")
+    export.add_argument("model", help="HF model directory or distill compress output")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument(
-        "--gguf", action="append", choices=["f16", "q8_0"], help="GGUF type (repeatable)"
+        "--gguf",
+        action="append",
+        choices=["f16", "q8_0", "q4_0", "q4_1"],
+        help="GGUF type (repeatable)",
     )
 
 
@@ -268,7 +276,11 @@ def _compress(args: argparse.Namespace) -> None:
         overrides.append(f"compress.prune={args.prune}")
     if args.heal_steps is not None:
         overrides.append(f"compress.heal_steps={args.heal_steps}")
-    result = compress_run(args.run_dir, overrides, config_path=args.config)
+    if args.group_size is not None:
+        overrides.append(f"compress.group_size={args.group_size}")
+    if args.qad_steps is not None:
+        overrides.append(f"compress.qad_steps={args.qad_steps}")
+    result = compress_run(args.run_dir, overrides, config_path=args.config, resume=args.resume)
     shown = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
     print(f"wrote {result.model_dir}: {shown}")
 

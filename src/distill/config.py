@@ -619,11 +619,47 @@ class ServeConfig(_Section):
 
 
 class CompressConfig(_Section):
-    quantize: Literal["none", "int8", "int8-weight-only"] = Field(
+    quantize: Literal["none", "int8", "int8-weight-only", "int4"] = Field(
         "none",
-        description="distill compress: int8 = PyTorch dynamic int8 Linear layers; "
-        "int8-weight-only = torchao int8 weights (pip install 'distill[compress]'); none = float.",
+        description="distill compress: int8 = dynamic int8 Linear layers (int8 weights per row, "
+        "activations per batch; SmoothQuant smoothing and float fallback below); "
+        "int8-weight-only = int8 weights per row, float activations; int4 = int4 weights in "
+        "groups of group_size, float activations; none = float.",
     )
+    group_size: Literal[32, 64, 128] = Field(
+        64,
+        description="distill compress: int4 input weights sharing one float16 scale and minimum "
+        "(must divide every decoder Linear's input width).",
+    )
+    quantize_head: bool = Field(
+        True,
+        description="distill compress: store the output head and input embedding as int8 rows "
+        "(the tied head runs int8); false = both stay float32.",
+    )
+    smooth_alpha: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="distill compress, int8: SmoothQuant migration strength a, s = max|x|^a / "
+        "max|W|^(1-a) per input channel, from calibration blocks; 0 = no smoothing.",
+    )
+    float_layers: int = Field(
+        4,
+        ge=0,
+        description="distill compress, int8: keep this many Linears (those with the largest "
+        "smoothed-int8 output error on the calibration blocks) in float; the plan names them.",
+    )
+    calibration_blocks: int = Field(
+        8, ge=1, description="distill compress, int8: training blocks for smoothing and fallback."
+    )
+    qad_steps: int = Field(
+        0,
+        ge=0,
+        description="distill compress: quantization-aware distillation steps (fake-quantized "
+        "weights, straight-through gradients, the run's loss against its teacher) before the "
+        "real quantization; needs quantize.",
+    )
+    qad_lr: float = Field(5e-5, gt=0.0, description="distill compress: peak lr of the QAD.")
     prune: float = Field(
         0.0,
         ge=0.0,
@@ -649,6 +685,8 @@ class CompressConfig(_Section):
             )
         if self.heal_steps and self.prune == 0:
             raise ValueError("compress.heal_steps heals a pruned student: set compress.prune too")
+        if self.qad_steps and self.quantize == "none":
+            raise ValueError("compress.qad_steps trains a quantized student: set compress.quantize")
         return self
 
 
@@ -870,6 +908,29 @@ def _encoder_runs_on_cpu(config: RunConfig) -> str | None:
     return None
 
 
+def _group_size_divides_width(config: RunConfig) -> str | None:
+    compress, student = config.compress, config.student
+    if compress.quantize != "int4":
+        return None
+    for key in ("hidden", "ffn"):
+        width = getattr(student, key)
+        if width is not None and width % compress.group_size:
+            return (
+                f"compress.group_size={compress.group_size} does not divide student.{key}="
+                f"{width}: int4 groups must tile every Linear's input width"
+            )
+    return None
+
+
+def _qad_needs_teacher(config: RunConfig) -> str | None:
+    if config.compress.qad_steps and config.loss.alpha >= 1.0:
+        return (
+            "compress.qad_steps distils from the teacher, but loss.alpha=1 uses labels only "
+            "(no teacher): set loss.alpha < 1"
+        )
+    return None
+
+
 def _sources_are_text_blocks(config: RunConfig) -> str | None:
     if not config.data.sources:
         return None
@@ -884,6 +945,8 @@ def _sources_are_text_blocks(config: RunConfig) -> str | None:
 
 _CAUSAL_LM_RULES = (
     _sources_are_text_blocks,
+    _group_size_divides_width,
+    _qad_needs_teacher,
     _onpolicy_needs_a_scoring_teacher,
     _intermediate_needs_live_teacher,
     _served_teacher_loss_is_exact,

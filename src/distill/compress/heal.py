@@ -1,8 +1,12 @@
-"""Healing after pruning: a short distillation with the ordinary training loop, masks kept.
+"""Healing after pruning, and quantization-aware distillation: a short distillation of the
+compressed student from the teacher through the one training loop (``train.loop.train`` with a
+``CausalLMTask``).
 
-PyTorch's pruning reparametrisation (``weight = weight_orig * mask``) stays on during healing,
-so the optimizer updates ``weight_orig`` while every forward still sees the pruned weights: the
-zeros survive. ``make_permanent`` is called by the caller afterwards.
+What makes the student compressed stays on as a reparametrisation during the training: PyTorch's
+pruning masks (``weight = weight_orig * mask``: the zeros survive) and, for QAD, the
+fake-quantization parametrizations of :mod:`distill.compress.qad` (every forward sees the
+quantized grid, the optimizer updates the float weights underneath). The caller bakes them in
+afterwards. ``checkpoints`` gives the loop's exact checkpoint / resume.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from transformers import PreTrainedModel
 from distill.config import LossConfig, TrainConfig
 from distill.data import BlockBatches
 from distill.teacher import Teacher
-from distill.train import CausalLMTask, train
+from distill.train import CausalLMTask, CheckpointPlan, train
 
 __all__ = ["heal"]
 
@@ -31,8 +35,11 @@ def heal(
     train_config: TrainConfig,
     seed: int,
     metrics_path: Path | None = None,
+    checkpoints: CheckpointPlan | None = None,
+    description: str = "heal",
 ) -> None:
-    """Distil ``student`` (pruned, masks attached) from ``teacher`` for ``steps`` steps in place."""
+    """Distil ``student`` (pruned / fake-quantized, reparametrisations attached) from ``teacher``
+    for ``steps`` steps in place."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     config = train_config.model_copy(
@@ -47,5 +54,6 @@ def heal(
         CausalLMTask(student, teacher, batches, loss_config, vocab_rows=teacher.vocab_rows),
         config,
         metrics_path=metrics_path,
-        description="heal",
+        description=description,
+        checkpoints=checkpoints,
     )

@@ -1,17 +1,27 @@
-"""Post-training int8 quantization of a causal LM's Linear layers (and its embedding on disk).
+"""Post-training quantization of a causal LM's Linear layers: the grids, the runtime modules and
+the fake quantization that quantization-aware distillation trains through.
 
-Weights are quantized per output row, symmetrically: ``q = round(w / s)`` with
-``s = max|w_row| / 127``, ``q`` in [-127, 127]. Two runtime kernels share this on-disk format:
+Two weight grids, both written by hand and tested against float64 references:
 
-- ``int8``: PyTorch's own dynamic quantization (``torch.ao`` ``DynamicQuantizedLinear``, fbgemm /
-  x86): int8 weights, activations quantized per batch on the fly, int8 matmuls.
-- ``int8-weight-only``: torchao's ``Int8WeightOnlyConfig`` (int8 weights, float activations);
-  needs ``pip install torchao`` (optional). torchao 0.18 has no float32 int4 kernel on CPU
-  (its int4 layouts need CUDA, bfloat16 or the ``mslk`` package), so int4 is not offered.
+- **int8 rows** (:func:`quantize_rows`): symmetric per output row, ``q = round(w / s)`` with
+  ``s = max|w_row| / 127``, ``q`` in [-127, 127];
+- **int4 groups** (:func:`quantize_groups`): asymmetric per group of ``g`` consecutive input
+  weights of a row, ``w ~= q * s + m`` with ``m = min``, ``s = (max - min) / 15``, ``q`` in
+  [0, 15]; ``s`` and ``m`` are rounded to float16 first (they are stored as float16), so the
+  stored grid and the fake-quantized one are the same. Two ``q`` share a byte on disk.
 
-The input embedding is stored the same way (per-row int8) and de-quantized on load: a lookup
-reads one row per token, so it stays float in memory; with tied embeddings the output head
-reuses the embedding's int8 rows, so they are stored once.
+Runtime modules (``install_quantized_linears``):
+
+- ``int8``: PyTorch's dynamic int8 Linear (``torch.ao``, fbgemm): int8 weights and int8
+  activations quantized per batch on the fly. Activation outliers are handled by SmoothQuant
+  style scale migration (:class:`SmoothedLinear`: ``x / s`` before the layer, ``W * s`` in
+  it) and by keeping chosen layers in float (see :mod:`distill.compress.calibrate`).
+- ``int8-weight-only`` and ``int4``: :class:`WeightOnlyLinear`, float activations, integer
+  weights, through PyTorch's own CPU kernels ``torch._weight_int8pack_mm`` and
+  ``torch._weight_int4pack_mm_for_cpu`` (float32 inputs), or de-quantize + matmul where those
+  do not run. torchao 0.18's ``Int8WeightOnlyConfig`` and ``IntxWeightOnlyConfig`` do run on
+  CPU in float32 but were 10-25x slower than the float layer at batch 1 here, and its
+  ``Int4WeightOnlyConfig`` needs the ``mslk`` package, so neither is used at runtime.
 """
 
 from __future__ import annotations
@@ -23,13 +33,32 @@ from torch import nn
 
 __all__ = [
     "QUANTIZE_METHODS",
+    "GROUP_SIZES",
     "quantize_rows",
     "dequantize_rows",
+    "quantize_groups",
+    "dequantize_groups",
+    "pack_int4",
+    "unpack_int4",
+    "fake_quantize_rows",
+    "fake_quantize_groups",
+    "FakeQuantize",
+    "WeightOnlyLinear",
+    "SmoothedLinear",
     "linear_names",
-    "install_int8_linears",
+    "install_quantized_linears",
 ]
 
-QUANTIZE_METHODS = ("int8", "int8-weight-only")
+QUANTIZE_METHODS = ("int8", "int8-weight-only", "int4")
+GROUP_SIZES = (32, 64, 128)
+
+
+# --- int8 rows --------------------------------------------------------------------------------
+
+
+def _row_scale(w: torch.Tensor) -> torch.Tensor:
+    scale = w.abs().amax(dim=1) / 127.0  # (out,)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows stay zero
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,8 +66,7 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     w = weight.detach().float()
-    scale = w.abs().amax(dim=1) / 127.0  # (out,)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero rows stay zero
+    scale = _row_scale(w)
     q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
     return q, scale
 
@@ -46,6 +74,228 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Float32 ``[out, in]`` from :func:`quantize_rows`' output."""
     return q.float() * scale[:, None].float()
+
+
+# --- int4 groups ------------------------------------------------------------------------------
+
+
+def _check_groups(weight: torch.Tensor, group_size: int) -> None:
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+    if group_size < 1 or weight.shape[1] % group_size:
+        raise ValueError(
+            f"group size {group_size} does not divide the input width {weight.shape[1]}"
+        )
+
+
+def _group_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float16-rounded ``(scale, minimum)`` ``[out, in/g]`` of float ``w`` ``[out, in]``."""
+    groups = w.reshape(w.shape[0], -1, group_size)  # (out, in/g, g)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15.0).half().float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant groups: q = 0
+    return scale, low.half().float()
+
+
+def _group_codes(
+    w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Unclamped-then-clamped codes ``[out, in/g, g]`` in [0, 15] (float)."""
+    groups = w.reshape(w.shape[0], -1, group_size)
+    return torch.clamp(torch.round((groups - low[..., None]) / scale[..., None]), 0, 15)
+
+
+def quantize_groups(
+    weight: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, scale, minimum)``: uint8 codes ``[out, in]`` in [0, 15] and float16 ``[out, in/g]``
+    with ``weight ~= q * scale + minimum`` group by group."""
+    _check_groups(weight, group_size)
+    w = weight.detach().float()
+    scale, low = _group_params(w, group_size)
+    q = _group_codes(w, scale, low, group_size).reshape(w.shape).to(torch.uint8)
+    return q, scale.half(), low.half()
+
+
+def dequantize_groups(
+    q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """Float32 ``[out, in]`` from :func:`quantize_groups`' output."""
+    groups = q.float().reshape(q.shape[0], -1, group_size)
+    return (groups * scale.float()[..., None] + low.float()[..., None]).reshape(q.shape)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes ``[out, in]`` in [0, 15] (``in`` even) -> bytes ``[out, in/2]``: low nibble first."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: ``[out, in/2]`` bytes -> uint8 codes ``[out, in]``."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+
+
+# --- fake quantization (straight-through) ----------------------------------------------------
+
+
+def _straight_through(w: torch.Tensor, low: torch.Tensor, high: torch.Tensor, grid) -> torch.Tensor:
+    """``grid(clamp(w))`` in the forward; gradient 1 where ``low <= w <= high``, else 0."""
+    clipped = torch.clamp(w, low, high)  # gradient 1 on the closed range, bounds included
+    return clipped + (grid(clipped.detach()) - clipped).detach()
+
+
+def fake_quantize_rows(weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The int8-row grid in the forward, the straight-through gradient in the backward.
+
+    ``scale`` ``[out]`` defaults to the weight's own (recomputed from it, not trained)."""
+    scale = _row_scale(weight.detach().float()) if scale is None else scale
+    bound = (127.0 * scale)[:, None]
+
+    def grid(w: torch.Tensor) -> torch.Tensor:
+        return torch.round(w / scale[:, None]) * scale[:, None]
+
+    return _straight_through(weight, -bound, bound, grid)
+
+
+def fake_quantize_groups(
+    weight: torch.Tensor,
+    group_size: int,
+    scale: torch.Tensor | None = None,
+    low: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The int4-group grid in the forward, the straight-through gradient in the backward.
+
+    ``scale`` / ``low`` ``[out, in/g]`` default to the weight's own (float16-rounded, as stored).
+    """
+    _check_groups(weight, group_size)
+    if scale is None or low is None:
+        scale, low = _group_params(weight.detach().float(), group_size)
+    shape = weight.shape
+    lo = low.repeat_interleave(group_size, dim=1)  # (out, in)
+    hi = (low + 15.0 * scale).repeat_interleave(group_size, dim=1)
+
+    def grid(w: torch.Tensor) -> torch.Tensor:
+        codes = _group_codes(w, scale, low, group_size)
+        return (codes * scale[..., None] + low[..., None]).reshape(shape)
+
+    return _straight_through(weight, lo, hi, grid)
+
+
+class FakeQuantize(nn.Module):
+    """A parametrization (``torch.nn.utils.parametrize``) that fake-quantizes a weight on every
+    forward, scales recomputed from the current weight: ``bits`` 8 (rows) or 4 (groups).
+
+    ``smooth`` ``[in]`` (smoothed dynamic int8): the grid is that of ``W * smooth``, as stored.
+    """
+
+    def __init__(self, bits: int, group_size: int = 64, smooth: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        self.bits, self.group_size = bits, group_size
+        self.register_buffer("smooth", None if smooth is None else smooth.float().clone())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.bits == 4:
+            return fake_quantize_groups(weight, self.group_size)
+        if self.smooth is None:
+            return fake_quantize_rows(weight)
+        return fake_quantize_rows(weight * self.smooth) / self.smooth
+
+
+# --- runtime modules -------------------------------------------------------------------------
+
+
+class WeightOnlyLinear(nn.Module):
+    """A Linear with integer weights and float activations (int8 rows or int4 groups).
+
+    Runs PyTorch's CPU weight-only kernels when they accept the shapes (checked once, against
+    the de-quantized reference); otherwise de-quantizes on each call (slow, exact).
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        low: torch.Tensor | None = None,
+        group_size: int = 0,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.bits = 4 if low is not None else 8
+        self.group_size = group_size
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        if self.bits == 8:
+            self.register_buffer("weight_int8", q.to(torch.int8).contiguous())
+            self.register_buffer("scale", scale.float().contiguous())
+        else:
+            # torch's int4 kernel: w = (q - 8) * scale + zero, so zero = minimum + 8 * scale
+            s, m = scale.float(), low.float()  # (out, in/g)
+            self.register_buffer("codes", q.to(torch.uint8).contiguous())
+            self.register_buffer("scale", s.contiguous())
+            self.register_buffer("low", m.contiguous())
+            self.register_buffer(
+                "scales_zeros", torch.stack([s, m + 8 * s], dim=-1).transpose(0, 1).contiguous()
+            )  # (in/g, out, 2)
+        self.kernel = self._try_kernel()
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight ``[out, in]`` this layer computes with."""
+        if self.bits == 8:
+            return dequantize_rows(self.weight_int8, self.scale)
+        return dequantize_groups(self.codes, self.scale, self.low, self.group_size)
+
+    def _try_kernel(self) -> bool:
+        try:
+            if self.bits == 4:
+                self.register_buffer(
+                    "packed",
+                    torch._convert_weight_to_int4pack_for_cpu(self.codes.to(torch.int32), 1),
+                    persistent=False,
+                )
+            probe = torch.linspace(-1, 1, 2 * self.in_features).reshape(2, -1)
+            got = self._kernel_matmul(probe)
+            want = probe @ self.dequantized().T
+            ok = torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-6)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            ok = False
+        if not ok and self.bits == 4 and hasattr(self, "packed"):
+            del self.packed
+        return ok
+
+    def _kernel_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8:
+            return torch._weight_int8pack_mm(x, self.weight_int8, self.scale)
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features)  # (tokens, in)
+        if self.kernel and flat.device.type == "cpu" and flat.dtype == torch.float32:
+            out = self._kernel_matmul(flat.contiguous())
+        else:
+            out = flat @ self.dequantized().to(flat.dtype).T
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+
+class SmoothedLinear(nn.Module):
+    """SmoothQuant's scale migration around a quantized Linear: ``layer(x / smooth)`` where the
+    layer's weight is ``W * smooth`` (per input channel), so activation outliers shrink before
+    the per-tensor activation quantization and move into the per-row-quantized weight."""
+
+    def __init__(self, layer: nn.Module, smooth: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("inverse", (1.0 / smooth.float()).contiguous())  # (in,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x * self.inverse)
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -75,30 +325,32 @@ def _dynamic_linear(linear: nn.Linear, q: torch.Tensor, scale: torch.Tensor) -> 
     return module
 
 
-def install_int8_linears(
-    model: nn.Module, quantized: dict[str, tuple[torch.Tensor, torch.Tensor]], method: str
+def install_quantized_linears(
+    model: nn.Module, quantized: dict[str, dict[str, torch.Tensor]], method: str
 ) -> nn.Module:
-    """Swap the Linear layers named in ``quantized`` (``name -> (q, scale)``) for int8 ones.
+    """Swap the Linear layers named in ``quantized`` for their quantized runtime modules.
 
-    ``model`` must already hold the de-quantized weights (float32), which ``int8-weight-only``
-    re-quantizes with torchao (per-row symmetric too, so it recovers the same int8 rows).
+    Each entry holds ``q`` and ``scale`` (plus ``low`` and ``group_size`` for int4 groups, and
+    ``smooth`` for a smoothed dynamic int8 layer); see the module docstring for ``method``.
     """
     if method not in QUANTIZE_METHODS:
         raise ValueError(f"method must be one of {QUANTIZE_METHODS}, got {method!r}")
-    if method == "int8":
-        for name, (q, scale) in quantized.items():
-            _set_module(model, name, _dynamic_linear(model.get_submodule(name), q, scale))
-        return model
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig, quantize_
-    except ImportError:
-        raise ImportError(
-            "int8-weight-only needs torchao: pip install 'distill[compress]'"
-        ) from None
-    names = set(quantized)
-    # Untie the head first: torchao swaps the weight Parameter, which must not change the embedding.
-    for name in names:
+    for name, parts in quantized.items():
         linear = model.get_submodule(name)
-        linear.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: fqn in names)
+        bias = None if linear.bias is None else linear.bias.detach()
+        if method == "int8":
+            module: nn.Module = _dynamic_linear(linear, parts["q"], parts["scale"])
+            if "smooth" in parts:
+                module = SmoothedLinear(module, parts["smooth"])
+        elif "low" in parts:
+            module = WeightOnlyLinear(
+                parts["q"],
+                parts["scale"],
+                bias,
+                low=parts["low"],
+                group_size=int(parts["group_size"]),
+            )
+        else:
+            module = WeightOnlyLinear(parts["q"], parts["scale"], bias)
+        _set_module(model, name, module)
     return model

@@ -1,9 +1,13 @@
-"""GGUF export (F16, Q8_0) of Llama-family students, for llama.cpp and the tools built on it.
+"""GGUF export (F16, Q8_0, Q4_0, Q4_1) of Llama-family students, for llama.cpp and the tools
+built on it.
 
 Tensor names and the rotary permutation of ``attn_q`` / ``attn_k`` follow llama.cpp's
 ``convert_hf_to_gguf.py`` (llama.cpp rotates adjacent pairs, Hugging Face rotates halves).
-Norms stay float32; 2-D weights are F16 or Q8_0 (blocks of 32 int8 values with one F16 scale),
-quantized by the ``gguf`` package. A byte-level BPE tokenizer is written as ``gpt2``.
+Norms stay float32; 2-D weights are F16, Q8_0 (blocks of 32 int8 values with one F16 scale),
+Q4_0 (blocks of 32 4-bit values, one F16 scale, symmetric) or Q4_1 (one F16 scale and one F16
+minimum per 32: the grid of ``distill compress --quantize int4 --group-size 32``, so such a
+student is stored without a second rounding), quantized by the ``gguf`` package. With the 4-bit
+types the embedding and output head are Q8_0 (``distill compress`` keeps them int8 too). A byte-level BPE tokenizer is written as ``gpt2``.
 :func:`verify_gguf` loads the file back through ``transformers``' GGUF loader and compares logits
 with the per-type tolerances in :data:`TOLERANCES`.
 """
@@ -28,9 +32,15 @@ __all__ = [
     "verify_gguf",
 ]
 
-GGUF_TYPES = ("f16", "q8_0")
+GGUF_TYPES = ("f16", "q8_0", "q4_0", "q4_1")
 # max |logit difference| / max |logit| allowed after the round trip, per weight type
-TOLERANCES = {"f16": 5e-3, "q8_0": 5e-2}
+TOLERANCES = {"f16": 5e-3, "q8_0": 5e-2, "q4_0": 0.3, "q4_1": 0.3}
+_FILE_TYPES = {
+    "f16": "MOSTLY_F16",
+    "q8_0": "MOSTLY_Q8_0",
+    "q4_0": "MOSTLY_Q4_0",
+    "q4_1": "MOSTLY_Q4_1",
+}
 
 _LAYER_NAMES = {
     "input_layernorm": "attn_norm",
@@ -99,8 +109,7 @@ def _add_metadata(writer, model: PreTrainedModel, kind: str, name: str) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 1e4))))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    file_type = gguf.LlamaFileType.MOSTLY_F16 if kind == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0
-    writer.add_file_type(file_type)
+    writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[kind]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -191,7 +200,11 @@ def export_gguf(
         elif kind == "f16":
             writer.add_tensor(gguf_name, data.astype(np.float16))
         else:
-            qtype = gguf.GGMLQuantizationType.Q8_0
+            qtype = getattr(gguf.GGMLQuantizationType, kind.upper())
+            if kind.startswith("q4") and gguf_name in ("token_embd.weight", "output.weight"):
+                qtype = gguf.GGMLQuantizationType.Q8_0  # embedding / head: 8 bits, as stored
+            if data.shape[-1] % 32:
+                qtype = gguf.GGMLQuantizationType.F16  # blocks of 32 must tile the row
             writer.add_tensor(gguf_name, quantize(data, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

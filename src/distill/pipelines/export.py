@@ -1,14 +1,21 @@
-"""``distill export MODEL --out DIR``: a Hugging Face directory plus verified GGUF files."""
+"""``distill export MODEL --out DIR``: a Hugging Face directory plus verified GGUF files.
+
+A float or pruned student: ``DIR/hf/`` is ``save_pretrained`` output (``transformers`` loads
+it). A quantized student (``distill compress`` output): ``DIR/hf/`` is a copy of its directory
+(config, tokenizer, int8 / int4 safetensors, manifest), loaded by ``distill.compress.load_model``;
+its GGUF files are written from the de-quantized weights, and each round trip is compared with
+that de-quantized model.
+"""
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import torch
 
 from distill.compress.store import load_model, read_manifest, save_model
-from distill.errors import ModelError
 from distill.export.gguf import export_gguf, verify_gguf
 from distill.models import load_tokenizer
 
@@ -26,16 +33,20 @@ def export_model(
     """
     source = Path(model_path)
     manifest = read_manifest(source) if source.is_dir() else None
-    if manifest is not None and manifest.get("quantize"):
-        raise ModelError(f"{source} is int8-quantized: export the float (or pruned) student")
-    model = load_model(source)
+    quantized = manifest is not None and bool(manifest.get("quantize"))
+    model = load_model(source, dequantize=True)
     tokenizer = load_tokenizer(source)
     out = Path(out_dir)
-    save_model(model, tokenizer, out / "hf")
+    if quantized:
+        shutil.rmtree(out / "hf", ignore_errors=True)
+        shutil.copytree(source, out / "hf")
+    else:
+        save_model(model, tokenizer, out / "hf")
     artifacts = {
         "hf": {
             "path": str(out / "hf"),
             "bytes": sum(f.stat().st_size for f in (out / "hf").glob("*.safetensors")),
+            "loader": "distill.compress.load_model" if quantized else "transformers",
         }
     }
     base = name or (source.stem if source.is_file() else source.name)

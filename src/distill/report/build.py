@@ -114,6 +114,19 @@ def _markdown(report: dict[str, Any]) -> str:
     warning = report.get("plan", {}).get("memorisation_warning")
     if warning:
         lines += ["", f"Plan: {warning}."]
+    qad = [
+        f"- `{name}`: {row['quantize']}, {row['qad_steps']} QAD steps: KL to the teacher "
+        f"{row['kl_before_qad']:.4f} before, {row['kl_to_teacher']:.4f} after "
+        f"({row['kl_before_qad'] / max(row['kl_to_teacher'], 1e-12):.2f}x lower)"
+        for name, row in report["models"].items()
+        if row.get("qad_steps") and row.get("kl_before_qad") is not None
+    ]
+    if qad:
+        lines += [
+            "",
+            "Quantization-aware distillation (each row's model before QAD is listed too):",
+        ]
+        lines += qad
     verdict = report.get("verdict")
     if verdict:
         lines += ["", verdict]
@@ -303,7 +316,8 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
     divergence = config.get("loss", {}).get("divergence", "forward_kl")
     _plot_losses(run_path / "loss.png", curves, models, divergence)
     html_curves = dict(curves)
-    for heal_path in sorted(run_path.glob("metrics_heal_*.jsonl")):
+    compress_logs = [*run_path.glob("metrics_heal_*.jsonl"), *run_path.glob("metrics_qad_*.jsonl")]
+    for heal_path in sorted(compress_logs):
         html_curves[heal_path.stem.removeprefix("metrics_")] = read_jsonl(heal_path)
     write_html(run_path, report, html_curves, MODEL_ORDER)
     return report

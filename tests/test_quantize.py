@@ -1,0 +1,318 @@
+"""Weight-only int8 / int4 quantization, smoothed dynamic int8 and quantization-aware
+distillation: grids against float64 references, runtime modules against the de-quantized
+weights, fake quantization against the real quantized model, the straight-through gradient, a
+tiny QAD that lowers the KL, exact resume after SIGKILL, and one-line refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import make_llama
+from safetensors.torch import load_file
+
+from distill import distill
+from distill.compress import (
+    QuantizeSpec,
+    dequantize_groups,
+    load_model,
+    model_bytes,
+    quantize_groups,
+    save_model,
+)
+from distill.compress.calibrate import plan_int8
+from distill.compress.qad import (
+    attach_fake_quantize,
+    detach_fake_quantize,
+    quantization_aware_distill,
+)
+from distill.compress.quantize import (
+    WeightOnlyLinear,
+    fake_quantize_groups,
+    fake_quantize_rows,
+    pack_int4,
+    quantize_rows,
+    unpack_int4,
+)
+from distill.config import LossConfig, TrainConfig, load_config
+from distill.errors import ConfigError
+from distill.pipelines.compress import check_group_size
+from distill.teacher import LiveTeacher
+
+
+def _reference_groups(w: torch.Tensor, g: int):
+    """float64 int4 groups: float16-rounded scale and minimum, codes in [0, 15]."""
+    groups = w.double().reshape(w.shape[0], -1, g)
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale = ((high - low) / 15).half().double()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    low16 = low.half().double()
+    codes = torch.clamp(torch.round((groups - low16[..., None]) / scale[..., None]), 0, 15)
+    return codes.reshape(w.shape), scale, low16, low
+
+
+@pytest.mark.parametrize("shape, g", [((7, 96), 32), ((5, 192), 64), ((3, 256), 128)])
+def test_int4_groups_match_float64_reference(shape, g):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 0.05
+    w[1, :g] = 0.01  # a constant group stays exact
+    q, scale, low = quantize_groups(w, g)
+    ref_q, ref_scale, ref_low, true_low = _reference_groups(w, g)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15
+    assert (q.double() - ref_q).abs().max() <= 1  # float32 rounding at exact .5 ties
+    assert torch.equal(scale.double(), ref_scale) and torch.equal(low.double(), ref_low)
+    error = (dequantize_groups(q, scale, low, g).double() - w.double()).reshape(shape[0], -1, g)
+    bound = ref_scale / 2 + (ref_low - true_low).abs()  # half a step, plus the float16 minimum
+    assert torch.all(error.abs().amax(-1) <= bound * (1 + 1e-5) + 1e-7)
+    assert torch.equal(
+        dequantize_groups(q, scale, low, g)[1, :g], torch.full((g,), 0.01).half().float()
+    )
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+    assert pack_int4(q).shape == (shape[0], shape[1] // 2)
+
+
+def test_group_size_must_divide_the_width():
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_groups(torch.randn(4, 96), 64)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_weight_only_linear_matches_float64_dequantized(bits, use_kernel):
+    torch.manual_seed(0)
+    w, bias, x = torch.randn(48, 128) * 0.1, torch.randn(48), torch.randn(3, 5, 128)
+    if bits == 8:
+        q, scale = quantize_rows(w)
+        layer = WeightOnlyLinear(q, scale, bias)
+    else:
+        q, scale, low = quantize_groups(w, 32)
+        layer = WeightOnlyLinear(q, scale, bias, low=low, group_size=32)
+    assert layer.kernel  # PyTorch's CPU kernels run in float32 here
+    layer.kernel = layer.kernel and use_kernel
+    reference = x.double() @ layer.dequantized().double().T + bias.double()
+    got = layer(x)
+    assert got.shape == (3, 5, 48)
+    # float32 accumulation over 128 inputs: 1e-5 of the output scale
+    assert (got.double() - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@pytest.mark.parametrize("method", ["int8-weight-only", "int4"])
+def test_fake_quantized_forward_equals_the_real_quantized_model(tmp_path, tiny_tokenizer, method):
+    model = make_llama(len(tiny_tokenizer), hidden=64)
+    spec = QuantizeSpec(method, group_size=32)
+    loaded = load_model(save_model(model, tiny_tokenizer, tmp_path / method, quantize=spec))
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 12))
+    attach_fake_quantize(model, spec)
+    with torch.no_grad():
+        fake, real = model(ids).logits, loaded(ids).logits
+    detach_fake_quantize(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tie kept
+    # same grids; only the kernels' float32 summation order differs: 1e-5 of the logit range
+    assert (fake - real).abs().max() <= 1e-5 * real.abs().max()
+
+
+def test_int4_model_is_small_and_loads_back(tmp_path, tiny_tokenizer):
+    model = make_llama(len(tiny_tokenizer), hidden=64)
+    float_bytes = model_bytes(save_model(model, tiny_tokenizer, tmp_path / "float"))
+    out = save_model(model, tiny_tokenizer, tmp_path / "int4", quantize=QuantizeSpec("int4", 32))
+    manifest = json.loads((out / "distill_compression.json").read_text())
+    assert manifest["group_size"] == 32 and len(manifest["int4_weights"]) == 4 * 7
+    stored = load_file(out / "model.safetensors")
+    assert stored["model.layers.0.mlp.down_proj.weight"].shape == (64, 64)  # [out, in/2] bytes
+    assert model_bytes(out) == (out / "model.safetensors").stat().st_size
+    assert model_bytes(out) < 0.3 * float_bytes
+    ids = torch.randint(0, len(tiny_tokenizer), (1, 8))
+    generated = load_model(out).generate(
+        ids, max_new_tokens=3, do_sample=False, attention_mask=torch.ones_like(ids)
+    )
+    assert generated.shape == (1, 11)
+
+
+def test_straight_through_gradient_is_float_inside_and_zero_when_clipped():
+    torch.manual_seed(0)
+    w = torch.randn(4, 64)
+    upstream = torch.randn(4, 64)
+    # rows: a scale that clips the largest weights of each row
+    scale = w.abs().amax(dim=1) / 127 * 0.5
+    leaf = w.clone().requires_grad_(True)
+    (fake_quantize_rows(leaf, scale) * upstream).sum().backward()
+    inside = w.abs() <= 127 * scale[:, None]
+    assert (~inside).any() and inside.any()
+    assert torch.equal(leaf.grad[inside], upstream[inside])
+    assert torch.all(leaf.grad[~inside] == 0)
+    # groups: a range that clips the top of each group
+    g = 32
+    groups = w.reshape(4, -1, g)
+    low = groups.amin(-1)
+    step = (groups.amax(-1) - low) / 15 * 0.6
+    leaf = w.clone().requires_grad_(True)
+    (fake_quantize_groups(leaf, g, step, low) * upstream).sum().backward()
+    high = (low + 15 * step).repeat_interleave(g, dim=1)
+    inside = (w >= low.repeat_interleave(g, dim=1)) & (w <= high)
+    assert (~inside).any() and inside.any()
+    assert torch.equal(leaf.grad[inside], upstream[inside])
+    assert torch.all(leaf.grad[~inside] == 0)
+    # with its own scales only a group's extremes can fall outside (the float16-rounded range)
+    leaf = w.clone().requires_grad_(True)
+    (fake_quantize_groups(leaf, g) * upstream).sum().backward()
+    changed = (leaf.grad != upstream).reshape(4, -1, g).sum(-1)
+    assert int(changed.max()) <= 2
+    leaf = w.clone().requires_grad_(True)
+    (fake_quantize_rows(leaf) * upstream).sum().backward()
+    assert torch.equal(leaf.grad, upstream)
+
+
+def _kl(teacher, model, blocks) -> float:
+    with torch.no_grad():
+        p = torch.log_softmax(teacher(blocks).logits, -1)
+        q = torch.log_softmax(model(blocks).logits, -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_tiny_qad_lowers_the_kl_of_a_quantized_student(tmp_path, tiny_tokenizer):
+    vocab = len(tiny_tokenizer)
+    teacher = make_llama(vocab, layers=2, hidden=64, seed=1)
+    student = copy.deepcopy(teacher)
+    spec = QuantizeSpec("int4", group_size=32)
+    blocks = torch.randint(0, vocab, (8, 32))
+    before = load_model(save_model(student, tiny_tokenizer, tmp_path / "ptq", quantize=spec))
+    quantization_aware_distill(
+        student,
+        LiveTeacher(teacher, vocab),
+        blocks,
+        spec,
+        steps=12,
+        lr=1e-4,
+        loss_config=LossConfig(alpha=0.0, temperature=1.0),
+        train_config=TrainConfig(batch_size=4, warmup_steps=0, threads=1),
+        seed=0,
+    )
+    after = load_model(save_model(student, tiny_tokenizer, tmp_path / "qad", quantize=spec))
+    kl_before, kl_after = _kl(teacher, before, blocks), _kl(teacher, after, blocks)
+    assert kl_after < 0.7 * kl_before, (kl_before, kl_after)
+    with pytest.raises(ConfigError, match="no teacher"):
+        quantization_aware_distill(
+            student,
+            None,
+            blocks,
+            spec,
+            steps=1,
+            lr=1e-3,
+            loss_config=LossConfig(),
+            train_config=TrainConfig(),
+            seed=0,
+        )
+
+
+def test_int8_plan_smooths_outliers_and_keeps_the_worst_layer_float(tiny_tokenizer):
+    model = make_llama(len(tiny_tokenizer), layers=2, hidden=64)
+    with torch.no_grad():  # an outlier input channel of every down_proj, as in real LMs
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[5] *= 60.0
+    blocks = torch.randint(0, len(tiny_tokenizer), (4, 32))
+    plain = plan_int8(model, blocks, alpha=0.0, float_layers=0)
+    smoothed = plan_int8(model, blocks, alpha=0.5, float_layers=1)
+    name = "model.layers.0.mlp.down_proj"
+    assert smoothed.errors[name] < 0.5 * plain.errors[name]
+    worst = max(smoothed.errors, key=smoothed.errors.get)
+    assert list(smoothed.keep_float) == [worst] and worst not in smoothed.smooth
+    assert "largest int8 output error" in smoothed.describe()[0]
+
+
+# --- the job: resume after SIGKILL, refusals ---------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "distill", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+def _steps(path) -> list[int]:
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def tiny_run(tiny_run_config):
+    tiny_run_config["eval"]["speed"] = False
+    tiny_run_config["train"]["threads"] = 1
+    return distill(tiny_run_config).run_dir
+
+
+def test_qad_killed_with_sigkill_resumes_bit_exact(tmp_path, tiny_run):
+    steps = 16
+    args = ["--quantize", "int4", "--group-size", "32", "--qad-steps", str(steps)]
+    args += ["--set", "checkpoint.every=1", "--set", "compress.qad_lr=3e-3"]
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    shutil.copytree(tiny_run, straight_dir)
+    shutil.copytree(tiny_run, killed_dir)
+    straight = _cli("compress", str(straight_dir), *args)
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+
+    process = _cli("compress", str(killed_dir), *args)
+    metrics = killed_dir / f"metrics_qad_int4g32_qad{steps}.jsonl"
+    deadline = time.time() + 240
+    while len(_steps(metrics)) < 4 and time.time() < deadline:
+        assert process.poll() is None, "the job ended before it could be killed"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 0 < len(_steps(metrics)) < steps
+    resumed = _cli("compress", str(killed_dir), *args, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert _steps(metrics) == list(range(1, steps + 1))
+    label = f"int4g32_qad{steps}"
+    one = load_file(straight_dir / "compressed" / label / "model.safetensors")
+    two = load_file(killed_dir / "compressed" / label / "model.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.equal(one[name], two[name]), name
+    evaluation = json.loads((killed_dir / "evaluation.json").read_text())["models"]
+    before, after = evaluation["student_int4g32"], evaluation[f"student_{label}"]
+    assert before["qad_steps"] == 0 and after["qad_steps"] == steps
+    for row in (before, after):
+        assert {"bytes", "perplexity", "kl_to_teacher", "top1_agreement"} <= row.keys()
+    report = (killed_dir / "report.md").read_text()
+    assert "student_" + label in report and "QAD steps: KL to the teacher" in report
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quantize", "int3"], "compress.quantize"),
+        (["--quantize", "int4", "--group-size", "48"], "compress.group_size"),
+        (["--quantize", "int4", "--group-size", "128"], "does not divide the input width"),
+        (["--quantize", "int4", "--qad-steps", "2", "--set", "loss.alpha=1"], "no teacher"),
+        (["--qad-steps", "2"], "set compress.quantize"),
+    ],
+)
+def test_bad_quantize_input_is_one_line_and_exit_2(tiny_run, args, message):
+    process = _cli("compress", str(tiny_run), *args)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("distill: error")]
+    assert len(lines) == 1 and message in lines[0], stderr
+    assert "Traceback" not in stderr
+
+
+def test_group_size_rules_from_the_config_and_the_model():
+    with pytest.raises(ConfigError, match="does not divide student.hidden=96"):
+        load_config(
+            overrides=["compress.quantize=int4", "compress.group_size=64", "student.hidden=96"]
+        )
+    with pytest.raises(ConfigError, match="group_size=64 does not divide"):
+        check_group_size(make_llama(32, layers=1, hidden=32), 64)
