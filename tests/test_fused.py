@@ -371,7 +371,7 @@ def test_sparse_targets_refuse_other_divergences():
         torch.zeros(4, 2, dtype=torch.long), torch.zeros(4, 2), torch.zeros(4, 1), (1.0,)
     )
     with pytest.raises(ValueError, match="divergence"):
-        settings = LossSettings(temperature=1.0, alpha=0.5, divergence="jsd")
+        settings = LossSettings(temperature=1.0, alpha=0.5, divergence="skew_forward_kl")
         head_distillation_loss(hidden, weight, None, targets, labels, settings)
 
 
