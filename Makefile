@@ -34,10 +34,10 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 
 dev: $(VENV)/.dev-installed
 
-test: dev  ## lint, format check and the default (fast, CPU-only) test suite
+test: dev  ## lint, format check and the default (fast, CPU-only) test suite, on 2 workers
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-slow: dev  ## tests that load the real default teacher
 	$(PY) -m pytest -q -m slow
