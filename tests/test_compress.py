@@ -29,6 +29,7 @@ from distill.compress.prune import prunable_linears
 from distill.config import CompressConfig, LossConfig, TrainConfig, load_config
 from distill.errors import ConfigError
 from distill.pipelines.compress import compress_label, compress_run
+from distill.pipelines.eval import evaluate_models
 from distill.teacher import LiveTeacher
 
 
@@ -162,7 +163,16 @@ def test_compress_run_and_cli(tiny_run_config):
     assert metrics["bytes"] == (compressed.model_dir / "model.safetensors").stat().st_size
     assert metrics["sparsity"] == pytest.approx(0.3, abs=0.01)
     evaluation = json.loads((result.run_dir / "evaluation.json").read_text())
-    assert evaluation["models"]["student_pruned30_healed2_int8"]["perplexity"] > 1
+    recorded = evaluation["models"]["student_pruned30_healed2_int8"]
+    # `distill eval` on the written model, with the run's config: the same held-out numbers.
+    config = load_config(result.run_dir / "config.yaml", ["eval.speed=false"])
+    rescored = evaluate_models([str(compressed.model_dir)], config)["models"]
+    (row,) = [m for name, m in rescored.items() if name != "teacher"]
+    for key in ("perplexity", "kl_to_teacher", "top1_agreement"):
+        assert row[key] == pytest.approx(recorded[key], rel=1e-5, abs=1e-7), key
+    assert recorded["kl_to_teacher"] != pytest.approx(
+        evaluation["models"]["student_after"]["kl_to_teacher"], rel=1e-6
+    )  # pruning and int8 changed the model
     report = json.loads((result.run_dir / "report.json").read_text())
     assert "student_pruned30_healed2_int8" in report["models"]
     assert (result.run_dir / "metrics_heal_pruned30_healed2_int8.jsonl").is_file()
