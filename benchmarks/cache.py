@@ -24,26 +24,23 @@ import os
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-from common import print_table, target, timed, write_results  # noqa: E402
+from common import print_table, step_timing, target, timed, write_results  # noqa: E402
 
 from distill.config import LossConfig, RunConfig, StudentConfig, TrainConfig  # noqa: E402
 from distill.data import BlockBatches  # noqa: E402
 from distill.evaluate import heldout_metrics  # noqa: E402
-from distill.losses.schedule import loss_settings  # noqa: E402
 from distill.models import default_teacher_path, load_causal_lm, load_tokenizer  # noqa: E402
 from distill.pipelines.prepare import prepare_data  # noqa: E402
 from distill.student import build_student, select_layers  # noqa: E402
 from distill.teacher import CachedTeacher, LiveTeacher  # noqa: E402
 from distill.teacher.cache import read_manifest  # noqa: E402
 from distill.teacher.cache_writer import cache_identity, write_cache  # noqa: E402
-from distill.train import CausalLMTask, build_optimizer, train  # noqa: E402
-from distill.train.causal_lm import micro_batch_terms  # noqa: E402
+from distill.train import CausalLMTask, train  # noqa: E402
 
 
 def write(teacher, source, tokenizer, blocks, directory: Path, k: int) -> dict:
@@ -59,24 +56,6 @@ def kept_mass(cache: CachedTeacher, blocks: torch.Tensor, temperature: float) ->
     """Mean teacher probability mass (at ``temperature``) on the cached top-k."""
     targets = cache.soft_targets(blocks)
     return float(targets.teacher_logprobs(temperature).exp().sum(-1).mean())
-
-
-def step_timing(student, teachers: dict, blocks: torch.Tensor, reps: int, vocab: int) -> dict:
-    """Seconds per KD step for each teacher, alternating teachers on every repetition."""
-    settings = loss_settings(LossConfig())
-    models = {name: copy.deepcopy(student).train() for name in teachers}
-    optimizers = {name: build_optimizer(models[name], TrainConfig())[0] for name in teachers}
-    seconds: dict[str, list[float]] = {name: [] for name in teachers}
-    for rep in range(reps + 1):  # the first repetition warms up (allocations, optimizer state)
-        for name, teacher in teachers.items():
-            start = time.perf_counter()
-            terms = micro_batch_terms(models[name], teacher, blocks, settings, vocab)
-            (terms.loss_sum / terms.n_tokens).backward()
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
-            if rep:
-                seconds[name].append(time.perf_counter() - start)
-    return seconds
 
 
 def main() -> None:

@@ -108,3 +108,37 @@ def print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+def step_timing(
+    student: torch.nn.Module,
+    teachers: dict,
+    blocks: torch.Tensor,
+    reps: int,
+    vocab: int,
+    loss: Any = None,
+) -> dict[str, list[float]]:
+    """Seconds per KD step (forward, backward, AdamW) of a copy of ``student`` for each teacher,
+    alternating teachers on every repetition; the first repetition warms up and is not timed.
+    ``loss`` is a ``LossConfig`` (default: the schema's)."""
+    import copy
+
+    from distill.config import LossConfig, TrainConfig
+    from distill.losses.schedule import loss_settings
+    from distill.train import build_optimizer
+    from distill.train.causal_lm import micro_batch_terms
+
+    settings = loss_settings(loss if loss is not None else LossConfig())
+    models = {name: copy.deepcopy(student).train() for name in teachers}
+    optimizers = {name: build_optimizer(models[name], TrainConfig())[0] for name in teachers}
+    seconds: dict[str, list[float]] = {name: [] for name in teachers}
+    for rep in range(reps + 1):  # the first repetition warms up (allocations, optimizer state)
+        for name, teacher in teachers.items():
+            start = time.perf_counter()
+            terms = micro_batch_terms(models[name], teacher, blocks, settings, vocab)
+            (terms.loss_sum / terms.n_tokens).backward()
+            optimizers[name].step()
+            optimizers[name].zero_grad(set_to_none=True)
+            if rep:
+                seconds[name].append(time.perf_counter() - start)
+    return seconds

@@ -34,18 +34,16 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from common import print_table, target, write_results  # noqa: E402
+from common import print_table, step_timing, target, write_results  # noqa: E402
 
 from distill.config import DataConfig, LossConfig, RunConfig, StudentConfig, TrainConfig  # noqa: E402
 from distill.data import BlockBatches  # noqa: E402
-from distill.losses.schedule import loss_settings  # noqa: E402
 from distill.models import default_teacher_path, load_causal_lm, load_tokenizer  # noqa: E402
 from distill.pipelines.prepare import prepare_data  # noqa: E402
 from distill.student import build_student, select_layers  # noqa: E402
 from distill.teacher import CachedTeacher, LiveTeacher, RemoteTeacher  # noqa: E402
 from distill.teacher.cache_writer import cache_identity, write_cache  # noqa: E402
-from distill.train import CausalLMTask, build_optimizer, train  # noqa: E402
-from distill.train.causal_lm import micro_batch_terms  # noqa: E402
+from distill.train import CausalLMTask, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,24 +70,6 @@ def start_server(port: int, wait_s: float = 300.0) -> subprocess.Popen:
             time.sleep(1.0)
     server.terminate()
     raise RuntimeError(f"distill serve-teacher did not answer within {wait_s:.0f} s")
-
-
-def step_timing(student, teachers: dict, blocks: torch.Tensor, reps: int, vocab: int) -> dict:
-    """Seconds per KD step for each teacher, alternating teachers on every repetition."""
-    settings = loss_settings(LossConfig(temperature=1.0))
-    models = {name: copy.deepcopy(student).train() for name in teachers}
-    optimizers = {name: build_optimizer(models[name], TrainConfig())[0] for name in teachers}
-    seconds: dict[str, list[float]] = {name: [] for name in teachers}
-    for rep in range(reps + 1):  # the first repetition warms up (allocations, optimizer state)
-        for name, teacher in teachers.items():
-            start = time.perf_counter()
-            terms = micro_batch_terms(models[name], teacher, blocks, settings, vocab)
-            (terms.loss_sum / terms.n_tokens).backward()
-            optimizers[name].step()
-            optimizers[name].zero_grad(set_to_none=True)
-            if rep:
-                seconds[name].append(time.perf_counter() - start)
-    return seconds
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -169,7 +149,14 @@ def main() -> None:
                 description=name,
             )
             histories[name] = state.history
-        timing = step_timing(student, teachers, used[: args.batch], args.timing_reps, vocab)
+        timing = step_timing(
+            student,
+            teachers,
+            used[: args.batch],
+            args.timing_reps,
+            vocab,
+            LossConfig(temperature=1.0),
+        )
         remote.close()
     finally:
         server.terminate()
