@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -53,29 +54,58 @@ def timed(fn: Callable[[], Any], device: torch.device | str | None = None) -> tu
     return result, time.perf_counter() - start
 
 
-def provenance() -> dict[str, Any]:
-    """What a result was measured with: the commit, the command line, the load, the versions."""
-    root = Path(__file__).resolve().parent.parent
+PEERS = (
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "torchao",
+    "liger-kernel",
+    "trl",
+    "accelerate",
+)
+
+
+def _git_describe() -> str:
     try:
-        commit = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        ).stdout.strip()
+        return (
+            subprocess.run(
+                ["git", "describe", "--always", "--dirty"],
+                cwd=Path(__file__).resolve().parent,
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
-        commit = ""
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("transformers", "trl", "accelerate"):
-        module = sys.modules.get(name)
-        if module is not None:
-            versions[name] = getattr(module, "__version__", "?")
+        return "unknown"
+
+
+def versions() -> dict[str, str | None]:
+    """Python, torch and the installed version of each peer library (None: not installed)."""
+    found: dict[str, str | None] = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in PEERS:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+# Taken when a script imports this module, i.e. as it starts: the code it runs and the load.
+_COMMIT_AT_START = _git_describe()
+_LOAD_AT_START = list(os.getloadavg())
+
+
+def provenance() -> dict[str, Any]:
+    """What a result was measured with: the commit (``git describe --dirty`` as the script
+    started), the exact command line, the load average as it started and as it ends, versions."""
     return {
-        "git": commit or "unknown",
-        "argv": sys.argv,
-        "loadavg_after": list(os.getloadavg()),  # called as the result is written
-        "versions": versions,
+        "commit": _COMMIT_AT_START,
+        "argv": list(sys.argv),
+        "load_average_before": _LOAD_AT_START,
+        "load_average_after": list(os.getloadavg()),
+        "versions": versions(),
     }
 
 
@@ -92,10 +122,7 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     }
     if torch.cuda.is_available():
         machine["gpu"] = torch.cuda.get_device_name(0)
-    payload = {
-        "machine": machine,
-        **payload,
-    }
+    payload = {"machine": machine, **provenance(), **payload}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")

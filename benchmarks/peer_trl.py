@@ -34,7 +34,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-from common import print_table, provenance, target, timed, write_results  # noqa: E402
+from common import print_table, target, timed, write_results  # noqa: E402
 
 from distill.config import LossConfig, StudentConfig, TrainConfig  # noqa: E402
 from distill.models import default_teacher_path, load_causal_lm, load_tokenizer  # noqa: E402
@@ -91,7 +91,6 @@ def main() -> None:
     gpu = device.type == "cuda"
     trl, GKDConfig, GKDTrainer = import_trl()
     logging.getLogger("trl").setLevel(logging.ERROR)
-    load_before = os.getloadavg()
 
     teacher_model = load_causal_lm(default_teacher_path()).to(device).eval()
     tokenizer = load_tokenizer(default_teacher_path())
@@ -225,11 +224,6 @@ def main() -> None:
             "step_seconds": seconds,
             "step_seconds_stats": stats,
             "tokens_per_s": {name: tokens / s["median"] for name, s in stats.items()},
-            "provenance": {
-                **provenance(),
-                "loadavg_before": list(load_before),
-                "trl": trl.__version__,
-            },
             "targets": [target(name, speedup, goal, "higher")],
         },
     )

@@ -26,7 +26,6 @@ import torch  # noqa: E402
 from common import (  # noqa: E402
     matmul_flops_per_s,
     print_table,
-    provenance,
     target,
     timed,
     write_results,
@@ -128,7 +127,6 @@ def main() -> None:
     def peak() -> float:
         return matmul_flops_per_s(size, device=device, dtype=compute_dtype)
 
-    load_before = list(os.getloadavg())
     peak_flops = peak()
     one_step(fused=True)  # warm-up: allocations, optimizer state
     unfused_phases = [one_step(fused=False) for _ in range(args.steps)]
@@ -189,7 +187,6 @@ def main() -> None:
             "achieved_flops_per_s": achieved,
             "matmul_flops_per_s": peak_flops,
             "matmul_dtype": str(compute_dtype).removeprefix("torch."),
-            "provenance": {**provenance(), "loadavg_before": load_before},
             "targets": targets,
         },
     )

@@ -35,11 +35,14 @@ from distill.compress.qad import (
     quantization_aware_distill,
 )
 from distill.compress.quantize import (
+    DynamicInt8Linear,
     WeightOnlyLinear,
+    dequantize_rows,
     fake_quantize_groups,
     fake_quantize_rows,
     pack_int4,
     quantize_rows,
+    split_outliers,
     unpack_int4,
 )
 from distill.config import LossConfig, TrainConfig, load_config
@@ -116,6 +119,26 @@ def test_fake_quantized_forward_equals_the_real_quantized_model(tmp_path, tiny_t
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tie kept
     # same grids; only the kernels' float32 summation order differs: 1e-5 of the logit range
     assert (fake - real).abs().max() <= 1e-5 * real.abs().max()
+
+
+def test_int8_fake_quantized_weights_equal_the_stored_ones_with_outliers(tmp_path, tiny_tokenizer):
+    model = make_llama(len(tiny_tokenizer), hidden=64)
+    blocks = torch.randint(0, len(tiny_tokenizer), (2, 16))
+    plan = plan_int8(model, blocks, alpha=0.5, float_layers=1, outlier_channels=3)
+    spec = QuantizeSpec(
+        "int8", smooth=plan.smooth, outliers=plan.outliers, keep_float=plan.keep_float
+    )
+    stored = load_model(
+        save_model(model, tiny_tokenizer, tmp_path / "i8", quantize=spec), dequantize=True
+    )
+    attach_fake_quantize(model, spec)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                want = stored.get_submodule(name).weight
+                # the same grid; smoothing divides back in float32: 1e-6 of the weight scale
+                assert (module.weight - want).abs().max() <= 1e-6 * want.abs().max(), name
+    detach_fake_quantize(model)
 
 
 def test_int4_model_is_small_and_loads_back(tmp_path, tiny_tokenizer):
@@ -224,6 +247,94 @@ def test_int8_plan_smooths_outliers_and_keeps_the_worst_layer_float(tiny_tokeniz
     worst = max(smoothed.errors, key=smoothed.errors.get)
     assert list(smoothed.keep_float) == [worst] and worst not in smoothed.smooth
     assert "largest int8 output error" in smoothed.describe()[0]
+
+
+def _linear_with_outlier_inputs(rows: int = 16, width: int = 96, out: int = 40):
+    """A float64 weight, inputs whose channel 7 is 300x the rest and whose first token is 50x
+    the others (the two kinds of outliers SmolLM2's activations have)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(out, width, generator=generator, dtype=torch.float64) / width**0.5
+    x = torch.randn(rows, width, generator=generator, dtype=torch.float64)
+    x[:, 7] *= 300.0
+    x[0] *= 50.0
+    return weight, x
+
+
+def _int8_layer(weight: torch.Tensor, index: torch.Tensor) -> DynamicInt8Linear:
+    q, scale, columns = split_outliers(weight.float(), index)
+    return DynamicInt8Linear(q, scale, outlier_index=index, outlier_weight=columns.float())
+
+
+def test_int8_layer_is_per_token_a_row_does_not_depend_on_the_others():
+    weight, x = _linear_with_outlier_inputs()
+    layer = _int8_layer(weight, torch.tensor([7]))
+    together = layer(x.float())
+    pairs = torch.cat([layer(x[i : i + 2].float()) for i in range(0, len(x), 2)])
+    # per-tensor activation steps would change every row when row 0 (50x) joins the batch
+    assert torch.equal(together, pairs)
+    # one row (decoding) runs on its own range: the same within one activation step
+    alone = torch.cat([layer(x[i : i + 1].float()) for i in range(len(x))])
+    step = x.abs().amax(1, keepdim=True).float() / 63.0 * weight.abs().sum(1).float()
+    assert ((alone - together).abs() <= step).all()
+
+
+def test_int8_outlier_channels_are_exact_and_cut_the_error():
+    weight, x = _linear_with_outlier_inputs()
+    reference = x @ weight.T  # float64
+    index = torch.tensor([7])
+    q, scale, columns = split_outliers(weight.float(), index)
+    assert torch.equal(q[:, 7], torch.zeros_like(q[:, 7]))
+    assert torch.equal(columns.float(), weight[:, 7:8].half().float())  # stored as float16
+    # the row step ignores the outlier column: the int8 part equals quantize_rows of the rest
+    rest = weight.float().index_fill(1, index, 0.0)
+    assert torch.equal(q, quantize_rows(rest)[0])
+
+    def error(layer) -> float:
+        got = layer(x.float()).double()
+        return float((got - reference).norm() / reference.norm())
+
+    with_outliers = error(_int8_layer(weight, index))
+    without = error(_int8_layer(weight, torch.zeros(0, dtype=torch.long)))
+    assert with_outliers < 0.25 * without
+    # what is left is the int8 error of the other channels: weights per row, 7-bit activations
+    expected = x.clone()
+    expected[:, 7] = 0
+    float_part = x[:, 7:8] @ columns.double().T
+    bound = (expected.abs().amax(1, keepdim=True) / 63.0) * weight.abs().sum(
+        1
+    )  # one step per input
+    got = _int8_layer(weight, index)(x.float()).double()
+    assert (
+        (got - float_part - expected @ dequantize_rows(q, scale).double().T).abs() <= bound
+    ).all()
+
+
+def test_int8_plan_picks_the_outlier_channel_and_saves_it(tmp_path, tiny_tokenizer):
+    model = make_llama(len(tiny_tokenizer), layers=2, hidden=64)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[5] *= 60.0  # down_proj input channel 5 is large
+    blocks = torch.randint(0, len(tiny_tokenizer), (4, 32))
+    plain = plan_int8(model, blocks, alpha=0.0, float_layers=0)
+    split = plan_int8(model, blocks, alpha=0.0, float_layers=0, outlier_channels=2)
+    name = "model.layers.0.mlp.down_proj"
+    assert 5 in split.outliers[name].tolist() and len(split.outliers[name]) == 2
+    assert split.errors[name] < 0.5 * plain.errors[name]
+    assert "float outlier input channels" in split.describe()[0]
+    spec = QuantizeSpec("int8", outliers=split.outliers)
+    saved = save_model(model, tiny_tokenizer, tmp_path / "int8", quantize=spec)
+    loaded, dequantized = load_model(saved), load_model(saved, dequantize=True)
+    down = loaded.get_submodule(name)
+    assert torch.equal(down.outlier_index, split.outliers[name])
+    # de-quantized weights: int8 rows everywhere but the outlier columns, float16 there
+    weight = model.get_submodule(name).weight.detach()
+    restored = dequantized.get_submodule(name).weight.detach()
+    assert torch.equal(restored[:, 5], weight[:, 5].half().float())
+    assert (restored - weight).abs().max() <= weight.abs().amax() / 127
+    ids = torch.randint(0, len(tiny_tokenizer), (2, 12))
+    with torch.no_grad():
+        reference = model(ids).logits
+        assert (loaded(ids).logits - reference).abs().max() <= 0.05 * reference.abs().max()
 
 
 # --- the job: resume after SIGKILL, refusals ---------------------------------------------------

@@ -622,7 +622,8 @@ class CompressConfig(_Section):
     quantize: Literal["none", "int8", "int8-weight-only", "int4"] = Field(
         "none",
         description="distill compress: int8 = dynamic int8 Linear layers (int8 weights per row, "
-        "activations per batch; SmoothQuant smoothing and float fallback below); "
+        "activations per token, outlier channels in float; optional smoothing and float "
+        "layers below); "
         "int8-weight-only = int8 weights per row, float activations; int4 = int4 weights in "
         "groups of group_size, float activations; none = float.",
     )
@@ -636,21 +637,31 @@ class CompressConfig(_Section):
         description="distill compress: store the output head and input embedding as int8 rows "
         "(the tied head runs int8); false = both stay float32.",
     )
+    outlier_channels: int = Field(
+        64,
+        ge=0,
+        description="distill compress, int8: input channels per Linear (those with the largest "
+        "activations on the calibration blocks) multiplied in float outside the int8 product; "
+        "0 = none.",
+    )
     smooth_alpha: float = Field(
-        0.5,
+        0.0,
         ge=0.0,
         le=1.0,
         description="distill compress, int8: SmoothQuant migration strength a, s = max|x|^a / "
-        "max|W|^(1-a) per input channel, from calibration blocks; 0 = no smoothing.",
+        "max|W|^(1-a) per input channel, from calibration blocks; 0 = no smoothing (the default: "
+        "per-token steps and outlier channels keep quality without it).",
     )
     float_layers: int = Field(
-        4,
+        0,
         ge=0,
         description="distill compress, int8: keep this many Linears (those with the largest "
-        "smoothed-int8 output error on the calibration blocks) in float; the plan names them.",
+        "int8 output error on the calibration blocks) in float; the plan names them.",
     )
     calibration_blocks: int = Field(
-        8, ge=1, description="distill compress, int8: training blocks for smoothing and fallback."
+        8,
+        ge=1,
+        description="distill compress, int8: training blocks for outliers, smoothing, fallback.",
     )
     qad_steps: int = Field(
         0,

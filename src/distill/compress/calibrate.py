@@ -1,12 +1,16 @@
-"""Activation-aware dynamic int8: SmoothQuant factors and the layers kept in float, chosen on
-calibration blocks of the training data.
+"""Activation-aware dynamic int8: the outlier channels, SmoothQuant factors and the layers kept
+in float, chosen on calibration blocks of the training data.
 
-Dynamic int8 quantizes each layer's input per tensor, so one large input channel (the MLP
-``down_proj`` inputs of SmolLM2 have them) sets the step for all the others. SmoothQuant
-(Xiao et al. 2023) divides input channel ``j`` by ``s_j = max|x_j|^a / max|W_:,j|^(1-a)`` and
-multiplies the weight's column by it: the product is unchanged, the outliers move into the
-weight, which is quantized per row. What is still too wrong afterwards is measured per layer
-(relative output error on the calibration inputs) and the worst layers stay float.
+The int8 layer (:class:`~distill.compress.quantize.DynamicInt8Linear`) quantizes each token's
+input row with its own step, so a token with massive activations no longer hurts the others;
+within a row, a few input channels (the MLP ``down_proj`` inputs of SmolLM2 have some 1000x
+the median) would still set the step for all the rest. The ``outlier_channels`` channels with
+the largest calibration max are taken out of the int8 product and multiplied in float.
+SmoothQuant (Xiao et al. 2023) is the other remedy, off by default: it divides input channel
+``j`` by ``s_j = max|x_j|^a / max|W_:,j|^(1-a)`` and multiplies the weight's column by it, so
+the outliers move into the weight, which is quantized per row. What is still too wrong
+afterwards is measured per layer (relative output error on the calibration inputs) and the
+``float_layers`` worst layers can stay float.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from distill.compress.quantize import SmoothedLinear, _dynamic_linear, quantize_rows
+from distill.compress.quantize import DynamicInt8Linear, SmoothedLinear, split_outliers
 
 __all__ = ["Int8Plan", "plan_int8", "smooth_factors"]
 
@@ -31,11 +35,22 @@ def smooth_factors(
     return (a_max.pow(alpha) / w_max.pow(1.0 - alpha)).clamp(min=eps)
 
 
+def _int8_layer(
+    weight: torch.Tensor, outlier_index: torch.Tensor, smooth: torch.Tensor | None
+) -> nn.Module:
+    """The runtime int8 layer a saved plan gives, for measuring its error."""
+    smoothed = weight if smooth is None else weight * smooth[None, :]
+    q, scale, columns = split_outliers(smoothed, outlier_index)
+    layer = DynamicInt8Linear(q, scale, outlier_index=outlier_index, outlier_weight=columns.float())
+    return layer if smooth is None else SmoothedLinear(layer, smooth)
+
+
 @dataclass
 class Int8Plan:
-    """Per Linear: smoothing factors, relative output error (smoothed int8 vs float), and the
-    layers kept in float with the reason."""
+    """Per Linear: float outlier input channels, smoothing factors, relative output error (the
+    int8 layer vs float), and the layers kept in float with the reason."""
 
+    outliers: dict[str, torch.Tensor] = field(default_factory=dict)
     smooth: dict[str, torch.Tensor] = field(default_factory=dict)
     errors: dict[str, float] = field(default_factory=dict)
     keep_float: dict[str, str] = field(default_factory=dict)
@@ -43,6 +58,13 @@ class Int8Plan:
     def describe(self, top: int = 5) -> list[str]:
         """Lines for the plan: the kept layers and the largest remaining errors."""
         lines = [f"kept float: {name} ({why})" for name, why in self.keep_float.items()]
+        if self.outliers:
+            widths = sorted({len(index) for index in self.outliers.values()})
+            lines.insert(
+                0,
+                f"float outlier input channels (largest calibration max): {widths[-1]} per "
+                f"layer in {len(self.outliers)} layers",
+            )
         ranked = sorted(self.errors.items(), key=lambda item: -item[1])
         rest = [(n, e) for n, e in ranked if n not in self.keep_float][:top]
         lines += [f"int8: {name} relative output error {error:.3f}" for name, error in rest]
@@ -84,10 +106,12 @@ def plan_int8(
     *,
     alpha: float,
     float_layers: int,
+    outlier_channels: int = 0,
     max_rows: int = 1024,
 ) -> Int8Plan:
-    """Smoothing factors (``alpha`` 0 = none) for the decoder Linears and the ``float_layers``
-    Linears (head included) whose smoothed dynamic-int8 output error is largest."""
+    """For every Linear (head included): the ``outlier_channels`` input channels kept float,
+    smoothing factors (``alpha`` 0 = none; never the head, whose weight is the embedding's),
+    and the ``float_layers`` Linears whose int8 output error is largest."""
     head = model.get_output_embeddings()
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     inputs = _captured_inputs(model.eval(), blocks, names, max_rows)
@@ -96,20 +120,20 @@ def plan_int8(
         linear = model.get_submodule(name)
         x = inputs[name]  # (rows, in)
         weight = linear.weight.detach().float()
-        module: nn.Module
+        smooth = None
         if alpha > 0 and linear is not head:
-            smooth = smooth_factors(x.abs().amax(dim=0), weight, alpha)
-            plan.smooth[name] = smooth
-            q, scale = quantize_rows(weight * smooth[None, :])
-            module = SmoothedLinear(_dynamic_linear(linear, q, scale), smooth)
-        else:
-            module = _dynamic_linear(linear, *quantize_rows(weight))
+            smooth = plan.smooth[name] = smooth_factors(x.abs().amax(dim=0), weight, alpha)
+        channel_max = (x if smooth is None else x / smooth).abs().amax(dim=0)  # (in,)
+        k = min(outlier_channels, channel_max.numel())
+        index = torch.topk(channel_max, k).indices.sort().values
+        if k:
+            plan.outliers[name] = index
         reference = linear(x)
-        plan.errors[name] = float(
-            (module(x) - reference).norm() / reference.norm().clamp(min=1e-12)
-        )
+        error = _int8_layer(weight, index, smooth)(x) - reference
+        plan.errors[name] = float(error.norm() / reference.norm().clamp(min=1e-12))
     ranked = sorted(plan.errors.items(), key=lambda item: -item[1])[:float_layers]
     for rank, (name, error) in enumerate(ranked, start=1):
         plan.keep_float[name] = f"largest int8 output error #{rank}: {error:.3f} relative"
         plan.smooth.pop(name, None)
+        plan.outliers.pop(name, None)
     return plan

@@ -31,6 +31,7 @@ __all__ = ["attach_fake_quantize", "detach_fake_quantize", "quantization_aware_d
 def _targets(model: PreTrainedModel, spec: QuantizeSpec) -> dict[str, FakeQuantize]:
     """Module name -> the parametrization of its weight, matching what ``save_model`` stores."""
     bits = 4 if spec.method == "int4" else 8
+    outliers = spec.outliers if spec.method == "int8" else {}
     names = {module: name for name, module in model.named_modules()}
     head = model.get_output_embeddings()
     embedding = model.get_input_embeddings()
@@ -38,11 +39,15 @@ def _targets(model: PreTrainedModel, spec: QuantizeSpec) -> dict[str, FakeQuanti
     for name, module in model.named_modules():
         if not isinstance(module, torch.nn.Linear) or module is head or name in spec.keep_float:
             continue
-        targets[name] = FakeQuantize(bits, spec.group_size, spec.smooth.get(name))
+        targets[name] = FakeQuantize(
+            bits, spec.group_size, spec.smooth.get(name), outliers.get(name)
+        )
     if spec.head:  # int8 rows: the embedding, and the head (tied: the same rows)
-        targets[names[embedding]] = FakeQuantize(8)
-        if names[head] not in spec.keep_float or head.weight is embedding.weight:
-            targets[names[head]] = FakeQuantize(8)  # tied: both see the stored rows
+        tied = head.weight is embedding.weight
+        head_outliers = outliers.get(names[head])
+        targets[names[embedding]] = FakeQuantize(8, outlier_index=head_outliers if tied else None)
+        if names[head] not in spec.keep_float or tied:
+            targets[names[head]] = FakeQuantize(8, outlier_index=head_outliers)
     return targets
 
 

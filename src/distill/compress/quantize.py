@@ -12,10 +12,17 @@ Two weight grids, both written by hand and tested against float64 references:
 
 Runtime modules (``install_quantized_linears``):
 
-- ``int8``: PyTorch's dynamic int8 Linear (``torch.ao``, fbgemm): int8 weights and int8
-  activations quantized per batch on the fly. Activation outliers are handled by SmoothQuant
-  style scale migration (:class:`SmoothedLinear`: ``x / s`` before the layer, ``W * s`` in
-  it) and by keeping chosen layers in float (see :mod:`distill.compress.calibrate`).
+- ``int8``: :class:`DynamicInt8Linear`, PyTorch's dynamic int8 kernel (``torch.ao``,
+  fbgemm: int8 weights, activations quantized on the fly) made per token and outlier-aware.
+  With several tokens, each input row is divided by its own max before the kernel (two constant
+  channels, +1 and -1, pin the kernel's range to [-1, 1]) and its output multiplied back, so one
+  token with massive activations (SmolLM2's first positions reach 1000x the median) no longer
+  sets the step for the others, and a row's output does not depend on the other rows; a single
+  token (decoding) goes to the kernel as it is, whose range is then its own. The few input channels with the largest calibration activations (``outlier_index``)
+  bypass the kernel: their weight columns stay float and multiply those channels exactly (the
+  mixed-precision decomposition of LLM.int8(), Dettmers et al. 2022, with the channels fixed by
+  calibration). SmoothQuant migration (:class:`SmoothedLinear`) and keeping whole layers in
+  float remain available (see :mod:`distill.compress.calibrate`).
 - ``int8-weight-only`` and ``int4``: :class:`WeightOnlyLinear`, float activations, integer
   weights, through PyTorch's own CPU kernels ``torch._weight_int8pack_mm`` and
   ``torch._weight_int4pack_mm_for_cpu`` (float32 inputs), or de-quantize + matmul where those
@@ -36,6 +43,7 @@ __all__ = [
     "GROUP_SIZES",
     "quantize_rows",
     "dequantize_rows",
+    "split_outliers",
     "quantize_groups",
     "dequantize_groups",
     "pack_int4",
@@ -45,6 +53,7 @@ __all__ = [
     "FakeQuantize",
     "WeightOnlyLinear",
     "SmoothedLinear",
+    "DynamicInt8Linear",
     "linear_names",
     "install_quantized_linears",
 ]
@@ -74,6 +83,18 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Float32 ``[out, in]`` from :func:`quantize_rows`' output."""
     return q.float() * scale[:, None].float()
+
+
+def split_outliers(
+    weight: torch.Tensor, outlier_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, scale, outlier_weight)`` of ``weight`` ``[out, in]``: int8 rows of the weight without
+    the ``outlier_index`` columns (zeros there, so they do not widen the row's step) and those
+    columns ``[out, k]`` rounded to float16, as they are stored."""
+    weight = weight.detach().float()
+    columns = weight[:, outlier_index].half()  # (out, k)
+    q, scale = quantize_rows(weight.index_fill(1, outlier_index, 0.0))
+    return q, scale, columns
 
 
 # --- int4 groups ------------------------------------------------------------------------------
@@ -188,21 +209,40 @@ class FakeQuantize(nn.Module):
     forward, scales recomputed from the current weight: ``bits`` 8 (rows) or 4 (groups).
 
     ``smooth`` ``[in]`` (smoothed dynamic int8): the grid is that of ``W * smooth``, as stored.
+    ``outlier_index`` ``[k]`` (dynamic int8): those columns are float16 (straight through) and
+    the other columns' rows are quantized without them, as :func:`split_outliers` stores them.
     """
 
-    def __init__(self, bits: int, group_size: int = 64, smooth: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        bits: int,
+        group_size: int = 64,
+        smooth: torch.Tensor | None = None,
+        outlier_index: torch.Tensor | None = None,
+    ) -> None:
         super().__init__()
         if bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8, got {bits}")
         self.bits, self.group_size = bits, group_size
         self.register_buffer("smooth", None if smooth is None else smooth.float().clone())
+        index = None if outlier_index is None or not len(outlier_index) else outlier_index.long()
+        self.register_buffer("outlier_index", index)
+
+    def _rows(self, w: torch.Tensor) -> torch.Tensor:
+        if self.outlier_index is None:
+            return fake_quantize_rows(w)
+        outlier = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
+        outlier[self.outlier_index] = True
+        rows = fake_quantize_rows(w.masked_fill(outlier, 0.0))
+        columns = w + (w.detach().half().float() - w.detach())  # float16, gradient 1
+        return torch.where(outlier, columns, rows)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if self.bits == 4:
             return fake_quantize_groups(weight, self.group_size)
         if self.smooth is None:
-            return fake_quantize_rows(weight)
-        return fake_quantize_rows(weight * self.smooth) / self.smooth
+            return self._rows(weight)
+        return self._rows(weight * self.smooth) / self.smooth
 
 
 # --- runtime modules -------------------------------------------------------------------------
@@ -284,6 +324,58 @@ class WeightOnlyLinear(nn.Module):
         return out.reshape(*shape[:-1], self.out_features)
 
 
+class DynamicInt8Linear(nn.Module):
+    """Per-token dynamic int8 Linear with float outlier channels (see the module docstring).
+
+    ``q`` int8 ``[out, in]`` and ``scale`` ``[out]`` hold the weight without its outlier columns
+    (zeros there); ``outlier_weight`` ``[out, k]`` holds those columns in float for the input
+    channels ``outlier_index`` ``[k]``.
+    """
+
+    def __init__(
+        self,
+        q: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        outlier_index: torch.Tensor | None = None,
+        outlier_weight: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        index = torch.zeros(0, dtype=torch.long) if outlier_index is None else outlier_index
+        self.register_buffer("outlier_index", index.long().contiguous())
+        columns = torch.zeros(self.out_features, 0) if outlier_weight is None else outlier_weight
+        self.register_buffer("outlier_weight", columns.float().contiguous())  # (out, k)
+        q = q.clone()
+        q[:, self.outlier_index] = 0  # those channels go through the float columns
+        # two extra input channels, +1 and -1 on every row, with zero weights: the kernel's
+        # per-tensor range is then [-1, 1] for any batch, so each row's step is its own
+        q = torch.cat([q, torch.zeros(self.out_features, 2, dtype=q.dtype)], dim=1)
+        self.kernel = _dynamic_linear(q, scale)
+        self.register_buffer("bounds", torch.tensor([[1.0, -1.0]]), persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features).float()  # (tokens, in)
+        outliers = None
+        if self.outlier_index.numel():
+            outliers = flat.index_select(1, self.outlier_index)  # (tokens, k)
+            flat = flat.index_fill(1, self.outlier_index, 0.0)
+        if len(flat) == 1:  # one token (decoding): the kernel's own range is already per token
+            out = self.kernel(torch.cat([flat, self.bounds.new_zeros(1, 2)], dim=1))
+        else:
+            row_max = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # (tokens, 1)
+            scaled = torch.cat([flat / row_max, self.bounds.expand(len(flat), 2)], dim=1)
+            out = self.kernel(scaled) * row_max  # (tokens, out)
+        if outliers is not None:
+            out = torch.addmm(out, outliers, self.outlier_weight.T)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*shape[:-1], self.out_features)
+
+
 class SmoothedLinear(nn.Module):
     """SmoothQuant's scale migration around a quantized Linear: ``layer(x / smooth)`` where the
     layer's weight is ``W * smooth`` (per input channel), so activation outliers shrink before
@@ -309,19 +401,18 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _dynamic_linear(linear: nn.Linear, q: torch.Tensor, scale: torch.Tensor) -> nn.Module:
-    """A ``DynamicQuantizedLinear`` holding exactly ``q`` and ``scale`` (no re-quantization)."""
+def _dynamic_linear(q: torch.Tensor, scale: torch.Tensor) -> nn.Module:
+    """A bias-free ``DynamicQuantizedLinear`` holding exactly ``q`` and ``scale``."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     out_features, in_features = q.shape
     with warnings.catch_warnings():  # torch marks quantized tensors deprecated (2.13)
         warnings.simplefilter("ignore", UserWarning)
-        module = DynamicLinear(in_features, out_features, bias_=linear.bias is not None)
+        module = DynamicLinear(in_features, out_features, bias_=False)
         qweight = torch._make_per_channel_quantized_tensor(
             q, scale.double(), torch.zeros(out_features, dtype=torch.long), 0
         )
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        module.set_weight_bias(qweight, bias)
+        module.set_weight_bias(qweight, None)
     return module
 
 
@@ -330,8 +421,9 @@ def install_quantized_linears(
 ) -> nn.Module:
     """Swap the Linear layers named in ``quantized`` for their quantized runtime modules.
 
-    Each entry holds ``q`` and ``scale`` (plus ``low`` and ``group_size`` for int4 groups, and
-    ``smooth`` for a smoothed dynamic int8 layer); see the module docstring for ``method``.
+    Each entry holds ``q`` and ``scale`` (plus ``low`` and ``group_size`` for int4 groups;
+    ``smooth``, ``outlier_index`` and ``outlier_weight`` for a dynamic int8 layer); see the module
+    docstring for ``method``.
     """
     if method not in QUANTIZE_METHODS:
         raise ValueError(f"method must be one of {QUANTIZE_METHODS}, got {method!r}")
@@ -339,7 +431,13 @@ def install_quantized_linears(
         linear = model.get_submodule(name)
         bias = None if linear.bias is None else linear.bias.detach()
         if method == "int8":
-            module: nn.Module = _dynamic_linear(linear, parts["q"], parts["scale"])
+            module: nn.Module = DynamicInt8Linear(
+                parts["q"],
+                parts["scale"],
+                bias,
+                outlier_index=parts.get("outlier_index"),
+                outlier_weight=parts.get("outlier_weight"),
+            )
             if "smooth" in parts:
                 module = SmoothedLinear(module, parts["smooth"])
         elif "low" in parts:

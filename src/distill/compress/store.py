@@ -5,7 +5,9 @@ A quantized student is a directory: ``config.json``, the tokenizer, ``distill_co
 ``model.safetensors`` holding, per quantized weight ``W``:
 
 - int8 rows: ``W`` (int8 ``[out, in]``) and ``W_scale`` (float32 ``[out]``); a smoothed dynamic
-  int8 layer also ``W_smooth`` (float32 ``[in]``; ``W`` then quantizes ``W * smooth``);
+  int8 layer also ``W_smooth`` (float32 ``[in]``; ``W`` then quantizes ``W * smooth``); a
+  dynamic int8 layer with float outlier channels also ``W_outlier_index`` (int64 ``[k]``) and
+  ``W_outlier_weight`` (float16 ``[out, k]``, those columns; zeros in ``W`` there);
 - int4 groups: ``W`` (uint8 ``[out, in/2]``, two 4-bit codes a byte), ``W_scale`` and ``W_low``
   (float16 ``[out, in/g]``).
 
@@ -36,6 +38,7 @@ from distill.compress.quantize import (
     pack_int4,
     quantize_groups,
     quantize_rows,
+    split_outliers,
     unpack_int4,
 )
 from distill.errors import ModelError
@@ -54,19 +57,22 @@ __all__ = [
 
 MANIFEST = "distill_compression.json"
 _SCALE, _LOW, _SMOOTH = "_scale", "_low", "_smooth"
+_INDEX, _COLUMNS = "_outlier_index", "_outlier_weight"
 
 
 @dataclass
 class QuantizeSpec:
     """How to quantize: ``method`` (see :data:`QUANTIZE_METHODS`); int4 ``group_size``;
     ``head`` (the output head and input embedding as int8 rows, else float32); ``smooth``
-    (dynamic int8: Linear name -> SmoothQuant factors ``[in]``); ``keep_float`` (Linear name ->
+    (dynamic int8: Linear name -> SmoothQuant factors ``[in]``); ``outliers`` (dynamic int8:
+    Linear name -> input channels ``[k]`` multiplied in float); ``keep_float`` (Linear name ->
     why it stays float32)."""
 
     method: str
     group_size: int = 64
     head: bool = True
     smooth: dict[str, torch.Tensor] = field(default_factory=dict)
+    outliers: dict[str, torch.Tensor] = field(default_factory=dict)
     keep_float: dict[str, str] = field(default_factory=dict)
 
 
@@ -106,15 +112,25 @@ def _quantized_state(
             state[key] = state[key] * smooth[None, :]
             state[key + _SMOOTH] = smooth.contiguous()
         int8_keys.append(key)
+    linear_of = {f"{name}.weight": name for name in decoder}
+    linear_of[embedding_key if tied else f"{head_name}.weight"] = head_name
     for key in int8_keys:
-        q, scale = quantize_rows(state[key])
-        state[key], state[key + _SCALE] = q, scale
+        index = spec.outliers.get(linear_of.get(key, "")) if spec.method == "int8" else None
+        if index is None:
+            state[key], state[key + _SCALE] = quantize_rows(state[key])
+            continue
+        index = index.long()
+        state[key], state[key + _SCALE], state[key + _COLUMNS] = split_outliers(state[key], index)
+        state[key + _INDEX] = index.contiguous()
     head_quantized = spec.head and head_name not in spec.keep_float
     layout = {
         "int8_weights": sorted(int8_keys),
         "int4_weights": sorted(int4_keys),
         "group_size": spec.group_size if int4_keys else None,
         "smoothed": sorted(name for name in decoder if name in spec.smooth),
+        "outlier_channels": {
+            linear_of[key]: len(state[key + _INDEX]) for key in int8_keys if key + _INDEX in state
+        },
         "float_layers": dict(spec.keep_float),
         "embedding": embedding_key,
         "head": head_name,
@@ -165,11 +181,15 @@ def _load_quantized(path: Path, manifest: dict[str, Any], runtime: bool) -> PreT
     parts: dict[str, dict[str, torch.Tensor]] = {}
     state = {}
     for key, value in stored.items():
-        if key.endswith((_SCALE, _LOW, _SMOOTH)):
+        if key.endswith((_SCALE, _LOW, _SMOOTH, _INDEX, _COLUMNS)):
             continue
         if key in int8_keys:
             parts[key] = {"q": value, "scale": stored[key + _SCALE]}
             state[key] = dequantize_rows(value, stored[key + _SCALE])
+            if key + _INDEX in stored:
+                index, columns = stored[key + _INDEX], stored[key + _COLUMNS].float()
+                parts[key] |= {"outlier_index": index, "outlier_weight": columns}
+                state[key][:, index] = columns
             if key + _SMOOTH in stored:
                 parts[key]["smooth"] = stored[key + _SMOOTH]
                 state[key] = state[key] / stored[key + _SMOOTH][None, :]
@@ -216,7 +236,7 @@ def quantized_params(path: str | Path) -> int:
     total = 0
     with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as handle:
         for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            if not key.endswith(_SCALE):
+            if not key.endswith((_SCALE, _LOW, _SMOOTH, _INDEX, _COLUMNS)):
                 total += math.prod(handle.get_slice(key).get_shape())
     return total
 

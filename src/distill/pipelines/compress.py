@@ -2,8 +2,8 @@
 
 Order: load ``RUN_DIR/student`` (an int4 group size that does not tile its Linears is refused
 first) -> prune the decoder Linears (masks kept) -> heal by distilling from the run's teacher on
-the run's training blocks -> bake the masks in -> int8: smoothing factors and float-kept layers
-from calibration blocks (logged) -> quantize and save to ``RUN_DIR/compressed/<label>/`` ->
+the run's training blocks -> bake the masks in -> int8: float outlier channels (and optional
+smoothing factors and float-kept layers) from calibration blocks (logged) -> quantize and save to ``RUN_DIR/compressed/<label>/`` ->
 with ``qad_steps``: that post-training quantized model is scored too, then the student trains
 through the fake-quantized grid (QAD) and is quantized again into ``<label>_qadN/`` -> score each
 on the run's held-out blocks (with the teacher) and time it -> add each to ``evaluation.json`` as
@@ -166,9 +166,17 @@ def compress_run(
         if recipe.quantize == "int8":
             blocks = calibration_blocks(train_blocks, recipe.calibration_blocks, config.seed)
             plan = plan_int8(
-                student, blocks, alpha=recipe.smooth_alpha, float_layers=recipe.float_layers
+                student,
+                blocks,
+                alpha=recipe.smooth_alpha,
+                float_layers=recipe.float_layers,
+                outlier_channels=recipe.outlier_channels,
             )
-            spec.smooth, spec.keep_float = plan.smooth, plan.keep_float
+            spec.smooth, spec.outliers, spec.keep_float = (
+                plan.smooth,
+                plan.outliers,
+                plan.keep_float,
+            )
             for line in plan.describe():
                 log.info("int8 plan: %s", line)
             info["int8_errors"] = plan.errors
