@@ -131,6 +131,18 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def merge_results(name: str, payload: dict[str, Any], targets: list[dict[str, Any]]) -> Path:
+    """Update ``results/NAME.json`` with ``payload``'s keys and ``targets`` (each replacing the
+    target of its name, in place; new ones appended), keeping everything else: one arm of a
+    script rerun alone keeps the other arms' numbers and provenance."""
+    path = RESULTS / f"{name}.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    existing.pop("machine", None)  # write_results records this machine again
+    fresh = {entry["name"]: entry for entry in targets}
+    merged = [fresh.pop(entry["name"], entry) for entry in existing.get("targets", [])]
+    return write_results(name, {**existing, **payload, "targets": merged + list(fresh.values())})
+
+
 def print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, tuple("-" * w for w in widths), *rows]:

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 
 __all__ = ["main", "build_parser"]
 
@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(cache)
     cache.add_argument("--out", metavar="DIR", help="where to write (= --set teacher.cache=DIR)")
+    cache.add_argument(
+        "--teacher",
+        metavar="NAME",
+        help="with teachers: cache that teacher's rows into its own cache key",
+    )
     cache.add_argument(
         "--inspect", metavar="DIR", help="print a cache's manifest and verify every shard's sha256"
     )
@@ -127,10 +132,14 @@ def _cache(args: argparse.Namespace) -> None:
     from distill.config import load_config
     from distill.pipelines.cache import cache_job
 
+    if args.out and args.teacher:
+        raise ConfigError("distill cache: --out with --teacher: the cache goes to its cache key")
     overrides = list(args.overrides) + ([f"teacher.cache={args.out}"] if args.out else [])
     config = load_config(args.config, overrides)
-    if cache_job(config):
-        print(f"wrote {config.teacher.cache}; check it with `distill cache --inspect`")
+    if cache_job(config, args.teacher):
+        named = [t for t in config.teachers or [] if t.name == args.teacher]
+        written = named[0].cache if named else config.teacher.cache
+        print(f"wrote {written}; check it with `distill cache --inspect`")
 
 
 def _generate(args: argparse.Namespace) -> None:

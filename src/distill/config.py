@@ -27,6 +27,7 @@ from distill.errors import ConfigError
 __all__ = [
     "RunConfig",
     "TeacherConfig",
+    "NamedTeacherConfig",
     "StudentConfig",
     "IntermediateConfig",
     "DataConfig",
@@ -45,6 +46,7 @@ __all__ = [
     "load_config",
     "apply_overrides",
     "describe_defaults",
+    "teacher_sections",
 ]
 
 
@@ -119,6 +121,16 @@ class TeacherConfig(_Section):
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"teacher.url must start with http:// or https://, got {self.url}")
         return self
+
+
+class NamedTeacherConfig(TeacherConfig):
+    """One of several teachers (``teachers:``): a name beside the keys of ``teacher:``."""
+
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="The teacher's name: .jsonl rows whose `teacher` field holds it are "
+        "distilled from this teacher (letters, digits, _ . - only).",
+    )
 
 
 class StudentConfig(_Section):
@@ -775,6 +787,20 @@ class RunConfig(_Section):
         description="Also train the same student on labels alone (alpha=1), same steps and data.",
     )
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    teachers: list[NamedTeacherConfig] | None = Field(
+        None,
+        min_length=1,
+        description="Several teachers, each {name, and the keys of teacher: path (live), cache "
+        "or url}: a .jsonl row's `teacher` field names the one it is distilled from, rows "
+        "without it go to default_teacher. teacher: then names the tokenizer, the layers the "
+        "student is built from and the teacher the held-out evaluation scores against. "
+        "Empty = the one teacher of teacher:.",
+    )
+    default_teacher: str | None = Field(
+        None,
+        description="teachers: the one distilling rows without a `teacher` field; empty = the "
+        "first of teachers.",
+    )
     student: StudentConfig = Field(default_factory=StudentConfig)
     intermediate: IntermediateConfig = Field(default_factory=IntermediateConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -809,18 +835,39 @@ class RunConfig(_Section):
 _SUPERVISED_FORMATS = ("chat", "prompt_response")
 
 
+def teacher_sections(config: RunConfig) -> list[tuple[str, TeacherConfig]]:
+    """The teachers whose soft targets a run trains on, each with the key that names it:
+    ``[("teacher", config.teacher)]``, or with ``teachers:`` ``[("teachers[0]", ...), ...]``."""
+    if config.teachers is None:
+        return [("teacher", config.teacher)]
+    return [(f"teachers[{i}]", entry) for i, entry in enumerate(config.teachers)]
+
+
+def _cached_teacher(config: RunConfig) -> str | None:
+    """The key of the first teacher read from a cache (None: no cache)."""
+    return next((key for key, section in teacher_sections(config) if section.cache), None)
+
+
 def _onpolicy_needs_a_scoring_teacher(config: RunConfig) -> str | None:
-    if config.onpolicy.lambda_ > 0 and config.teacher.cache:
+    cached = _cached_teacher(config)
+    if config.onpolicy.lambda_ > 0 and cached:
         return (
             "onpolicy.lambda > 0 needs a teacher that scores the student's samples (live, or "
-            "served: teacher.url); a cache holds fixed blocks: unset teacher.cache"
+            f"served: teacher.url); a cache holds fixed blocks: unset {cached}.cache"
         )
     return None
 
 
 def _intermediate_needs_live_teacher(config: RunConfig) -> str | None:
+    if not config.intermediate.enabled:
+        return None
+    if config.teachers is not None:
+        return (
+            "intermediate-layer distillation (intermediate.hidden_weight / attention_weight > 0) "
+            "needs the one live teacher of teacher:; unset teachers"
+        )
     source = "teacher.cache" if config.teacher.cache else "teacher.url"
-    if config.intermediate.enabled and (config.teacher.cache or config.teacher.url):
+    if config.teacher.cache or config.teacher.url:
         return (
             "intermediate-layer distillation (intermediate.hidden_weight / attention_weight > 0) "
             f"needs the live teacher: unset {source}"
@@ -833,14 +880,17 @@ SPARSE_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 def _served_teacher_loss_is_exact(config: RunConfig) -> str | None:
     """A server returns log-probabilities at T = 1 only: the tail bucket is exact at T = 1 (its
-    log-normaliser there is 0), the renormalised top-k at any T; nothing else is."""
+    log-normaliser there is 0), the renormalised top-k at any T; nothing else is. With
+    ``teachers:``, the rule holds for each served one (named in the message)."""
     loss = config.loss
-    if not config.teacher.url or (loss.alpha == 1.0 and loss.alpha_schedule == "constant"):
+    served = [key for key, section in teacher_sections(config) if section.url]
+    if not served or (loss.alpha == 1.0 and loss.alpha_schedule == "constant"):
         return None
+    which = "" if served == ["teacher"] else f" ({served[0]}.url is served)"
     if loss.divergence not in SPARSE_DIVERGENCES:
         return (
             f"loss.divergence={loss.divergence}: a served teacher's top-k supports "
-            f"{', '.join(SPARSE_DIVERGENCES)} (on the k kept tokens plus the tail bucket)"
+            f"{', '.join(SPARSE_DIVERGENCES)} (on the k kept tokens plus the tail bucket){which}"
         )
     scheduled = loss.temperature_schedule != "constant"
     if loss.sparse == "tail_bucket" and (scheduled or loss.temperature != 1.0):
@@ -848,15 +898,47 @@ def _served_teacher_loss_is_exact(config: RunConfig) -> str | None:
             f"loss.temperature={loss.temperature} (schedule {loss.temperature_schedule}): a "
             "served teacher returns log-probabilities at T=1, so the tail-bucket loss is exact "
             "at loss.temperature=1 only; set it, or loss.sparse=renormalized (exact at any T)"
+            + which
         )
     return None
 
 
 def _examples_need_live_teacher(config: RunConfig) -> str | None:
-    if config.data.format in _SUPERVISED_FORMATS and config.teacher.cache:
+    cached = _cached_teacher(config)
+    if config.data.format in _SUPERVISED_FORMATS and cached:
         return (
-            "teacher.cache holds packed text blocks: it cannot serve chat or prompt/response "
-            f"data (data.format={config.data.format}); unset teacher.cache"
+            f"{cached}.cache holds packed text blocks: it cannot serve chat or prompt/response "
+            f"data (data.format={config.data.format}); unset {cached}.cache"
+        )
+    return None
+
+
+def _teachers_fit_together(config: RunConfig) -> str | None:
+    """``teachers:``: distinct names, a default among them, and what does not combine."""
+    if config.teachers is None:
+        if config.default_teacher is not None:
+            return f"default_teacher={config.default_teacher!r} names one of teachers: set teachers"
+        return None
+    names = [entry.name for entry in config.teachers]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        return f"teachers: the name {repeated!r} is used twice; give each teacher its own name"
+    if config.default_teacher is not None and config.default_teacher not in names:
+        return (
+            f"default_teacher={config.default_teacher!r} is not one of teachers "
+            f"({', '.join(names)})"
+        )
+    for key in ("url", "cache"):
+        if getattr(config.teacher, key):
+            return (
+                f"teacher.{key} and teachers: the training targets come from teachers (teacher: "
+                f"names the tokenizer, the student's layers and the evaluation teacher); unset "
+                f"teacher.{key} and give that teacher a name in teachers"
+            )
+    if config.parallel.strategy == "fsdp":
+        return (
+            "teachers with parallel.strategy=fsdp: FSDP shards one live teacher; use "
+            "parallel.strategy=ddp (or one teacher)"
         )
     return None
 
@@ -949,12 +1031,20 @@ def _sources_are_text_blocks(config: RunConfig) -> str | None:
         return "data.sources and data.path: set one of them (data.sources lists every file)"
     if config.data.format not in ("auto", "text"):
         return f"data.sources are text sources; data.format={config.data.format} does not apply"
-    if config.teacher.cache:
-        return "data.sources: a teacher.cache holds one corpus's blocks; unset teacher.cache"
+    cached = _cached_teacher(config)
+    if cached:
+        return f"data.sources: a {cached}.cache holds one corpus's blocks; unset {cached}.cache"
+    return None
+
+
+def _encoders_have_one_teacher(config: RunConfig) -> str | None:
+    if config.teachers is not None or config.default_teacher is not None:
+        return f"teachers: task causal_lm only (task {config.task} has one teacher: teacher:)"
     return None
 
 
 _CAUSAL_LM_RULES = (
+    _teachers_fit_together,
     _sources_are_text_blocks,
     _group_size_divides_width,
     _qad_needs_teacher,
@@ -966,6 +1056,7 @@ _CAUSAL_LM_RULES = (
     _layer_map_fits_student,
 )
 _ENCODER_RULES = (
+    _encoders_have_one_teacher,
     _classification_needs_files,
     _embedding_has_no_baseline,
     _encoder_layer_losses_need_built_student,

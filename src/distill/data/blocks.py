@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from distill.errors import DataError
 
-__all__ = ["pack_documents", "batch_order", "BlockBatches"]
+__all__ = ["pack_documents", "batch_order", "BlockBatches", "RoutedBlocks"]
 
 
 def pack_documents(
@@ -39,27 +41,48 @@ def batch_order(n_blocks: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n_blocks, generator=generator)
 
 
+class RoutedBlocks(NamedTuple):
+    """Packed blocks ``[B, T]`` drawn with each one's teacher route ``[B]`` (several teachers)."""
+
+    blocks: torch.Tensor
+    teachers: torch.Tensor
+
+
 class BlockBatches:
     """Yields ``[batch_size, block_size]`` micro-batches forever, epoch after epoch.
 
     The order is a pure function of ``seed`` and the position, so the same config sees the same
-    data at the same step, and a position can be restored from ``state_dict``.
+    data at the same step, and a position can be restored from ``state_dict``. With
+    ``teachers`` (each block's teacher route ``[n]``), each micro-batch is a
+    :class:`RoutedBlocks`; the order does not depend on it.
     """
 
-    def __init__(self, blocks: torch.Tensor, batch_size: int, seed: int):
+    def __init__(
+        self,
+        blocks: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        teachers: torch.Tensor | None = None,
+    ):
         if batch_size > blocks.shape[0]:
             raise DataError(
                 f"train.batch_size={batch_size} exceeds the {blocks.shape[0]} training blocks"
             )
+        if teachers is not None and teachers.shape != blocks.shape[:1]:
+            raise ValueError(f"teachers {tuple(teachers.shape)}: one route per block expected")
         self.blocks = blocks
+        self.teachers = teachers
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0
         self.cursor = 0
         self._order = batch_order(blocks.shape[0], seed, 0)
 
-    def next_batch(self) -> torch.Tensor:
-        return self.blocks[self._next_indices()]
+    def next_batch(self) -> torch.Tensor | RoutedBlocks:
+        indices = self._next_indices()
+        if self.teachers is None:
+            return self.blocks[indices]
+        return RoutedBlocks(self.blocks[indices], self.teachers[indices])
 
     def _next_indices(self) -> torch.Tensor:
         """The next ``batch_size`` row indices, starting a new epoch's order when one runs out."""

@@ -1,9 +1,10 @@
 """The data checks a job runs first, before any model loads: the ones that need the data files
 (the config schema, :mod:`distill.config`, already refused what the config alone decides).
 
-A missing ``data.path``, a file of the wrong kind, a byte that is not UTF-8, or chat /
-prompt-response rows (``data.format=auto``) next to a ``teacher.cache`` would otherwise surface
-only after the teacher has loaded and a layer search may have run for minutes.
+A missing ``data.path``, a file of the wrong kind, a byte that is not UTF-8, chat /
+prompt-response rows (``data.format=auto``) next to a ``teacher.cache``, or a row routed to a
+teacher the run does not have (``teachers:``) would otherwise surface only after the teacher has
+loaded and a layer search may have run for minutes.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from distill.config import teacher_sections
 from distill.data.corpus import DOCUMENT_SUFFIXES, data_files
 from distill.data.examples import detect_format
 from distill.data.extra import extra_sources
+from distill.data.routing import Routing, check_routes
 from distill.errors import ConfigError, DataError
 from distill.io import text_lines
 
@@ -32,21 +35,29 @@ def check_data_source(config: RunConfig) -> None:
     offset of the first bad byte), and chat / prompt-response rows found by ``data.format=auto``
     cannot be trained from ``teacher.cache`` (a :class:`ConfigError`). Reads every text file
     once; the default corpus (no ``data.path``) needs no check. ``eval.extra_data`` paths
-    must exist and be text files too."""
+    must exist and be text files too. With ``teachers:``, every .jsonl row's ``teacher`` field
+    must name one of them (a :class:`DataError` naming the file and line)."""
     if config.task == "causal_lm" and config.eval.extra_data:
         for path in extra_sources(config.eval.extra_data).values():
             for file in data_files(path, DOCUMENT_SUFFIXES):
                 _check_utf8(file)
+    routing = Routing.from_config(config)
     for source in config.data.sources or []:
-        for file in data_files(source.path, DOCUMENT_SUFFIXES):
+        files = data_files(source.path, DOCUMENT_SUFFIXES)
+        for file in files:
             _check_utf8(file)
+        if routing is not None:
+            check_routes(files, routing)
     if config.data.path is None:
         return
     suffixes = _LABELLED_SUFFIXES if config.task == "classification" else DOCUMENT_SUFFIXES
-    for file in data_files(config.data.path, suffixes):
+    files = data_files(config.data.path, suffixes)
+    for file in files:
         _check_utf8(file)
     if config.task == "causal_lm":
         _check_examples(config)
+        if routing is not None:
+            check_routes(files, routing)
 
 
 def _check_utf8(file: Path) -> None:
@@ -64,8 +75,9 @@ def _check_examples(config: RunConfig) -> None:
     path = Path(config.data.path)
     if path.suffix != ".jsonl" or not path.is_file():
         raise DataError(f"data.path {path}: chat and prompt/response data must be a .jsonl file")
-    if config.teacher.cache:
+    cached = next((key for key, section in teacher_sections(config) if section.cache), None)
+    if cached:
         raise ConfigError(
-            f"data.path {path} holds {data_format} rows, and teacher.cache holds packed text "
-            "blocks: it cannot serve chat or prompt/response data; unset teacher.cache"
+            f"data.path {path} holds {data_format} rows, and {cached}.cache holds packed text "
+            f"blocks: it cannot serve chat or prompt/response data; unset {cached}.cache"
         )

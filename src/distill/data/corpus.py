@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from distill.errors import DataError
 from distill.io import jsonl_objects, read_text
+
+if TYPE_CHECKING:
+    from distill.data.routing import Routing
 
 __all__ = [
     "DOCUMENT_SUFFIXES",
     "data_files",
     "default_documents",
     "read_documents",
+    "read_routed_documents",
     "split_by_hash",
     "split_documents",
 ]
@@ -32,12 +37,16 @@ def default_documents() -> list[str]:
     return [topics[name] for name in sorted(topics)]
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
+def _read_jsonl(
+    path: Path, text_field: str, routing: Routing | None = None
+) -> list[tuple[str, int | None]]:
+    """(text, route) of each row; the route is None without ``routing``."""
     documents = []
     for line_number, row in jsonl_objects(path):
         if text_field not in row:
             raise DataError(f"{path}:{line_number}: row has no '{text_field}' field")
-        documents.append(str(row[text_field]))
+        route = None if routing is None else routing.of_row(row, f"{path}:{line_number}")
+        documents.append((str(row[text_field]), route))
     return documents
 
 
@@ -75,20 +84,38 @@ def data_files(root: str | Path, suffixes: tuple[str, ...]) -> list[Path]:
     return files
 
 
-def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
-    """Documents from a .txt/.jsonl/.parquet file, or every such file in a directory (sorted)."""
-    documents: list[str] = []
+def _documents(
+    path: str | Path, text_field: str, routing: Routing | None
+) -> list[tuple[str, int | None]]:
+    """(document, route) of every file of ``path``: .jsonl rows route by their ``teacher``
+    field, other files' documents by ``routing``'s default (None without ``routing``)."""
+    default = None if routing is None else routing.default_index
+    documents: list[tuple[str, int | None]] = []
     for file in data_files(path, DOCUMENT_SUFFIXES):
         if file.suffix == ".jsonl":
-            documents += _read_jsonl(file, text_field)
+            documents += _read_jsonl(file, text_field, routing)
         elif file.suffix == ".parquet":
-            documents += _read_parquet(file, text_field)
+            documents += [(doc, default) for doc in _read_parquet(file, text_field)]
         else:
-            documents += _read_txt(file)
-    documents = [doc for doc in documents if doc.strip()]
+            documents += [(doc, default) for doc in _read_txt(file)]
+    documents = [(doc, route) for doc, route in documents if doc.strip()]
     if not documents:
         raise DataError(f"data path {path} holds no text")
     return documents
+
+
+def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
+    """Documents from a .txt/.jsonl/.parquet file, or every such file in a directory (sorted)."""
+    return [doc for doc, _ in _documents(path, text_field, None)]
+
+
+def read_routed_documents(
+    path: str | Path, text_field: str, routing: Routing
+) -> tuple[list[str], list[int]]:
+    """(documents, each one's teacher route), read as :func:`read_documents`; a .jsonl row whose
+    ``teacher`` is not one of ``routing.names`` is a DataError naming its file and line."""
+    documents = _documents(path, text_field, routing)
+    return [doc for doc, _ in documents], [int(route) for _, route in documents]
 
 
 def split_by_hash(

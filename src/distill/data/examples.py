@@ -4,7 +4,8 @@ targets) and ``prompt``/``response`` rows (response tokens are); the batches the
 Every example is one row of ``[N, block_size]`` tensors, right-padded: with causal attention the
 padding after a sequence cannot change its logits, so no attention mask is needed, and padded
 positions are never targets. A :class:`Batch` carries the next-token ``labels`` (``IGNORE_INDEX``
-where no target) and each row's prompt length (where on-policy sampling starts).
+where no target), each row's prompt length (where on-policy sampling starts) and, with several
+teachers (``teachers:``), each row's teacher route.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from distill.data.blocks import BlockBatches
 from distill.data.chat import check_messages, render_chat, require_chat_template
 from distill.data.corpus import split_documents
+from distill.data.routing import Routing
 from distill.errors import DataError
 from distill.io import jsonl_objects, text_lines
 from distill.losses import IGNORE_INDEX
@@ -41,23 +43,31 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Batch:
-    """A micro-batch: ``input_ids`` and ``labels`` ``[B, T]``, ``prompt_lengths`` ``[B]``."""
+    """A micro-batch: ``input_ids`` and ``labels`` ``[B, T]``, ``prompt_lengths`` ``[B]`` and,
+    with several teachers, ``teachers`` ``[B]`` (each row's route; None: one teacher)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     prompt_lengths: torch.Tensor
+    teachers: torch.Tensor | None = None
 
     @classmethod
-    def from_blocks(cls, blocks: torch.Tensor, prompt_tokens: int) -> Batch:
+    def from_blocks(
+        cls, blocks: torch.Tensor, prompt_tokens: int, teachers: torch.Tensor | None = None
+    ) -> Batch:
         """Packed text: every next token is a target; the prompt is the first ``prompt_tokens``."""
         labels = torch.full_like(blocks, IGNORE_INDEX)
         labels[:, :-1] = blocks[:, 1:]
         lengths = torch.full((blocks.shape[0],), min(prompt_tokens, blocks.shape[1] - 1))
-        return cls(blocks, labels, lengths)
+        return cls(blocks, labels, lengths, teachers)
 
     def rows(self, start: int, stop: int) -> Batch:
+        teachers = None if self.teachers is None else self.teachers[start:stop]
         return Batch(
-            self.input_ids[start:stop], self.labels[start:stop], self.prompt_lengths[start:stop]
+            self.input_ids[start:stop],
+            self.labels[start:stop],
+            self.prompt_lengths[start:stop],
+            teachers,
         )
 
     @property
@@ -67,15 +77,24 @@ class Batch:
 
 @dataclass
 class Examples:
-    """Encoded examples: ``input_ids``/``labels`` ``[N, T]``, ``lengths``/``prompt_lengths`` ``[N]``."""
+    """Encoded examples: ``input_ids``/``labels`` ``[N, T]``, ``lengths``/``prompt_lengths`` ``[N]``
+    and, with several teachers, ``teachers`` ``[N]`` (each row's route)."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
     lengths: torch.Tensor
     prompt_lengths: torch.Tensor
+    teachers: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def head(self, n: int) -> Examples:
+        """The first ``n`` examples."""
+        teachers = None if self.teachers is None else self.teachers[:n]
+        return Examples(
+            self.input_ids[:n], self.labels[:n], self.lengths[:n], self.prompt_lengths[:n], teachers
+        )
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -144,8 +163,10 @@ def encode_examples(
     tokenizer: PreTrainedTokenizerBase,
     block_size: int,
     source: str,
+    routing: Routing | None = None,
 ) -> Examples:
-    """Tokenise rows into right-padded ``[N, block_size]`` examples; longer ones are cut.
+    """Tokenise rows into right-padded ``[N, block_size]`` examples; longer ones are cut. With
+    ``routing``, each kept row's teacher route (its ``teacher`` field) is kept too.
 
     A row with ``"finished": false`` (an answer cut at ``max_new_tokens`` by ``distill
     generate``) gets no end-of-turn / EOS target. Rows left without a target once cut (a prompt of ``block_size`` tokens or more, or a chat
@@ -155,8 +176,10 @@ def encode_examples(
         require_chat_template(tokenizer, source)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     sequences: list[tuple[list[int], list[int], int]] = []
+    routes: list[int] = []
     for index, row in enumerate(rows):
         where = f"{source} row {index + 1}"
+        route = routing.of_row(row, where) if routing is not None else 0
         if data_format == "chat":
             messages = check_messages(row.get("messages"), where)
             finished = row.get("finished", True) is not False
@@ -169,6 +192,7 @@ def encode_examples(
         if first_target is None:
             continue
         sequences.append((input_ids, labels, first_target + 1))
+        routes.append(route)
     if len(sequences) < len(rows):
         log.warning(
             "%s: %d of %d rows have no target token within data.block_size=%d; dropped",
@@ -190,7 +214,8 @@ def encode_examples(
         labels[row, : len(ids)] = torch.tensor(row_labels)
     lengths = torch.tensor([len(ids) for ids, _, _ in sequences])
     prompt_lengths = torch.tensor([prompt for _, _, prompt in sequences])
-    return Examples(input_ids, labels, lengths, prompt_lengths)
+    teachers = torch.tensor(routes) if routing is not None else None
+    return Examples(input_ids, labels, lengths, prompt_lengths, teachers)
 
 
 class ExampleBatches(BlockBatches):
@@ -198,14 +223,16 @@ class ExampleBatches(BlockBatches):
     row of the batch (the columns after it are padding only)."""
 
     def __init__(self, examples: Examples, batch_size: int, seed: int):
-        super().__init__(examples.input_ids, batch_size, seed)
+        super().__init__(examples.input_ids, batch_size, seed, examples.teachers)
         self.examples = examples
 
     def next_batch(self) -> Batch:  # type: ignore[override]
         indices = self._next_indices()
         width = int(self.examples.lengths[indices].max())
+        teachers = self.examples.teachers
         return Batch(
             self.examples.input_ids[indices, :width],
             self.examples.labels[indices, :width],
             self.examples.prompt_lengths[indices],
+            None if teachers is None else teachers[indices],
         )

@@ -19,9 +19,17 @@ class WeightedBatches(BlockBatches):
     """Yields ``[batch_size, block_size]`` micro-batches forever from several block sets
     (``parts``), each row's set drawn with probability ``weight / sum(weights)``; within a set,
     rows follow that set's shuffled epochs (as :class:`BlockBatches`). ``blocks`` is every set
-    concatenated (the warm-up batch, calibration)."""
+    concatenated (the warm-up batch, calibration). ``teachers``: each block of ``blocks``' teacher
+    route (several teachers), drawn with it as :class:`BlockBatches` does."""
 
-    def __init__(self, parts: list[torch.Tensor], weights: list[float], batch_size: int, seed: int):
+    def __init__(
+        self,
+        parts: list[torch.Tensor],
+        weights: list[float],
+        batch_size: int,
+        seed: int,
+        teachers: torch.Tensor | None = None,
+    ):
         if len(parts) != len(weights) or not parts:
             raise DataError("data.sources: one weight per source, at least one source")
         self.parts = parts
@@ -29,7 +37,7 @@ class WeightedBatches(BlockBatches):
         self.offsets = [0]
         for part in parts[:-1]:
             self.offsets.append(self.offsets[-1] + part.shape[0])
-        super().__init__(torch.cat(parts), batch_size, seed)
+        super().__init__(torch.cat(parts), batch_size, seed, teachers)
         self.draws = 0
         self.positions = [[0, 0] for _ in parts]  # per source: epoch, cursor
         self._orders = [

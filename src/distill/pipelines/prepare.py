@@ -1,21 +1,26 @@
-"""What every causal-LM job prepares first: the teacher and student models, and the data."""
+"""What every causal-LM job prepares first: the teacher and student models, and the data; with
+``teachers:``, each named teacher opened and checked against the run."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from distill.config import RunConfig
+from distill.config import NamedTeacherConfig, RunConfig, TeacherConfig
 from distill.data import (
     Examples,
+    Routing,
     default_documents,
     pack_documents,
     read_documents,
-    split_documents,
 )
+from distill.data.corpus import read_routed_documents, split_by_hash
 from distill.data.examples import detect_format, encode_examples, read_rows, split_rows
+from distill.data.routing import pack_routed
+from distill.errors import ModelError
 from distill.models import (
     load_causal_lm,
     load_teacher,
@@ -25,10 +30,27 @@ from distill.models import (
     teacher_source,
 )
 from distill.student import calibration_blocks, make_student, needs_calibration
-from distill.teacher.cache import read_manifest
+from distill.teacher import LiveTeacher, NamedTeacher, TeacherSet
+from distill.teacher.cache import (
+    MANIFEST,
+    open_run_cache,
+    read_manifest,
+    sha256_file,
+    weights_sha256,
+)
 from distill.teacher.remote import RemoteTeacher
 
-__all__ = ["Models", "prepare_models", "prepare_data", "prepare_sources"]
+__all__ = [
+    "Models",
+    "TrainingData",
+    "prepare_models",
+    "prepare_data",
+    "prepare_sources",
+    "prepare_training_data",
+    "prepare_teachers",
+]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,8 +64,22 @@ class Models:
     remote: RemoteTeacher | None = None  # teacher.url: the served teacher, checked
 
 
+def _is_reference(config: RunConfig, entry: TeacherConfig) -> bool:
+    """Whether ``entry`` (one of ``teachers:``) is the live model of ``teacher:`` itself."""
+    reference = config.teacher
+    return (
+        not entry.url
+        and not entry.cache
+        and teacher_source(entry) == teacher_source(reference)
+        and (entry.dtype, entry.trust_remote_code) == (reference.dtype, reference.trust_remote_code)
+    )
+
+
 def prepare_models(config: RunConfig) -> Models:
-    """Load the teacher, then load or build the student, and check they share a tokenizer."""
+    """Load the teacher, then load or build the student, and check they share a tokenizer.
+
+    With ``teachers:``, the teacher of ``teacher:`` (the tokenizer, the student's layers, the
+    evaluation teacher) is kept loaded only when one of them is that very model."""
     source = teacher_source(config.teacher)
     tokenizer = load_teacher_tokenizer(config.teacher)
     remote, served_rows = None, None
@@ -51,7 +87,10 @@ def prepare_models(config: RunConfig) -> Models:
         remote = RemoteTeacher.from_config(config.teacher, vocab_rows=len(tokenizer))
         served_rows = remote.check_server(teacher_rows=None, tokens=len(tokenizer)).vocab_size
     # From a cache or a server, the teacher's weights are needed only to build a student.
-    elsewhere = config.teacher.cache or config.teacher.url
+    if config.teachers is None:
+        elsewhere = bool(config.teacher.cache or config.teacher.url)
+    else:
+        elsewhere = not any(_is_reference(config, entry) for entry in config.teachers)
     teacher = (
         None if elsewhere and config.student.path is not None else load_teacher(config.teacher)
     )
@@ -98,20 +137,92 @@ def prepare_models(config: RunConfig) -> Models:
     return Models(teacher, student, tokenizer, vocab_rows, source, origin, remote)
 
 
+@dataclass
+class TrainingData:
+    """A run's data: ``train`` and ``heldout`` packed text blocks ``[n, block_size]`` (with
+    ``data.sources``: every source's training blocks concatenated, ``parts`` each one's) or
+    encoded chat / prompt-response :class:`Examples`. With ``teachers:``, ``routes`` ``[n]`` is
+    each training row's teacher (Examples also carry theirs); the held-out rows are not routed."""
+
+    train: torch.Tensor | Examples
+    heldout: torch.Tensor | Examples
+    parts: list[torch.Tensor] | None = None
+    routes: torch.Tensor | None = None
+
+
+def _pack_train(
+    documents: list[str], routes: list[int] | None, routing: Routing | None, tokenizer, size: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Training blocks (and routes): one teacher's as :func:`pack_documents`, several's per
+    teacher (:func:`pack_routed`)."""
+    if routing is None or routes is None:
+        return pack_documents(documents, tokenizer, size), None
+    return pack_routed(documents, routes, routing, tokenizer, size)
+
+
+def _read_split_pack(
+    path: str | None, text_field: str, config: RunConfig, tokenizer, routing: Routing | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(train blocks, held-out blocks, train routes) of one text source (None: the default
+    corpus); whole documents held out by content hash, as :func:`split_documents`."""
+    size, fraction = config.data.block_size, config.data.heldout_fraction
+    if routing is None:
+        documents = default_documents() if path is None else read_documents(path, text_field)
+        routes = None
+    elif path is None:
+        documents = default_documents()
+        routes = [routing.default_index] * len(documents)
+    else:
+        documents, routes = read_routed_documents(path, text_field, routing)
+    train, held = split_by_hash(documents, fraction, [len(doc) for doc in documents])
+    train_routes = None if routes is None else [routes[i] for i in train]
+    train_blocks, block_routes = _pack_train(
+        [documents[i] for i in train], train_routes, routing, tokenizer, size
+    )
+    heldout_blocks = pack_documents([documents[i] for i in held], tokenizer, size)
+    return train_blocks, heldout_blocks, block_routes
+
+
+def prepare_training_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TrainingData:
+    """The run's :class:`TrainingData` (``data.format``, ``data.sources``, ``teachers:``)."""
+    routing = Routing.from_config(config)
+    if config.data.sources:  # each source split on its own; held-out blocks taken in turn
+        parts, held, part_routes = [], [], []
+        for source in config.data.sources:
+            train, heldout, routes = _read_split_pack(
+                source.path, source.text_field, config, tokenizer, routing
+            )
+            parts.append(train)
+            held.append(heldout)
+            part_routes.append(routes)
+        rows = [part[i] for i in range(max(len(h) for h in held)) for part in held if i < len(part)]
+        routes = None if routing is None else torch.cat(part_routes)
+        heldout = torch.stack(rows[: config.eval.max_blocks])
+        return TrainingData(torch.cat(parts), heldout, parts, routes)
+    data_format = detect_format(config.data.path, config.data.format)
+    if data_format != "text":
+        assert config.data.path is not None  # detect_format finds rows only in a file
+        rows = read_rows(config.data.path)
+        train_rows, heldout_rows = split_rows(rows, config.data.heldout_fraction)
+        block_size, source = config.data.block_size, str(config.data.path)
+        train = encode_examples(train_rows, data_format, tokenizer, block_size, source, routing)
+        heldout = encode_examples(heldout_rows, data_format, tokenizer, block_size, source)
+        return TrainingData(train, heldout.head(config.eval.max_blocks), routes=train.teachers)
+    train, heldout, routes = _read_split_pack(
+        config.data.path, config.data.text_field, config, tokenizer, routing
+    )
+    return TrainingData(train, heldout[: config.eval.max_blocks], routes=routes)
+
+
 def prepare_sources(
     config: RunConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``data.sources``: (each source's training blocks, held-out blocks). Every source is split
     on its own; the held-out blocks take every source's in turn, up to ``eval.max_blocks``."""
     assert config.data.sources
-    parts, held = [], []
-    for source in config.data.sources:
-        documents = read_documents(source.path, source.text_field)
-        train_docs, heldout_docs = split_documents(documents, config.data.heldout_fraction)
-        parts.append(pack_documents(train_docs, tokenizer, config.data.block_size))
-        held.append(pack_documents(heldout_docs, tokenizer, config.data.block_size))
-    rows = [part[i] for i in range(max(len(h) for h in held)) for part in held if i < len(part)]
-    return parts, torch.stack(rows[: config.eval.max_blocks])
+    data = prepare_training_data(config, tokenizer)
+    assert data.parts is not None
+    return data.parts, data.heldout
 
 
 def prepare_data(
@@ -119,31 +230,89 @@ def prepare_data(
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[Examples, Examples]:
     """(train, heldout): packed text blocks ``[n, block_size]``, or encoded chat /
     prompt-response :class:`Examples` (``data.format``). With ``data.sources``, the training
-    blocks of every source concatenated (see :func:`prepare_sources`)."""
-    if config.data.sources:
-        parts, heldout = prepare_sources(config, tokenizer)
-        return torch.cat(parts), heldout
-    data_format = detect_format(config.data.path, config.data.format)
-    if data_format != "text":
-        assert config.data.path is not None  # detect_format finds rows only in a file
-        rows = read_rows(config.data.path)
-        train_rows, heldout_rows = split_rows(rows, config.data.heldout_fraction)
-        block_size, source = config.data.block_size, str(config.data.path)
-        train = encode_examples(train_rows, data_format, tokenizer, block_size, source)
-        heldout = encode_examples(heldout_rows, data_format, tokenizer, block_size, source)
-        keep = config.eval.max_blocks
-        heldout = Examples(
-            heldout.input_ids[:keep],
-            heldout.labels[:keep],
-            heldout.lengths[:keep],
-            heldout.prompt_lengths[:keep],
-        )
-        return train, heldout
-    if config.data.path is None:
-        documents = default_documents()
+    blocks of every source concatenated (see :func:`prepare_sources`); with ``teachers:``,
+    packed per teacher (see :func:`prepare_training_data`)."""
+    data = prepare_training_data(config, tokenizer)
+    return data.train, data.heldout
+
+
+def _live_member(
+    config: RunConfig, entry: NamedTeacherConfig, models: Models, device: torch.device
+) -> NamedTeacher:
+    """A live teacher: the model of ``teacher:`` when it is that one, else loaded; its tokenizer
+    and output rows must cover the run's vocabulary."""
+    source = teacher_source(entry)
+    if _is_reference(config, entry) and models.teacher is not None:
+        model = models.teacher
     else:
-        documents = read_documents(config.data.path, config.data.text_field)
-    train_docs, heldout_docs = split_documents(documents, config.data.heldout_fraction)
-    train_blocks = pack_documents(train_docs, tokenizer, config.data.block_size)
-    heldout_blocks = pack_documents(heldout_docs, tokenizer, config.data.block_size)
-    return train_blocks, heldout_blocks[: config.eval.max_blocks]
+        shared_vocab_rows(
+            load_teacher_tokenizer(entry),
+            models.tokenizer,
+            models.vocab_rows,
+            models.vocab_rows,
+            teacher_name=f"teacher {entry.name} ({source})",
+            student_name="the run's tokenizer",
+        )
+        model = load_teacher(entry).to(device)
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < models.vocab_rows:
+        raise ModelError(
+            f"teacher {entry.name} ({source}) has {rows} output rows, fewer than the student's "
+            f"{models.vocab_rows}: every teacher must share the student's vocabulary"
+        )
+    teacher = LiveTeacher(model, models.vocab_rows)
+    return NamedTeacher(entry.name, teacher, "live", source, weights_sha256(source))
+
+
+def _served_member(entry: NamedTeacherConfig, models: Models) -> NamedTeacher:
+    """A served teacher, asked what it serves (its vocabulary must cover the run's)."""
+    remote = RemoteTeacher.from_config(entry, vocab_rows=models.vocab_rows)
+    info = remote.check_server(teacher_rows=None, tokens=len(models.tokenizer))
+    if entry.path is not None:  # its tokenizer, when named, must be the run's
+        shared_vocab_rows(
+            load_teacher_tokenizer(entry),
+            models.tokenizer,
+            models.vocab_rows,
+            models.vocab_rows,
+            teacher_name=f"teacher {entry.name} ({entry.path})",
+            student_name="the run's tokenizer",
+        )
+    fingerprint = f"{remote.model or ','.join(info.models)}; vocab {info.vocab_size}"
+    return NamedTeacher(entry.name, remote, "url", remote.url, fingerprint)
+
+
+def prepare_teachers(
+    config: RunConfig, models: Models, data: TrainingData, device: torch.device
+) -> TeacherSet:
+    """``teachers:``: each named teacher opened and checked against the run, before training.
+
+    Live teachers are loaded (the model of ``teacher:`` is shared, not loaded twice); served
+    ones are asked what they serve; caches are checked (:func:`open_run_cache`) against the
+    training blocks routed to them, as ``distill cache --teacher NAME`` writes them. Every one
+    must share the student's vocabulary (a :class:`ModelError` or a cache / server error).
+    """
+    assert config.teachers is not None
+    routing = Routing.from_config(config)
+    assert routing is not None and data.routes is not None
+    members = []
+    for index, entry in enumerate(config.teachers):
+        own_rows = int((data.routes == index).sum())
+        if own_rows == 0:
+            log.warning("teacher %s: no training row is routed to it", entry.name)
+        if entry.url:
+            members.append(_served_member(entry, models))
+        elif entry.cache:
+            blocks = data.train[data.routes == index]  # text blocks: the schema refuses examples
+            cache = open_run_cache(
+                config,
+                teacher_source=teacher_source(entry),
+                tokenizer=models.tokenizer,
+                train_blocks=blocks,
+                vocab_rows=models.vocab_rows,
+                teacher=entry,
+            )
+            fingerprint = sha256_file(cache.directory / MANIFEST)
+            members.append(NamedTeacher(entry.name, cache, "cache", str(entry.cache), fingerprint))
+        else:
+            members.append(_live_member(config, entry, models, device))
+    return TeacherSet(members, routing.default)

@@ -1,8 +1,9 @@
 """``distill.distill(config)``: the one path from a config to a trained, evaluated student.
 
-Phases: resolve config -> load teacher and student -> pack data -> plan (warm-up step) ->
-distil (and, with ``baseline``, train a labels-only twin) -> save the student -> evaluate every
-model on the held-out blocks -> measure speed and memory -> write the report.
+Phases: resolve config -> load teacher and student -> pack data (routed per teacher with
+``teachers:``) -> open the teachers -> plan (warm-up step) -> distil (and, with ``baseline``,
+train a labels-only twin) -> save the student -> evaluate every model on the held-out blocks ->
+measure speed and memory -> write the report.
 The CLI's ``distill run`` calls exactly this function.
 """
 
@@ -39,11 +40,17 @@ from distill.models import (
     count_params,
     load_teacher,
 )
-from distill.pipelines.prepare import Models, prepare_data, prepare_models, prepare_sources
+from distill.pipelines.prepare import (
+    Models,
+    prepare_models,
+    prepare_teachers,
+    prepare_training_data,
+)
 from distill.report import build_report
 from distill.student.intermediate import IntermediateDistiller, is_enabled
-from distill.teacher import LiveTeacher
+from distill.teacher import LiveTeacher, TeacherSet
 from distill.teacher.cache import open_run_cache, read_manifest
+from distill.teacher.routed import check_resume_teachers
 from distill.train import CausalLMTask, CheckpointPlan, train
 from distill.train.distributed import init_distributed, resolve_device
 from distill.train.onpolicy import OnPolicy
@@ -73,6 +80,8 @@ def _print_plan(
     n_train_blocks: int,
     device: torch.device,
     world_size: int = 1,
+    teachers: TeacherSet | None = None,
+    round_trips: dict[str, float] | None = None,
 ) -> dict:
     train_cfg = config.train
     tokens_per_step = train_cfg.batch_size * config.data.block_size * train_cfg.grad_accum
@@ -102,7 +111,9 @@ def _print_plan(
         * min(step_seconds * train_cfg.steps, train_cfg.max_seconds or float("inf")),
     }
     remote = models.remote
-    if remote is not None:
+    if teachers is not None:
+        where = _describe_teachers(plan, models, teachers, round_trips or {})
+    elif remote is not None:
         plan["teacher_round_trip_seconds"] = remote.last_seconds
         where = (
             f"  teacher {models.teacher_source}, served at {remote.url} ({remote.api}, model "
@@ -138,6 +149,43 @@ def _print_plan(
         lines.append(f"  warning: {plan['memorisation_warning']}")
     print("\n".join(lines), flush=True)
     return plan
+
+
+def _describe_teachers(
+    plan: dict, models: Models, teachers: TeacherSet, round_trips: dict[str, float]
+) -> str:
+    """The plan's lines for ``teachers:``: the reference teacher, then where each teacher lives
+    and its measured warm-up round trip (also into ``plan["teachers"]``)."""
+    plan["teachers"] = {}
+    lines = [f"  tokenizer, student layers and evaluation: {models.teacher_source}"]
+    for member in teachers.members:
+        seconds = round_trips.get(member.name)
+        plan["teachers"][member.name] = {
+            "kind": member.kind,
+            "where": member.where,
+            "round_trip_seconds": seconds,
+        }
+        default = " (default)" if member.name == teachers.default else ""
+        timing = "no warm-up row" if seconds is None else f"{seconds:.2f} s"
+        lines.append(
+            f"  teacher {member.name}{default}: {member.kind} {member.where}; warm-up batch "
+            f"round trip {timing}"
+        )
+    return "\n".join(lines)
+
+
+def _warmup_round_trips(
+    teachers: TeacherSet, data: Any, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    """Each teacher's round trip on a warm-up batch of its own rows (its first training rows, up
+    to a micro-batch; another teacher's rows would not be in its cache)."""
+    inputs = data.train.input_ids if isinstance(data.train, Examples) else data.train  # (n, T)
+    rows = {}
+    for index in range(len(teachers)):
+        own = inputs[data.routes == index][:batch_size]  # (<= b, T)
+        if len(own):
+            rows[index] = own.to(device)
+    return teachers.round_trips(rows)
 
 
 def _measure_speed(config: RunConfig, model_dirs: dict[str, Path], threads: int) -> dict[str, dict]:
@@ -222,11 +270,17 @@ def distill(
             f"run directory {run_dir} already holds a run: choose another name (--name) or "
             f"continue it with --resume {run_dir}"
         )
-    if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(
-            run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
-        )
+
+    def save_config() -> None:
+        if context.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            resolved = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+            atomic_write_text(run_dir / "config.yaml", resolved)
+
+    # A resume with several teachers saves its config once they are checked (a refused resume
+    # leaves the run as it was).
+    if not (resume and config.teachers is not None):
+        save_config()
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     threads = torch.get_num_threads()
@@ -243,12 +297,8 @@ def distill(
         if models.teacher is not None:
             models.teacher.to(device)
         models.student.to(device)
-    source_parts = None
-    if config.data.sources:  # several weighted sources, each with its own held-out split
-        source_parts, heldout_blocks = prepare_sources(config, models.tokenizer)
-        train_blocks = torch.cat(source_parts)
-    else:
-        train_blocks, heldout_blocks = prepare_data(config, models.tokenizer)
+    data = prepare_training_data(config, models.tokenizer)  # data.sources: weighted parts
+    train_blocks, heldout_blocks, source_parts = data.train, data.heldout, data.parts
     examples = isinstance(train_blocks, Examples)
     extra_sets = extra_blocks(
         config.eval.extra_data,
@@ -262,7 +312,11 @@ def distill(
         eos = models.tokenizer.eos_token_id
         pad = models.tokenizer.pad_token_id
         onpolicy = OnPolicy(config.onpolicy, eos, pad if pad is not None else eos or 0, config.seed)
-    if config.teacher.cache:  # refuses a cache that does not match this run (exit 2)
+    teacher_set = None
+    if config.teachers is not None:  # each named teacher opened and checked (exit 2)
+        teacher_set = prepare_teachers(config, models, data, device)
+        teacher = teacher_set
+    elif config.teacher.cache:  # refuses a cache that does not match this run (exit 2)
         teacher = open_run_cache(
             config,
             teacher_source=models.teacher_source,
@@ -274,14 +328,33 @@ def distill(
         teacher = models.remote
     else:
         teacher = LiveTeacher(models.teacher, models.vocab_rows)
+    # A resume with other teachers than the run trained with is refused (one line).
+    manifest = teacher_set.manifest() if teacher_set else None
+    check_resume_teachers(run_dir, manifest, resuming=resume, write=context.is_main)
+    if resume and config.teachers is not None:
+        save_config()
     student_before = copy.deepcopy(models.student).eval()
 
     plan: dict[str, Any] = {}
 
     def on_warmup(warmup: dict[str, float]) -> None:
         if context.is_main:
+            round_trips = None
+            if teacher_set is not None:
+                round_trips = _warmup_round_trips(
+                    teacher_set, data, config.train.batch_size, device
+                )
             plan.update(
-                _print_plan(config, models, warmup, len(train_blocks), device, context.world_size)
+                _print_plan(
+                    config,
+                    models,
+                    warmup,
+                    len(train_blocks),
+                    device,
+                    context.world_size,
+                    teacher_set,
+                    round_trips,
+                )
             )
 
     global_batch = config.train.batch_size * config.train.grad_accum * context.world_size
@@ -300,12 +373,12 @@ def distill(
 
     def global_batches() -> BlockBatches:
         size = config.train.batch_size * context.world_size
-        if examples:
+        if examples:  # routed by the examples' own teachers
             return ExampleBatches(train_blocks, size, config.seed)
         if source_parts is not None:
             weights = [source.weight for source in config.data.sources]
-            return WeightedBatches(source_parts, weights, size, config.seed)
-        return BlockBatches(train_blocks, size, config.seed)
+            return WeightedBatches(source_parts, weights, size, config.seed, data.routes)
+        return BlockBatches(train_blocks, size, config.seed, data.routes)
 
     probe = None
     every = config.eval.every
@@ -313,7 +386,8 @@ def distill(
         if models.teacher is None or sharded:
             log.warning(
                 "eval.every: fidelity during training needs the live, unsharded teacher and "
-                "student (not teacher.cache / teacher.url / parallel.strategy=fsdp); skipped"
+                "student (not teacher.cache / teacher.url / parallel.strategy=fsdp; with "
+                "teachers, one of them must be the model of teacher:); skipped"
             )
         else:
             keep = config.eval.every_blocks
@@ -374,6 +448,8 @@ def distill(
         distiller.remove()
     if models.remote is not None:
         models.remote.close()
+    if teacher_set is not None:  # frees the teachers' models (the evaluation's is models.teacher)
+        teacher_set.close()
     compared = {"student_before": student_before, "student_after": models.student}
     if config.baseline:
         labels_only = copy.deepcopy(student_before).train()
@@ -407,6 +483,8 @@ def distill(
 
     if models.teacher is None:  # trained from a cache or server (or sharded): needed to evaluate
         models.teacher = load_teacher(config.teacher).to(models.student.device)
+        teacher = LiveTeacher(models.teacher, models.vocab_rows)
+    elif teacher_set is not None:  # several teachers: the evaluation's is the one of teacher:
         teacher = LiveTeacher(models.teacher, models.vocab_rows)
     quality = heldout_metrics(
         compared,

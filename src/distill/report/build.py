@@ -7,7 +7,8 @@ Inputs: ``config.yaml``, ``metrics.jsonl`` (and ``metrics_labels_only.jsonl`` wi
 The headline is fidelity: how close the student is to the teacher (KL, top-1 / top-5 agreement,
 the teacher's NLL of the student's samples) on the training domain's held-out blocks and on
 each held-out set of another kind; a student whose perplexity falls below the teacher's is
-flagged as fitting the data rather than the teacher.
+flagged as fitting the data rather than the teacher. A run with several teachers (``teachers:``)
+also gets, per teacher, its share of the target tokens and the training divergence on its rows.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from distill.io import atomic_write_json, atomic_write_text, read_jsonl
 from distill.report.html import describe_speed, write_html
 from distill.report.tasks import write_task_report
 
-__all__ = ["build_report", "MODEL_ORDER", "METRICS"]
+__all__ = ["build_report", "teachers_summary", "MODEL_ORDER", "METRICS"]
 
 MODEL_ORDER = ["teacher", "student_before", "student_after", "student_labels_only"]
 # (key, column title, format, better)
@@ -111,6 +112,7 @@ def _markdown(report: dict[str, Any]) -> str:
         "model in a fresh process with the same prompts and thread count "
         f"({describe_speed(report['speed_settings'])}).",
     ]
+    lines += _teachers_markdown(report)
     warning = report.get("plan", {}).get("memorisation_warning")
     if warning:
         lines += ["", f"Plan: {warning}."]
@@ -131,6 +133,61 @@ def _markdown(report: dict[str, Any]) -> str:
     if verdict:
         lines += ["", verdict]
     return "\n".join(lines) + "\n"
+
+
+def teachers_summary(history: list[dict[str, Any]], plan: dict[str, Any]) -> dict[str, Any]:
+    """Per teacher of a run with ``teachers:`` (records with ``teachers``; empty otherwise), over
+    its logged steps: where it lives (from the plan), its target tokens and their share of all,
+    the mean divergence on its rows (weighted by tokens), and that divergence at the first and
+    the last logged step where it had rows."""
+    records = [record for record in history if "teachers" in record]
+    if not records:
+        return {}
+    total = sum(own["targets"] for record in records for own in record["teachers"].values())
+    summary = {}
+    for name in records[0]["teachers"]:
+        own = [record["teachers"][name] for record in records]
+        measured = [row for row in own if row["divergence"] is not None]
+        targets = sum(row["targets"] for row in own)
+        divergence_sum = sum(row["divergence"] * row["targets"] for row in measured)
+        summary[name] = {
+            **plan.get("teachers", {}).get(name, {}),
+            "targets": targets,
+            "share": targets / total if total else 0.0,
+            "divergence": divergence_sum / targets if targets else None,
+            "divergence_first": measured[0]["divergence"] if measured else None,
+            "divergence_last": measured[-1]["divergence"] if measured else None,
+        }
+    return summary
+
+
+def _teachers_markdown(report: dict[str, Any]) -> list[str]:
+    teachers = report["training"].get("teachers")
+    if not teachers:
+        return []
+    divergence = report["config"].get("loss", {}).get("divergence", "forward_kl")
+    lines = [
+        "",
+        "## Teachers",
+        "",
+        f"Each training row was distilled from its own teacher; over the logged steps ({divergence}"
+        " at the training temperature, nats per target token of that teacher's rows):",
+        "",
+        f"| teacher | where | share of target tokens | {divergence} on its rows | first logged "
+        "step | last logged step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, row in teachers.items():
+        cells = [
+            f"{row.get('kind', '')} {row.get('where', '')}".strip() or "-",
+            f"{row['share']:.3f}",
+            *(
+                "-" if row[key] is None else f"{row[key]:.4f}"
+                for key in ("divergence", "divergence_first", "divergence_last")
+            ),
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plot_losses(
@@ -311,6 +368,9 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         "verdict": _verdict(models, extra_sets),
         "config": config,
     }
+    teachers = teachers_summary(history, report["plan"])
+    if teachers:
+        report["training"]["teachers"] = teachers
     atomic_write_json(run_path / "report.json", report)
     atomic_write_text(run_path / "report.md", _markdown(report))
     divergence = config.get("loss", {}).get("divergence", "forward_kl")

@@ -1,7 +1,8 @@
 """Teachers: anything that gives soft targets for a batch of token ids.
 
 The training loop only sees the :class:`Teacher` protocol, so a live model, an on-disk cache and a
-served teacher (over HTTP) are interchangeable.
+served teacher (over HTTP) are interchangeable; a :class:`TeacherSet` holds several named ones,
+each row of a batch routed to its own.
 """
 
 from __future__ import annotations
@@ -14,8 +15,17 @@ from distill.losses.sparse import SparseTargets
 from distill.teacher.cache import CachedTeacher
 from distill.teacher.live import LiveTeacher
 from distill.teacher.remote import RemoteTeacher
+from distill.teacher.routed import NamedTeacher, TeacherSet
 
-__all__ = ["Teacher", "LiveTeacher", "CachedTeacher", "RemoteTeacher", "SparseTargets"]
+__all__ = [
+    "Teacher",
+    "LiveTeacher",
+    "CachedTeacher",
+    "RemoteTeacher",
+    "NamedTeacher",
+    "TeacherSet",
+    "SparseTargets",
+]
 
 
 @runtime_checkable

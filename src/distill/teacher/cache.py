@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from distill.config import RunConfig
+from distill.config import RunConfig, TeacherConfig
 from distill.errors import DistillError
 from distill.losses.sparse import SparseTargets
 
@@ -241,15 +241,18 @@ def open_run_cache(
     tokenizer: Any,
     train_blocks: torch.Tensor,
     vocab_rows: int,
+    teacher: TeacherConfig | None = None,
 ) -> CachedTeacher:
-    """The cache at ``config.teacher.cache``, checked against the run before any training.
+    """The cache at ``teacher.cache`` (default ``config.teacher``), checked against the run
+    before any training (``train_blocks``: the blocks it must hold, with several teachers the
+    ones routed to it).
 
     Refused (CacheError, one line naming the first difference): another tokenizer, block length,
     data or teacher weights, other output rows, an unfinished cache, a shard failing its sha256;
     a divergence other than forward KL, or (tail-bucket loss) a temperature without a stored
     log-normaliser.
     """
-    directory = Path(str(config.teacher.cache))
+    directory = Path(str((teacher or config.teacher).cache))
     manifest = read_manifest(directory)
     check_run_matches(
         directory,
@@ -263,10 +266,10 @@ def open_run_cache(
             "teacher.vocab_rows": vocab_rows,
         },
     )
-    teacher = CachedTeacher(directory)
+    cached = CachedTeacher(directory)
     loss = config.loss
     if loss.alpha == 1.0 and loss.alpha_schedule == "constant":
-        return teacher  # labels only: the soft targets are never read
+        return cached  # labels only: the soft targets are never read
     if loss.divergence != "forward_kl" or not loss.scale_by_t2:
         raise CacheError(
             f"loss.divergence={loss.divergence}, loss.scale_by_t2={loss.scale_by_t2}: training "
@@ -278,5 +281,5 @@ def open_run_cache(
                 f"loss.temperature_schedule={loss.temperature_schedule}: the tail-bucket loss "
                 "needs a stored log-normaliser for every T; use loss.sparse=renormalized"
             )
-        teacher.check_temperature(loss.temperature)
-    return teacher
+        cached.check_temperature(loss.temperature)
+    return cached

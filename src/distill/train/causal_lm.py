@@ -1,12 +1,15 @@
 """The causal-LM task of :func:`distill.train.loop.train`: a decoder student distilled from a
-teacher (live, cached or none) on token blocks or labelled chat batches.
+teacher (live, cached, served, several routed by row, or none) on token blocks or labelled chat
+batches.
 
 What it adds to the loop's step: each rank takes its own rows of every global micro-batch; a
 micro-batch is replaced by the student's own continuations with probability ``onpolicy.lambda``;
 per micro-batch the teacher's targets (no_grad), the student's hidden states and the loss from
-the output head (:func:`micro_batch_terms`), plus the intermediate-layer terms, all inside one
-forward of the :class:`~distill.train.sharding.Objective` around the student (FSDP gathers its
-root there). ``parallel.strategy=fsdp`` shards a copy of the student and a live teacher.
+the output head (:func:`micro_batch_terms`; with a :class:`~distill.teacher.TeacherSet`,
+:func:`routed_batch_terms`: each teacher's rows against that teacher), plus the
+intermediate-layer terms, all inside one forward of the
+:class:`~distill.train.sharding.Objective` around the student (FSDP gathers its root there).
+``parallel.strategy=fsdp`` shards a copy of the student and a live teacher.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ import torch
 from transformers import PreTrainedModel
 
 from distill.config import LossConfig, ParallelConfig
-from distill.data import Batch, BlockBatches
+from distill.data import Batch, BlockBatches, RoutedBlocks
 from distill.losses import IGNORE_INDEX, LossTerms
 from distill.losses.objective import head_distillation_loss
 from distill.losses.schedule import LossSchedule, LossSettings
-from distill.teacher import LiveTeacher, Teacher
+from distill.losses.sparse import SparseTargets
+from distill.teacher import LiveTeacher, Teacher, TeacherSet
 from distill.train.checkpoint import load_checkpoint
 from distill.train.distributed import DistContext, broadcast_parameters
 from distill.train.onpolicy import OnPolicy
@@ -50,6 +54,8 @@ __all__ = [
     "MicroBatch",
     "labels_for",
     "micro_batch_terms",
+    "routed_batch_terms",
+    "sum_terms",
     "output_head",
     "student_logits",
 ]
@@ -112,9 +118,67 @@ def micro_batch_terms(
     if not bool((labels != IGNORE_INDEX).any()):
         if needs_teacher and is_sharded(getattr(teacher, "model", None)):
             teacher.soft_targets(input_ids)  # a sharded teacher's forward is collective: run it
-        zero = hidden.sum() * 0.0  # keeps every parameter in the graph (gradients of zero)
-        return LossTerms(zero, zero.detach(), zero.detach(), 0)
+        return _zero_terms(hidden)
     targets = teacher.soft_targets(input_ids) if needs_teacher else None
+    return _head_terms(student, hidden, targets, labels, settings, vocab_rows, upcast)
+
+
+def routed_batch_terms(
+    student: PreTrainedModel,
+    teachers: TeacherSet,
+    input_ids: torch.Tensor,
+    routes: torch.Tensor | None,
+    settings: LossSettings,
+    vocab_rows: int,
+    *,
+    labels: torch.Tensor | None = None,
+    on_policy: bool = False,
+    upcast: bool = False,
+) -> list[LossTerms]:
+    """:func:`micro_batch_terms` of a micro-batch whose rows each have their own teacher:
+    ``routes`` ``[B]`` (None: every row the default teacher's). One student forward for the
+    whole batch; then, per teacher, its rows' targets from that teacher alone and their summed
+    loss terms (zero terms for a teacher without target rows here). Returns one
+    :class:`LossTerms` per teacher, in the set's order; their sum is the batch's loss, the same
+    sums over tokens as one teacher would give, so the loop's normalisation is unchanged."""
+    settings = settings.with_alpha(0.0) if on_policy else settings
+    labels = labels_for(input_ids) if labels is None else labels
+    if routes is None:
+        routes = torch.full((input_ids.shape[0],), teachers.default_index)
+    routes = routes.to(input_ids.device)
+    hidden = student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # (B, T, H)
+    needs_teacher = settings.alpha < 1.0
+    per_teacher = []
+    for index in range(len(teachers)):
+        rows = (routes == index).nonzero().squeeze(1)  # (b,)
+        row_labels = labels[rows]  # (b, T)
+        if not bool((row_labels != IGNORE_INDEX).any()):
+            per_teacher.append(_zero_terms(hidden))
+            continue
+        targets = teachers.soft_targets(index, input_ids[rows]) if needs_teacher else None
+        terms = _head_terms(
+            student, hidden[rows], targets, row_labels, settings, vocab_rows, upcast
+        )
+        per_teacher.append(terms)
+    return per_teacher
+
+
+def _zero_terms(hidden: torch.Tensor) -> LossTerms:
+    """Terms of a batch without targets: zero, keeping every parameter in the graph."""
+    zero = hidden.sum() * 0.0  # gradients of zero
+    return LossTerms(zero, zero.detach(), zero.detach(), 0)
+
+
+def _head_terms(
+    student: PreTrainedModel,
+    hidden: torch.Tensor,
+    targets: torch.Tensor | SparseTargets | None,
+    labels: torch.Tensor,
+    settings: LossSettings,
+    vocab_rows: int,
+    upcast: bool,
+) -> LossTerms:
+    """The loss terms of the student's hidden states ``[b, T, H]`` through its output head."""
     weight, bias = output_head(student, vocab_rows)
     precision = contextlib.nullcontext()
     if upcast:
@@ -122,8 +186,19 @@ def micro_batch_terms(
         bias = bias.float() if bias is not None else None
         precision = torch.autocast(hidden.device.type, enabled=False)
     with precision:
-        hidden = hidden.reshape(-1, hidden.shape[-1])  # (B*T, H)
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # (b*T, H)
         return head_distillation_loss(hidden, weight, bias, targets, labels.reshape(-1), settings)
+
+
+def sum_terms(terms: list[LossTerms]) -> LossTerms:
+    """The element-wise sum of several :class:`LossTerms` (one micro-batch's per-teacher parts)."""
+    first, *rest = terms
+    loss_sum, ce_sum, divergence_sum = first.loss_sum, first.ce_sum, first.divergence_sum
+    for terms_part in rest:
+        loss_sum = loss_sum + terms_part.loss_sum
+        ce_sum = ce_sum + terms_part.ce_sum
+        divergence_sum = divergence_sum + terms_part.divergence_sum
+    return LossTerms(loss_sum, ce_sum, divergence_sum, sum(t.n_tokens for t in terms))
 
 
 class MicroBatch(NamedTuple):
@@ -144,6 +219,12 @@ class CausalLMTask:
     logged under their names; an ``nn.Module`` one has its own parameters trained (a
     projection, replicated on every rank) and checkpointed too.
 
+    With a :class:`~distill.teacher.TeacherSet` as ``teacher``, each row is distilled from the
+    teacher its route names (:class:`~distill.data.RoutedBlocks` or a :class:`Batch` with
+    ``teachers``; unrouted rows: the default teacher), and each step's record gets, per
+    teacher, its share of the window's target tokens and the divergence on its rows
+    (:meth:`record_fields`).
+
     ``parallel.strategy=fsdp`` in a process group shards a copy of the student and, in place, a
     live teacher's model (frozen) with FSDP2; at the end rank 0's ``student`` receives the
     trained weights (the other ranks' copy keeps its initial weights), and the teacher stays
@@ -155,7 +236,7 @@ class CausalLMTask:
     def __init__(
         self,
         student: PreTrainedModel,
-        teacher: Teacher | None,
+        teacher: Teacher | TeacherSet | None,
         batches: BlockBatches,
         loss: LossConfig,
         *,
@@ -233,10 +314,12 @@ class CausalLMTask:
 
     # --- data -----------------------------------------------------------------------------
 
-    def _rows(self, drawn: torch.Tensor | Batch) -> Batch:
+    def _rows(self, drawn: torch.Tensor | RoutedBlocks | Batch) -> Batch:
         """This rank's rows of a global micro-batch ``[world * b, T]`` -> ``[b, T]``."""
-        if isinstance(drawn, torch.Tensor):
-            prompt_tokens = self.onpolicy.config.prompt_tokens if self.onpolicy else 1
+        prompt_tokens = self.onpolicy.config.prompt_tokens if self.onpolicy else 1
+        if isinstance(drawn, RoutedBlocks):
+            drawn = Batch.from_blocks(drawn.blocks, prompt_tokens, drawn.teachers)
+        elif isinstance(drawn, torch.Tensor):
             drawn = Batch.from_blocks(drawn, prompt_tokens)
         per_rank = drawn.input_ids.shape[0] // self.context.world_size
         rank = self.context.rank
@@ -265,41 +348,78 @@ class CausalLMTask:
 
     def warmup_batch(self) -> MicroBatch:
         """This rank's rows of the first global micro-batch, as packed blocks (not drawn)."""
-        blocks = self.batches.blocks[: self.batches.batch_size]  # (world * b, T)
+        size = self.batches.batch_size
+        blocks = self.batches.blocks[:size]  # (world * b, T)
+        routes = self.batches.teachers
+        drawn = Batch.from_blocks(blocks, 1, None if routes is None else routes[:size])
         per_rank = blocks.shape[0] // self.context.world_size
         rank = self.context.rank
-        rows = blocks[rank * per_rank : (rank + 1) * per_rank]  # (b, T)
-        return MicroBatch(_to_device(Batch.from_blocks(rows, 1), self.device))
+        return MicroBatch(
+            _to_device(drawn.rows(rank * per_rank, (rank + 1) * per_rank), self.device)
+        )
 
     # --- loss -----------------------------------------------------------------------------
 
     def terms(self, micro: MicroBatch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The distillation terms plus the intermediate-layer terms; parts ``ce``,
-        ``divergence`` (the run's ``loss.divergence``) and each intermediate term's name."""
+        ``divergence`` (the run's ``loss.divergence``) and each intermediate term's name; with
+        a teacher set, each teacher's target count and divergence sum too (every teacher in
+        every micro-batch, so the ranks sum the same parts)."""
         with self.precision():
-            terms, extra = self.objective(self._forward, micro, self.schedule.at(step))
+            per_teacher, extra = self.objective(self._forward, micro, self.schedule.at(step))
+        terms = sum_terms(per_teacher)
         parts = {"ce": terms.ce_sum.detach(), "divergence": terms.divergence_sum.detach()}
+        if isinstance(self.teacher, TeacherSet):
+            for name, own in zip(self.teacher.names, per_teacher, strict=True):
+                parts[_TARGETS + name] = torch.tensor(float(own.n_tokens))
+                parts[_DIVERGENCE + name] = own.divergence_sum.detach()
         parts |= {name: value.detach() for name, value in extra.items()}
         return terms.loss_sum + sum(extra.values()), parts
 
+    def record_fields(self, totals: dict[str, float], count: int) -> dict[str, Any]:
+        """The step record's loss fields from the window's ``totals`` (each part summed over
+        the window and the ranks, divided by the window's ``count`` of targets). With a teacher
+        set, the per-teacher parts become ``teachers: {name: {targets, share, divergence}}``:
+        its target tokens, their share of the window's, and the mean divergence on them (None
+        when it had none); the loss itself stays normalised by the whole window's count."""
+        fields = {k: v for k, v in totals.items() if not k.startswith((_TARGETS, _DIVERGENCE))}
+        if isinstance(self.teacher, TeacherSet):
+            fields["teachers"] = {}
+            for name in self.teacher.names:
+                share, divergence = totals[_TARGETS + name], totals[_DIVERGENCE + name]
+                fields["teachers"][name] = {
+                    "targets": round(share * count),
+                    "share": share,
+                    "divergence": divergence / share if share > 0 else None,
+                }
+        return fields
+
     def _forward(
         self, student: PreTrainedModel, micro: MicroBatch, settings: LossSettings
-    ) -> tuple[LossTerms, dict[str, torch.Tensor]]:
-        """Inside the objective's forward: :func:`micro_batch_terms`, then the intermediate
-        terms (weighted sums from this forward's hooks)."""
+    ) -> tuple[list[LossTerms], dict[str, torch.Tensor]]:
+        """Inside the objective's forward: :func:`micro_batch_terms` (a teacher set:
+        :func:`routed_batch_terms`, one terms per teacher), then the intermediate terms
+        (weighted sums from this forward's hooks)."""
         batch = micro.batch
-        terms = micro_batch_terms(
-            student,
-            self.teacher,
-            batch.input_ids,
-            settings,
-            self.vocab_rows,
-            labels=batch.labels,
-            on_policy=micro.on_policy,
-            upcast=self.upcast,
-        )
+        options = {"labels": batch.labels, "on_policy": micro.on_policy, "upcast": self.upcast}
+        if isinstance(self.teacher, TeacherSet):
+            per_teacher = routed_batch_terms(
+                student,
+                self.teacher,
+                batch.input_ids,
+                batch.teachers,
+                settings,
+                self.vocab_rows,
+                **options,
+            )
+        else:
+            per_teacher = [
+                micro_batch_terms(
+                    student, self.teacher, batch.input_ids, settings, self.vocab_rows, **options
+                )
+            ]
         extra = self.extra_terms(batch.input_ids) if self.extra_terms else {}
-        return terms, extra
+        return per_teacher, extra
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -349,7 +469,13 @@ class CausalLMTask:
         self.student.eval()
 
 
+# Part names of a teacher set's per-teacher sums (turned into record fields by record_fields).
+_TARGETS, _DIVERGENCE = "targets/", "divergence/"
+
+
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     if batch.input_ids.device == device and batch.labels.device == device:
         return batch
-    return Batch(batch.input_ids.to(device), batch.labels.to(device), batch.prompt_lengths)
+    return Batch(
+        batch.input_ids.to(device), batch.labels.to(device), batch.prompt_lengths, batch.teachers
+    )

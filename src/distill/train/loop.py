@@ -13,7 +13,8 @@ Map of one optimizer step:
   3. sum the gradients over ranks (``task.replicated``: one flat all-reduce; FSDP shards were
      reduce-scattered during backward), clip the global gradient norm (``clip_gradients``),
      AdamW step, schedule step, one metrics.jsonl record (rank 0): ``step, loss, <parts>, lr,
-     grad_norm, <unit>, <unit>_per_s, elapsed_s, comm_s`` plus the window's ``info``;
+     grad_norm, <unit>, <unit>_per_s, elapsed_s, comm_s`` plus the window's ``info`` (the
+     parts as ``task.record_fields`` gives them: per-teacher fields with several teachers);
   4. every ``checkpoint.every`` steps and at the end, a checkpoint (student, optimizer, schedule,
      ``task.state_dict()``, every rank's RNG states, the history, the elapsed time).
 Before step 1 of a fresh run, ``on_warmup`` gets one timed warm-up micro-batch's measurements.
@@ -178,7 +179,7 @@ def train(
         seconds = time.perf_counter() - step_start
         record = {
             "step": state.step,
-            **totals,
+            **task.record_fields(totals, count),
             "lr": lr,
             "grad_norm": grad_norm,
             task.unit: size,

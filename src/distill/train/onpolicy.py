@@ -32,7 +32,8 @@ def student_batch(
 ) -> tuple[Batch, list[int]]:
     """The batch's prompts continued by ``student``; returns it and each continuation's length.
 
-    ``labels[t] = input_ids[t + 1]`` exactly where token ``t + 1`` was generated.
+    ``labels[t] = input_ids[t + 1]`` exactly where token ``t + 1`` was generated; each row
+    keeps its teacher route (several teachers).
     """
     prompts = [
         row[:length].tolist()
@@ -49,7 +50,8 @@ def student_batch(
         input_ids[row, : len(sequence)] = sequence
         if continuation:  # targets: positions len(prompt)-1 .. end-2 predict the generated tokens
             labels[row, len(prompt) - 1 : len(sequence) - 1] = torch.tensor(continuation)
-    on_policy = Batch(input_ids.to(batch.input_ids.device), labels, batch.prompt_lengths)
+    device = batch.input_ids.device
+    on_policy = Batch(input_ids.to(device), labels, batch.prompt_lengths, batch.teachers)
     return on_policy, [len(c) for c in continuations]
 
 

@@ -70,6 +70,11 @@ class TrainTask(Protocol):
     def warmup_batch(self) -> Any | None:
         """A micro-batch to time before the first step (None: no warm-up measurement)."""
 
+    def record_fields(self, totals: dict[str, float], count: int) -> dict[str, Any]:
+        """The step record's loss fields from the window's parts (``loss`` and the named parts
+        of :meth:`terms`, summed over the window and the ranks, each divided by the window's
+        target ``count``): the totals as they are, or a task's own view of them."""
+
     def checkpoint_state(
         self, optimizer: torch.optim.Optimizer
     ) -> tuple[nn.Module, torch.optim.Optimizer | dict]:
@@ -137,6 +142,9 @@ class ModuleTask:
 
     def warmup_batch(self) -> None:
         return None
+
+    def record_fields(self, totals: dict[str, float], count: int) -> dict[str, Any]:
+        return totals
 
     def checkpoint_state(self, optimizer: torch.optim.Optimizer):
         return self.student, optimizer
