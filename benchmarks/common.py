@@ -131,16 +131,20 @@ def write_results(name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
-def merge_results(name: str, payload: dict[str, Any], targets: list[dict[str, Any]]) -> Path:
-    """Update ``results/NAME.json`` with ``payload``'s keys and ``targets`` (each replacing the
-    target of its name, in place; new ones appended), keeping everything else: one arm of a
-    script rerun alone keeps the other arms' numbers and provenance."""
+def merge_results(
+    name: str, section: str, payload: dict[str, Any], targets: list[dict[str, Any]]
+) -> Path:
+    """Write one arm of a script into ``results/NAME.json`` as ``section`` (with this run's
+    provenance inside it) and its ``targets`` (each replacing the target of its name; new ones
+    appended), keeping the other sections: an arm rerun alone keeps the others' numbers."""
     path = RESULTS / f"{name}.json"
     existing = json.loads(path.read_text()) if path.is_file() else {}
-    existing.pop("machine", None)  # write_results records this machine again
+    kept = {key: value for key, value in existing.items() if isinstance(value, dict)}
+    kept.pop("machine", None)  # write_results records this machine again
     fresh = {entry["name"]: entry for entry in targets}
     merged = [fresh.pop(entry["name"], entry) for entry in existing.get("targets", [])]
-    return write_results(name, {**existing, **payload, "targets": merged + list(fresh.values())})
+    kept[section] = {**provenance(), **payload}
+    return write_results(name, {**kept, "targets": merged + list(fresh.values())})
 
 
 def print_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> None:

@@ -37,7 +37,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -51,8 +50,7 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-import transformers  # noqa: E402
-from common import merge_results, print_table, provenance, step_timing, target  # noqa: E402
+from common import merge_results, print_table, step_timing, target  # noqa: E402
 
 from distill import distill  # noqa: E402
 from distill.config import (  # noqa: E402
@@ -110,18 +108,7 @@ def spread(values: list[float]) -> dict[str, float]:
     }
 
 
-def git_describe() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def served_arm(args: argparse.Namespace) -> None:
-    load_before = os.getloadavg()
 
     config = RunConfig(
         data=DataConfig(block_size=args.block),
@@ -196,6 +183,7 @@ def served_arm(args: argparse.Namespace) -> None:
     print(f"\nserved vs cache final loss rel diff {rel_diff:.2e}; served/cache step {overhead:.2f}")
     path = merge_results(
         "served_teacher",
+        "served",
         {
             "setup": {
                 "teacher": "SmolLM2-135M-Instruct (30 layers) behind distill serve-teacher",
@@ -207,15 +195,6 @@ def served_arm(args: argparse.Namespace) -> None:
                 "loss": config.loss.model_dump(),
                 "cache_dtype": "float32",
                 "server": "separate process on 127.0.0.1, same cores as the trainer",
-            },
-            "git": git_describe(),
-            "argv": sys.argv,
-            "load_average_before": list(load_before),
-            "load_average_after": list(os.getloadavg()),
-            "versions": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
             },
             "loss_history": {n: [r["loss"] for r in h] for n, h in histories.items()},
             "final_loss": final,
@@ -304,7 +283,6 @@ def kl_to(teacher, students: dict, blocks: torch.Tensor, vocab: int) -> dict[str
 
 
 def multi_arm(args: argparse.Namespace) -> None:
-    load_before = os.getloadavg()
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="distill-multi-bench-"))
     try:
@@ -326,8 +304,7 @@ def multi_arm(args: argparse.Namespace) -> None:
     if args.tiny:
         print("--tiny: a self-check on random models; nothing written")
         return
-    results["provenance"] = {**provenance(), "loadavg_before": list(load_before)}
-    path = merge_results("served_teacher", {"multi_teacher": results}, [drop])
+    path = merge_results("served_teacher", "multi_teacher", results, [drop])
     print(f"wrote {path}")
 
 
