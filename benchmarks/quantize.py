@@ -11,7 +11,7 @@ the default corpus' held-out blocks (perplexity, KL to the teacher, top-1 agreem
 batch-1 speed is measured for every model in a fresh process with the same prompts and threads.
 
     python benchmarks/quantize.py [--student DIR] [--train-steps 40] [--qad-steps 60]
-        [--blocks 16] [--block-size 128] [--threads 0] [--runs 3]
+        [--blocks 16] [--block-size 128] [--threads 0] [--runs 5] [--speed-threads 1]
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -59,7 +60,12 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4, help="training / QAD blocks per step")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores")
-    parser.add_argument("--runs", type=int, default=3, help="timed generations per model")
+    parser.add_argument(
+        "--runs", type=int, default=5, help="interleaved rounds of timed generation per model"
+    )
+    parser.add_argument(
+        "--speed-threads", type=int, default=1, help="torch threads of the timed generations"
+    )
     parser.add_argument("--no-speed", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -161,13 +167,23 @@ def main() -> None:
                 prompts=EvalConfig().gen_prompts,
                 new_tokens=32,
                 batch_sizes=(1,),
-                runs=args.runs,
-                threads=args.threads,
+                runs=1,
+                threads=args.speed_threads,
             )
-            for name in TIMED:  # each in a fresh process
-                directory = dirs[name]
-                speed[name] = measure_generation_in_subprocess(directory, settings)
-                print(f"{name}: {speed[name]['tokens_per_s_batch1']:.1f} tok/s", flush=True)
+            rounds: dict[str, list[dict]] = {name: [] for name in TIMED}
+            for round_ in range(args.runs):  # interleaved: every model once per round
+                for name in TIMED:  # each in a fresh process
+                    rounds[name].append(measure_generation_in_subprocess(dirs[name], settings))
+                    rate = rounds[name][-1]["tokens_per_s_batch1"]
+                    print(f"round {round_}: {name} {rate:.1f} tok/s", flush=True)
+            for name, measured in rounds.items():
+                rates = [m["tokens_per_s_batch1"] for m in measured]
+                speed[name] = {
+                    **measured[-1],
+                    "tokens_per_s_batch1": statistics.median(rates),
+                    "tokens_per_s_batch1_rounds": rates,
+                    "tokens_per_s_batch1_spread": [min(rates), max(rates)],
+                }
     b1 = {name: speed.get(name, {}).get("tokens_per_s_batch1", float("nan")) for name in dirs}
     rows = [
         (
@@ -213,7 +229,8 @@ def main() -> None:
                 "heldout_blocks": int(heldout.shape[0]),
                 "block_size": int(heldout.shape[1]),
                 "threads": torch.get_num_threads(),
-                "speed": "greedy, 32 new tokens, batch 1, each model in a fresh process",
+                "speed": f"greedy, 32 new tokens, batch 1, {args.speed_threads} thread(s), each "
+                f"model in a fresh process, {args.runs} interleaved rounds: median and spread",
             },
             "int8_layer_errors": dict(sorted(plan.errors.items(), key=lambda kv: -kv[1])),
             "models": {
