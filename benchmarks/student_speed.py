@@ -1,14 +1,15 @@
 """Teacher vs 15-layer student vs its int8 version: generation speed, size and perplexity.
 
 Teacher: the embedded SmolLM2-135M (30 layers, float32, saved as safetensors so its bytes are
-comparable); student: ``runs/default/student`` when a finished default run exists (trained),
-else the untrained first-8 + last-7-layer student; int8: the same student with PyTorch dynamic
-int8 Linear layers and int8 per-row weights on disk (``distill.compress``). Generation: greedy,
+comparable); student: ``--student DIR`` (a trained student, e.g. a default run's
+``runs/default/student``), else the untrained first-8 + last-7-layer student built here; int8:
+that student as ``distill compress --quantize int8`` writes it with the default ``compress.*``
+settings (per-token dynamic int8, outlier channels from calibration blocks). Generation: greedy,
 32 new tokens at batch 1 and 8, and time to first token; the three models take turns within each
 run (one warm-up run, then the median of ``--runs``), so load changes on this shared machine hit
 them alike. Perplexity: the default corpus' held-out split (16 blocks x 256 tokens).
 
-    python benchmarks/student_speed.py [--runs 3] [--blocks 16] [--student DIR] [--threads N]
+    python benchmarks/student_speed.py [--runs 5] [--blocks 16] [--student DIR] [--threads N]
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import torch  # noqa: E402
 from common import print_table, target, write_results  # noqa: E402
 
 from distill.compress import load_model, model_bytes, save_model  # noqa: E402
+from distill.compress.calibrate import quantize_spec  # noqa: E402
 from distill.config import (  # noqa: E402
+    CompressConfig,
     EvalConfig,
     StudentConfig,  # noqa: E402
     load_config,
@@ -38,11 +41,10 @@ from distill.models import (  # noqa: E402
     load_causal_lm,
     load_tokenizer,
 )
-from distill.pipelines.eval import heldout_blocks  # noqa: E402
+from distill.pipelines.prepare import prepare_data  # noqa: E402
 from distill.student import build_student, select_layers  # noqa: E402
 from distill.teacher import LiveTeacher  # noqa: E402
 
-TRAINED_STUDENT = Path("runs/default/student")
 NEW_TOKENS = 32
 
 
@@ -83,26 +85,29 @@ def interleaved_speed(models: dict, tokenizer, runs: int, threads: int) -> dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--blocks", type=int, default=16)
-    parser.add_argument("--student", default=str(TRAINED_STUDENT))
+    parser.add_argument("--student", help="a trained student directory (else built untrained)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores")
     args = parser.parse_args()
 
     teacher_path = default_teacher_path()
     tokenizer = load_tokenizer(teacher_path)
     teacher = load_causal_lm(teacher_path).eval()
-    if Path(args.student).is_dir():
+    if args.student:
         student, student_source = load_causal_lm(args.student).eval(), f"trained: {args.student}"
     else:
         student = build_student(teacher, select_layers(30, StudentConfig())).eval()
         student_source = "untrained: teacher layers 0-7 + 23-29"
     print(f"student: {student_source}", flush=True)
+    config = load_config(overrides=[f"eval.max_blocks={args.blocks}"])
+    train_blocks, blocks = prepare_data(config, tokenizer)
+    spec, _ = quantize_spec(student, train_blocks, CompressConfig(quantize="int8"), config.seed)
     with tempfile.TemporaryDirectory() as scratch:
         dirs = {
             "teacher": save_model(teacher, tokenizer, Path(scratch) / "teacher"),
             "student": save_model(student, tokenizer, Path(scratch) / "student"),
-            "student_int8": save_model(student, tokenizer, Path(scratch) / "int8", quantize="int8"),
+            "student_int8": save_model(student, tokenizer, Path(scratch) / "int8", quantize=spec),
         }
         loaded = {
             "teacher": teacher,
@@ -111,9 +116,6 @@ def main() -> None:
         }
         speed = interleaved_speed(loaded, tokenizer, args.runs, args.threads)
         sizes = {name: model_bytes(d) for name, d in dirs.items()}
-        blocks = heldout_blocks(
-            load_config(overrides=[f"eval.max_blocks={args.blocks}"]), tokenizer
-        )
         vocab = teacher.config.vocab_size
         quality = heldout_quality(
             {"student": student, "student_int8": loaded["student_int8"]},
