@@ -440,7 +440,19 @@ def test_distill_run_trains_from_the_cache_without_the_teacher(
     assert report["models"]["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)
     run_dir = Path(config["output_dir"]) / "tiny"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 3 and all(0 < r["divergence"] < 10 for r in records)
+    assert len(records) == 3
+    # the same first step with the live teacher: merging the outcomes outside the top-k into one
+    # bucket can only lower a KL (data processing); on these near-uniform tiny models it does
+    # lower it (k=16 of the vocabulary), so the two are not the same number either
+    monkeypatch.undo()
+    live_config = copy.deepcopy(config)
+    live_config["teacher"].pop("cache")
+    live_config["name"] = "live"
+    distill.distill(live_config)
+    live = json.loads(
+        (Path(config["output_dir"]) / "live" / "metrics.jsonl").read_text().split("\n")[0]
+    )
+    assert 0 < records[0]["divergence"] < live["divergence"]
 
 
 @pytest.mark.parametrize(
