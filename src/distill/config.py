@@ -753,7 +753,20 @@ class OnPolicyConfig(SamplingConfig):
 
 
 class GenerateConfig(SamplingConfig):
-    """``distill generate``: the teacher writes responses (sequence-level KD data)."""
+    """``distill generate``: the teacher writes answers or continuations (sequence-level KD)."""
+
+    mode: Literal["answers", "continue"] = Field(
+        "answers",
+        description="answers = the teacher answers generate.prompts; continue = the teacher "
+        "continues prefixes drawn from the training split of data.path (and the plain-text "
+        "prompts of generate.prompts, if set), written as prompt/response rows.",
+    )
+    continuations: int = Field(
+        1000, ge=0, description="mode=continue: how many corpus prefixes to continue."
+    )
+    prefix_tokens: int = Field(
+        32, ge=1, description="mode=continue: tokens per corpus prefix (fewer if a document is)."
+    )
 
     prompts: str | None = Field(
         None,
