@@ -300,6 +300,16 @@ class DataConfig(_Section):
         "is split into train / held-out on its own (data.heldout_fraction), training rows are "
         "drawn from them by weight, the held-out blocks come from every source in turn.",
     )
+    shards: str | None = Field(
+        None,
+        description="A directory of token shards written by `distill data prepare` (the "
+        "train / held-out token streams and manifest.json): training reads its blocks "
+        "memory-mapped instead of tokenizing data.path (which, if set, must be the corpus they "
+        "hold); `distill data prepare` writes here.",
+    )
+    shard_tokens: int = Field(
+        1 << 25, ge=1, description="`distill data prepare`: tokens per shard file."
+    )
 
 
 class LossConfig(_Section):
@@ -1050,6 +1060,23 @@ def _sources_are_text_blocks(config: RunConfig) -> str | None:
     return None
 
 
+def _shards_hold_one_text_corpus(config: RunConfig) -> str | None:
+    if not config.data.shards:
+        return None
+    if config.task != "causal_lm":
+        return f"data.shards: task causal_lm only (task {config.task} reads data.path)"
+    if config.data.sources:
+        return "data.shards and data.sources: shards hold one prepared corpus; set one of them"
+    if config.data.format not in ("auto", "text"):
+        return f"data.shards hold packed text; data.format={config.data.format} does not apply"
+    if config.teachers is not None:
+        return "data.shards with teachers: shard rows carry no teacher route; use data.path"
+    cached = _cached_teacher(config)
+    if cached:
+        return f"data.shards: a {cached}.cache holds in-memory blocks; unset {cached}.cache"
+    return None
+
+
 def _encoders_have_one_teacher(config: RunConfig) -> str | None:
     if config.teachers is not None or config.default_teacher is not None:
         return f"teachers: task causal_lm only (task {config.task} has one teacher: teacher:)"
@@ -1057,6 +1084,7 @@ def _encoders_have_one_teacher(config: RunConfig) -> str | None:
 
 
 _CAUSAL_LM_RULES = (
+    _shards_hold_one_text_corpus,
     _teachers_fit_together,
     _sources_are_text_blocks,
     _group_size_divides_width,
@@ -1069,6 +1097,7 @@ _CAUSAL_LM_RULES = (
     _layer_map_fits_student,
 )
 _ENCODER_RULES = (
+    _shards_hold_one_text_corpus,
     _encoders_have_one_teacher,
     _classification_needs_files,
     _embedding_has_no_baseline,

@@ -20,6 +20,7 @@ from distill.data import (
 from distill.data.corpus import read_routed_documents, split_by_hash
 from distill.data.examples import detect_format, encode_examples, read_rows, split_rows
 from distill.data.routing import pack_routed
+from distill.data.shards import open_run_shards
 from distill.errors import ModelError
 from distill.models import (
     load_causal_lm,
@@ -184,7 +185,10 @@ def _read_split_pack(
 
 
 def prepare_training_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TrainingData:
-    """The run's :class:`TrainingData` (``data.format``, ``data.sources``, ``teachers:``)."""
+    """The run's :class:`TrainingData` (``data.format``, ``data.sources``, ``teachers:``,
+    ``data.shards``: memory-mapped :class:`~distill.data.shards.TokenBlocks` for training)."""
+    if config.data.shards:  # tokenized once by `distill data prepare`, checked, read on demand
+        return TrainingData(*open_run_shards(config, tokenizer))
     routing = Routing.from_config(config)
     if config.data.sources:  # each source split on its own; held-out blocks taken in turn
         parts, held, part_routes = [], [], []
