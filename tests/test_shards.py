@@ -13,6 +13,7 @@ from references import reference_split_by_hash
 
 import distill
 import distill.data.shard_writer
+import distill.train.loop
 from distill.cli import main as cli_main
 from distill.config import load_config
 from distill.data import BlockBatches, read_documents
@@ -21,6 +22,7 @@ from distill.data.shards import MANIFEST, ShardError, TokenBlocks, open_run_shar
 from distill.errors import ConfigError
 from distill.pipelines.data_prepare import prepare_shards
 from distill.pipelines.prepare import prepare_training_data
+from distill.pipelines.run import resume_config
 
 
 def test_split_matches_the_plain_reference_on_random_items():
@@ -282,26 +284,44 @@ def test_config_refuses_shards_with_what_they_cannot_serve(tmp_path):
         prepare_shards(load_config(None, []))
 
 
-def test_run_from_shards_equals_the_run_from_memory(tmp_path, tiny_run_config):
+def test_run_from_shards_killed_and_resumed_equals_the_run_from_memory(
+    tmp_path, tiny_run_config, monkeypatch
+):
+    """The same losses and student as packing in memory, through a kill after the second
+    checkpoint and ``--resume`` (the shard position is checkpointed like in-memory blocks')."""
     corpus = _corpus(tmp_path / "corpus")
     data = {"path": str(corpus), "text_field": "body", "block_size": 16}
     base = {
         **tiny_run_config,
-        "train": {**tiny_run_config["train"], "steps": 4},
+        "train": {**tiny_run_config["train"], "steps": 6},
+        "checkpoint": {"every": 2},
         "eval": {**tiny_run_config["eval"], "speed": False, "sample_prompts": 0},
     }
     memory = distill.distill({**base, "name": "memory", "data": data})
     prepare_shards(load_config(base={**base, "data": {**data, "shards": str(tmp_path / "s")}}))
-    sharded = distill.distill(
-        {**base, "name": "shards", "data": {"shards": str(tmp_path / "s"), "block_size": 16}}
-    )
+
+    saves = []
+    real_save = distill.train.loop.save_checkpoint
+
+    def killed_after_two(*args, **kwargs):
+        real_save(*args, **kwargs)
+        saves.append(args)
+        if len(saves) == 2:
+            raise _Killed
+
+    sharded = {**base, "name": "shards", "data": {"shards": str(tmp_path / "s"), "block_size": 16}}
+    with monkeypatch.context() as patch:
+        patch.setattr(distill.train.loop, "save_checkpoint", killed_after_two)
+        with pytest.raises(_Killed):
+            distill.distill(sharded)
+    run_dir = Path(base["output_dir"]) / "shards"
+    resumed = distill.distill(resume_config(run_dir), resume=True)
 
     def losses(run) -> list[float]:
         lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
         return [json.loads(line)["loss"] for line in lines if '"loss"' in line]
 
-    assert len(losses(memory)) == 4
-    assert losses(sharded) == losses(memory)  # the same blocks in the same order: equal losses
-    assert sharded.report["models"]["student_after"]["kl_to_teacher"] == pytest.approx(
-        memory.report["models"]["student_after"]["kl_to_teacher"]
-    )
+    assert len(losses(memory)) == 6
+    assert losses(resumed) == losses(memory)  # the same blocks in the same order: equal losses
+    for name, weight in memory.student.state_dict().items():
+        assert torch.equal(resumed.student.state_dict()[name], weight), name
