@@ -96,3 +96,22 @@ def reference_objective(
         total = total + alpha * ce + (1 - alpha) * scale * soft
         count += 1
     return total / count
+
+
+def reference_split_by_hash(
+    keys: list[str], heldout_fraction: float, sizes: list[int]
+) -> tuple[list[int], list[int]]:
+    """The held-out split, item by item: in order of the sha256 hex digest of each key (ties by
+    index), items are held out until their sizes reach the share, one kept for training."""
+    import hashlib
+
+    order = sorted(range(len(keys)), key=lambda i: hashlib.sha256(keys[i].encode()).hexdigest())
+    target = heldout_fraction * sum(sizes)
+    heldout: set[int] = set()
+    held_size = 0
+    for index in order:
+        if held_size >= target or len(heldout) == len(keys) - 1:
+            break
+        heldout.add(index)
+        held_size += sizes[index]
+    return [i for i in range(len(keys)) if i not in heldout], sorted(heldout)

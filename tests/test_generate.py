@@ -14,11 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_llama
+from transformers import LlamaForCausalLM
 
 from distill.config import load_config
+from distill.data import read_documents, split_documents
 from distill.data.examples import detect_format, encode_examples, read_rows
 from distill.errors import ConfigError, DataError
-from distill.pipelines.generate import default_prompts_path, generate_responses, read_prompts
+from distill.pipelines.generate import (
+    _batches,
+    default_prompts_path,
+    generate_responses,
+    read_prompts,
+)
 from distill.sampling import Sampling, sample_continuations
 
 
@@ -270,32 +277,9 @@ def _cli(*args: str, **kwargs) -> subprocess.Popen:
     )
 
 
-def test_cli_resumes_after_sigkill_without_duplicates_or_losses(
-    tmp_path,
-    tiny_chat_teacher_dir,
-    one_thread,
-):
-    n = 60
-    prompts = _write_txt_prompts(tmp_path / "p.txt", n)
-    output = tmp_path / "gen.jsonl"
-    args = [
-        "--prompts",
-        str(prompts),
-        "--out",
-        str(output),
-        "--set",
-        f"teacher.path={tiny_chat_teacher_dir}",
-        "--set",
-        "generate.batch_size=1",
-        "--set",
-        "generate.max_new_tokens=12",
-        "--set",
-        "generate.temperature=1.0",
-        "--set",
-        "train.threads=1",
-        "--set",
-        "train.device=cpu",
-    ]
+def _kill_then_resume(args: list[str], output: Path, n: int) -> list[dict]:
+    """Start ``distill generate ARGS``, SIGKILL it once 3 records are on disk, rerun it to the
+    end; the records, checked to hold each id exactly once, in order."""
     process = _cli(*args)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
@@ -314,9 +298,28 @@ def test_cli_resumes_after_sigkill_without_duplicates_or_losses(
     assert stdout.strip().splitlines()[-1] == str(output)
     records = [json.loads(line) for line in _lines(output)]
     assert [r["id"] for r in records] == list(range(n))  # each exactly once, in prompt order
+    return records
+
+
+def _set_args(*settings: str) -> list[str]:
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
+def test_cli_resumes_after_sigkill_without_duplicates_or_losses(
+    tmp_path,
+    tiny_chat_teacher_dir,
+    one_thread,
+):
+    n = 60
+    prompts = _write_txt_prompts(tmp_path / "p.txt", n)
+    output = tmp_path / "gen.jsonl"
+    settings = ["generate.batch_size=1", "generate.max_new_tokens=12", "generate.temperature=1.0"]
+    args = ["--prompts", str(prompts), "--out", str(output)] + _set_args(
+        f"teacher.path={tiny_chat_teacher_dir}", *settings, "train.threads=1", "train.device=cpu"
+    )
+    _kill_then_resume(args, output, n)
 
     reference = tmp_path / "reference.jsonl"
-    settings = ["generate.batch_size=1", "generate.max_new_tokens=12", "generate.temperature=1.0"]
     generate_responses(_config(tiny_chat_teacher_dir, prompts, reference, *settings))
     assert _lines(output) == _lines(reference)  # same seed: the same responses, kill or not
 
@@ -347,3 +350,184 @@ def test_cli_refuses_messages_for_a_tokenizer_without_chat_template(tmp_path, ti
     assert len(errors) == 1, result.stderr
     assert f"{prompts}:1" in errors[0] and "no chat template" in errors[0]
     assert not (tmp_path / "o.jsonl").exists()
+
+
+# --- generate.mode=continue ---------------------------------------------------------------
+
+
+def _tagged_corpus(path: Path, n: int) -> list[str]:
+    """``n`` paragraphs, each made of words tagged with its own index (``d7w0 d7w1 ...``), so a
+    piece of text shows which document it came from."""
+    documents = [" ".join(f"d{i}w{j}" for j in range(12 + i % 5)) for i in range(n)]
+    path.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    return documents
+
+
+def _continue_config(teacher: Path, corpus: Path, output: Path, *extra: str):
+    return load_config(
+        None,
+        [
+            "generate.mode=continue",
+            f"teacher.path={teacher}",
+            f"data.path={corpus}",
+            f"generate.output={output}",
+            "data.heldout_fraction=0.25",
+            "train.threads=1",
+            "train.device=cpu",
+            *extra,
+        ],
+    )
+
+
+def test_continuations_are_the_teachers_own_from_training_prefixes(
+    tmp_path, tiny_teacher_dir, tiny_tokenizer, one_thread
+):
+    corpus = tmp_path / "corpus.txt"
+    documents = _tagged_corpus(corpus, 30)
+    train, heldout = split_documents(documents, 0.25)  # the split a run makes
+    assert heldout
+    prompts = _write_txt_prompts(tmp_path / "p.txt", 2)
+    output = tmp_path / "cont.jsonl"
+    extra = ["generate.continuations=40", "generate.prefix_tokens=6", "generate.max_new_tokens=5"]
+    config = _continue_config(
+        tiny_teacher_dir,
+        corpus,
+        output,
+        *extra,
+        f"generate.prompts={prompts}",
+        "generate.temperature=0",
+        "generate.batch_size=1",
+    )
+    generate_responses(config)
+    records = [json.loads(line) for line in _lines(output)]
+    assert [r["id"] for r in records] == list(range(42))
+    assert [r["source"] for r in records] == ["corpus"] * 40 + ["prompts"] * 2
+    assert [r["prompt"] for r in records[40:]] == _lines(prompts)
+    teacher = LlamaForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    greedy = Sampling(max_new_tokens=5, temperature=0.0)
+    eos = tiny_tokenizer.eos_token_id
+    for record in records:
+        prefix = tiny_tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+        [own] = sample_continuations(teacher, [prefix], greedy, eos_token_id=eos, pad_token_id=0)
+        assert record["response"] == tiny_tokenizer.decode(own, skip_special_tokens=True)
+        assert record["text"] == record["prompt"] + record["response"]
+    drawn_from = set()
+    for record in records[:40]:
+        assert 1 <= len(tiny_tokenizer(record["prompt"])["input_ids"]) <= 6
+        sources = [i for i, doc in enumerate(train) if record["prompt"].strip() in doc]
+        assert sources, record["prompt"]  # a piece of a training document...
+        assert not any(record["prompt"].strip() in doc for doc in heldout)  # ...never held out
+        drawn_from.update(sources)
+    assert len(drawn_from) >= 10  # spread over the corpus
+    held_tags = [doc.split()[0].split("w")[0] + "w" for doc in heldout]  # "d7w"
+    assert not any(tag in record["prompt"] for tag in held_tags for record in records)
+
+    # trainable as prompt/response rows (targets: the continuation), or as text
+    assert detect_format(output, "auto") == "prompt_response"
+    examples = encode_examples(read_rows(output), "prompt_response", tiny_tokenizer, 64, "c")
+    assert examples.input_ids.shape[0] == 42
+    assert read_documents(output) == [r["text"] for r in records]
+
+
+def test_sampled_continuations_repeat_the_teachers_seeded_batches(
+    tmp_path, tiny_teacher_dir, tiny_tokenizer, one_thread
+):
+    corpus = tmp_path / "corpus.txt"
+    _tagged_corpus(corpus, 20)
+    output = tmp_path / "cont.jsonl"
+    extra = ["generate.continuations=7", "generate.prefix_tokens=5", "generate.max_new_tokens=6"]
+    config = _continue_config(
+        tiny_teacher_dir,
+        corpus,
+        output,
+        *extra,
+        "generate.batch_size=3",
+        "seed=4",
+        "generate.temperature=1.0",
+        "generate.top_p=1.0",
+    )
+    generate_responses(config)
+    records = [json.loads(line) for line in _lines(output)]
+    inputs = [tiny_tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in records]
+    teacher = LlamaForCausalLM.from_pretrained(tiny_teacher_dir).eval()
+    hot = Sampling(max_new_tokens=6, temperature=1.0, top_p=1.0)
+    for batch_index, batch in enumerate(_batches([len(ids) for ids in inputs], 3)):
+        torch.manual_seed(4 + batch_index)  # the seed of each batch: seed + batch index
+        own = sample_continuations(
+            teacher, [inputs[i] for i in batch], hot, eos_token_id=0, pad_token_id=0
+        )
+        for index, ids in zip(batch, own, strict=True):
+            assert records[index]["response"] == tiny_tokenizer.decode(
+                ids, skip_special_tokens=True
+            )
+    assert len({r["response"] for r in records}) > 1
+
+
+def test_continue_resume_refuses_other_prefixes_and_bad_sources(
+    tmp_path, tiny_teacher_dir, tiny_chat_teacher_dir, one_thread
+):
+    corpus = tmp_path / "corpus.txt"
+    _tagged_corpus(corpus, 12)
+    output = tmp_path / "cont.jsonl"
+    extra = ["generate.continuations=3", "generate.max_new_tokens=2"]
+    generate_responses(_continue_config(tiny_teacher_dir, corpus, output, *extra))
+    with pytest.raises(ConfigError, match=r"prefix_tokens=32 \(now 5\)"):
+        generate_responses(
+            _continue_config(tiny_teacher_dir, corpus, output, *extra, "generate.prefix_tokens=5")
+        )
+    _tagged_corpus(corpus, 13)  # another corpus: its fingerprint (and prefixes) differ
+    with pytest.raises(ConfigError, match="corpus_fingerprint"):
+        generate_responses(_continue_config(tiny_teacher_dir, corpus, output, *extra))
+    chat_prompts = tmp_path / "chat.jsonl"
+    chat_prompts.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    with pytest.raises(DataError, match="chat.jsonl:1: generate.mode=continue continues plain"):
+        generate_responses(
+            _continue_config(
+                tiny_chat_teacher_dir,
+                corpus,
+                tmp_path / "o.jsonl",
+                *extra,
+                f"generate.prompts={chat_prompts}",
+            )
+        )
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "response": "b"}\n')
+    with pytest.raises(ConfigError, match="prompt/response rows"):
+        generate_responses(_continue_config(tiny_teacher_dir, rows, tmp_path / "o.jsonl"))
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_continue_cli_resumes_after_sigkill_without_duplicates_or_losses(
+    tmp_path, tiny_teacher_dir, one_thread
+):
+    n = 50
+    corpus = tmp_path / "corpus.txt"
+    _tagged_corpus(corpus, 25)
+    output = tmp_path / "cont.jsonl"
+    settings = [
+        "generate.mode=continue",
+        f"data.path={corpus}",
+        f"generate.continuations={n}",
+        "generate.prefix_tokens=6",
+        "generate.batch_size=1",
+        "generate.max_new_tokens=12",
+        "generate.temperature=1.0",
+    ]
+    args = ["--out", str(output)] + _set_args(
+        f"teacher.path={tiny_teacher_dir}", *settings, "train.threads=1", "train.device=cpu"
+    )
+    _kill_then_resume(args, output, n)
+    reference = tmp_path / "reference.jsonl"
+    generate_responses(
+        load_config(
+            None,
+            [
+                f"teacher.path={tiny_teacher_dir}",
+                f"generate.output={reference}",
+                *settings,
+                "train.threads=1",
+                "train.device=cpu",
+            ],
+        )
+    )
+    assert _lines(output) == _lines(reference)  # same seed: the same continuations, kill or not

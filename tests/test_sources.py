@@ -1,13 +1,17 @@
-"""data.sources: several weighted text sources, each with its own held-out split."""
+"""data.sources: several weighted sources, each with its own format and held-out split."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 import distill
 from distill.config import load_config
-from distill.data.sources import WeightedBatches
+from distill.data import Examples
+from distill.data.examples import encode_examples, split_rows
+from distill.data.sources import WeightedBatches, WeightedExampleBatches
 from distill.errors import ConfigError
 from distill.pipelines.prepare import prepare_data, prepare_sources
 
@@ -88,6 +92,122 @@ def test_run_trains_from_weighted_sources(tmp_path, tiny_run_config):
         **tiny_run_config,
         "data": {"block_size": 16, "sources": [{"path": first, "weight": 2}, {"path": second}]},
         "eval": {**tiny_run_config["eval"], "speed": False, "sample_prompts": 0},
+    }
+    report = distill.distill(config).report
+    assert report["models"]["student_after"]["kl_to_teacher"] > 0
+    assert report["training"]["steps"] == 3
+
+
+# --- sources of several formats --------------------------------------------------------------
+
+
+def _rows(path, n: int, chat: bool):
+    rows = []
+    for i in range(n):
+        question, answer = f"What is river number {i}?", f"River {i} runs to the sea."
+        if chat:
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": question},
+                        {"role": "assistant", "content": answer},
+                    ]
+                }
+            )
+        else:
+            rows.append({"prompt": question, "response": answer})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path), rows
+
+
+def test_sources_of_several_formats_each_split_on_their_own(
+    tmp_path, tiny_chat_tokenizer, tiny_run_config
+):
+    text = _write(tmp_path / "a.txt", "apple", 40)
+    chat, chat_rows = _rows(tmp_path / "chat.jsonl", 30, chat=True)
+    pairs, pair_rows = _rows(tmp_path / "pairs.jsonl", 30, chat=False)
+    sources = [
+        {"path": text},
+        {"path": chat, "format": "chat", "weight": 2},
+        {"path": pairs, "format": "prompt_response"},
+    ]
+    config = load_config(base={**tiny_run_config, "data": {"block_size": 64, "sources": sources}})
+    parts, heldout = prepare_sources(config, tiny_chat_tokenizer)
+    assert all(isinstance(part, Examples) for part in parts) and isinstance(heldout, Examples)
+
+    # the text source: its own packed blocks, every next token a target
+    alone = load_config(base={**tiny_run_config, "data": {"block_size": 64, "path": text}})
+    text_train, text_held = prepare_data(alone, tiny_chat_tokenizer)
+    assert torch.equal(parts[0].input_ids, text_train)
+    assert torch.equal(parts[0].labels[:, :-1], text_train[:, 1:])
+    # each row source: its own held-out rows by content hash, encoded in its own format
+    for part, rows, data_format, source in [
+        (parts[1], chat_rows, "chat", chat),
+        (parts[2], pair_rows, "prompt_response", pairs),
+    ]:
+        train_rows, held_rows = split_rows(rows, 0.1)
+        assert held_rows
+        expected = encode_examples(train_rows, data_format, tiny_chat_tokenizer, 64, source)
+        assert torch.equal(part.input_ids, expected.input_ids)
+        assert torch.equal(part.labels, expected.labels)
+    # held-out rows from every source in turn: text block, chat row, pair row, text block, ...
+    assert torch.equal(heldout.input_ids[0], text_held[0])
+    chat_held = encode_examples(split_rows(chat_rows, 0.1)[1], "chat", tiny_chat_tokenizer, 64, "")
+    pair_held = encode_examples(
+        split_rows(pair_rows, 0.1)[1], "prompt_response", tiny_chat_tokenizer, 64, ""
+    )
+    assert torch.equal(heldout.input_ids[1], chat_held.input_ids[0])
+    assert torch.equal(heldout.labels[2], pair_held.labels[0])
+    assert len(heldout) == min(
+        config.eval.max_blocks, len(text_held) + len(chat_held) + len(pair_held)
+    )
+
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].format=chat needs a .jsonl file"):
+        load_config(base={"data": {"sources": [{"path": text}, {"path": text, "format": "chat"}]}})
+    with pytest.raises(ConfigError, match="give each source its own format"):
+        load_config(base={"data": {"format": "chat", "sources": [{"path": chat}]}})
+
+
+def _examples(n: int, length: int, first: int) -> Examples:
+    ids = torch.arange(first, first + n)[:, None].repeat(1, 8)
+    lengths = torch.full((n,), length)
+    labels = torch.where(torch.arange(8) < length - 1, ids, -100)
+    return Examples(ids, labels, lengths, torch.ones(n, dtype=torch.long))
+
+
+def test_example_sources_are_drawn_by_weight_and_restore_exactly():
+    parts = [_examples(5, 3, 0), _examples(20, 8, 5), _examples(3, 5, 25)]
+    weights = [6.0, 3.0, 1.0]
+    batches = WeightedExampleBatches(parts, weights, batch_size=4, seed=3)
+    drawn = [batches.next_batch() for _ in range(2000)]
+    rows = torch.cat([batch.input_ids[:, 0] for batch in drawn])
+    shares = torch.bincount(batches.source_of(rows), minlength=3).double() / rows.numel()
+    expected = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    assert torch.all((shares - expected).abs() < TOLERANCE), shares
+    for batch in drawn[:50]:  # cut to the longest row drawn
+        sources = batches.source_of(batch.input_ids[:, 0].contiguous())
+        longest = max({0: 3, 1: 8, 2: 5}[int(s)] for s in sources)
+        assert batch.input_ids.shape[1] == longest
+    state = batches.state_dict()
+    expected_next = [batches.next_batch() for _ in range(5)]
+    resumed = WeightedExampleBatches(parts, weights, batch_size=4, seed=3)
+    resumed.load_state_dict(state)
+    for batch in expected_next:
+        again = resumed.next_batch()
+        assert torch.equal(again.input_ids, batch.input_ids)
+        assert torch.equal(again.labels, batch.labels)
+
+
+def test_run_trains_from_text_and_prompt_response_sources(tmp_path, tiny_run_config):
+    text = _write(tmp_path / "a.txt", "apple", 40)
+    pairs, _ = _rows(tmp_path / "pairs.jsonl", 40, chat=False)
+    config = {
+        **tiny_run_config,
+        "data": {
+            "block_size": 32,
+            "sources": [{"path": text}, {"path": pairs, "format": "prompt_response"}],
+        },
+        "eval": {**tiny_run_config["eval"], "speed": False, "sample_prompts": 1},
     }
     report = distill.distill(config).report
     assert report["models"]["student_after"]["kl_to_teacher"] > 0

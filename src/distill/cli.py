@@ -70,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--inspect", metavar="DIR", help="print a cache's manifest and verify every shard's sha256"
     )
 
+    _add_data(commands)
+
     generate = commands.add_parser(
-        "generate", help="the teacher answers a prompt set: sequence-level KD data (.jsonl)"
+        "generate", help="the teacher answers prompts or continues corpus text (.jsonl)"
     )
     _add_config_args(generate)
     generate.add_argument(
@@ -140,6 +142,38 @@ def _cache(args: argparse.Namespace) -> None:
         named = [t for t in config.teachers or [] if t.name == args.teacher]
         written = named[0].cache if named else config.teacher.cache
         print(f"wrote {written}; check it with `distill cache --inspect`")
+
+
+def _add_data(commands) -> None:
+    data = commands.add_parser("data", help="token shards: prepare a corpus once, inspect it")
+    actions = data.add_subparsers(dest="data_command", required=True)
+    prepare = actions.add_parser(
+        "prepare", help="tokenize data.path once into token shards (data.shards), resumable"
+    )
+    _add_config_args(prepare)
+    prepare.add_argument("--out", metavar="DIR", help="where to write (= --set data.shards=DIR)")
+    inspect = actions.add_parser(
+        "inspect", help="print a shard directory's manifest and verify every shard's sha256"
+    )
+    inspect.add_argument("directory", metavar="DIR")
+
+
+def _data(args: argparse.Namespace) -> None:
+    from distill.pipelines.data_prepare import inspect_shards, prepare_shards
+
+    if args.data_command == "inspect":
+        inspect_shards(args.directory)
+        return
+    from distill.config import load_config
+
+    overrides = list(args.overrides) + ([f"data.shards={args.out}"] if args.out else [])
+    config = load_config(args.config, overrides)
+    manifest = prepare_shards(config)
+    tokens = {name: part["tokens"] for name, part in manifest["splits"].items()}
+    print(
+        f"wrote {config.data.shards}: {tokens['train']:,} training and {tokens['heldout']:,} "
+        f"held-out tokens; train on them with --set data.shards={config.data.shards}"
+    )
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -325,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     handlers |= {"eval": _eval, "compress": _compress, "export": _export}
     handlers["student"] = _student
     handlers["generate"] = _generate
+    handlers["data"] = _data
     handlers["serve-teacher"] = _serve_teacher
     try:
         handlers[args.command](args)

@@ -266,10 +266,10 @@ class SourceConfig(_Section):
     weight: float = Field(
         1.0, gt=0.0, description="Share of training rows drawn from this source (normalised)."
     )
-    format: Literal["text"] = Field(
+    format: Literal["text", "chat", "prompt_response"] = Field(
         "text",
-        description="text = documents packed into blocks (chat / prompt_response sources are "
-        "not supported yet).",
+        description="text = documents packed into blocks; chat / prompt_response = .jsonl rows "
+        "as data.format reads them (targets: the assistant's / the response's tokens).",
     )
     text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet rows.")
 
@@ -296,9 +296,19 @@ class DataConfig(_Section):
     sources: list[SourceConfig] | None = Field(
         None,
         min_length=1,
-        description="Several text sources instead of data.path: [{path, weight, format}]; each "
-        "is split into train / held-out on its own (data.heldout_fraction), training rows are "
-        "drawn from them by weight, the held-out blocks come from every source in turn.",
+        description="Several sources instead of data.path: [{path, weight, format, text_field}];"
+        " each is split into train / held-out on its own (data.heldout_fraction), training rows "
+        "are drawn from them by weight, the held-out rows come from every source in turn.",
+    )
+    shards: str | None = Field(
+        None,
+        description="A directory of token shards written by `distill data prepare` (the "
+        "train / held-out token streams and manifest.json): training reads its blocks "
+        "memory-mapped instead of tokenizing data.path (which, if set, must be the corpus they "
+        "hold); `distill data prepare` writes here.",
+    )
+    shard_tokens: int = Field(
+        1 << 25, ge=1, description="`distill data prepare`: tokens per shard file."
     )
 
 
@@ -753,7 +763,20 @@ class OnPolicyConfig(SamplingConfig):
 
 
 class GenerateConfig(SamplingConfig):
-    """``distill generate``: the teacher writes responses (sequence-level KD data)."""
+    """``distill generate``: the teacher writes answers or continuations (sequence-level KD)."""
+
+    mode: Literal["answers", "continue"] = Field(
+        "answers",
+        description="answers = the teacher answers generate.prompts; continue = the teacher "
+        "continues prefixes drawn from the training split of data.path (and the plain-text "
+        "prompts of generate.prompts, if set), written as prompt/response rows.",
+    )
+    continuations: int = Field(
+        1000, ge=0, description="mode=continue: how many corpus prefixes to continue."
+    )
+    prefix_tokens: int = Field(
+        32, ge=1, description="mode=continue: tokens per corpus prefix (fewer if a document is)."
+    )
 
     prompts: str | None = Field(
         None,
@@ -1024,16 +1047,42 @@ def _qad_needs_teacher(config: RunConfig) -> str | None:
     return None
 
 
-def _sources_are_text_blocks(config: RunConfig) -> str | None:
+def _sources_fit_together(config: RunConfig) -> str | None:
     if not config.data.sources:
         return None
     if config.data.path is not None:
         return "data.sources and data.path: set one of them (data.sources lists every file)"
     if config.data.format not in ("auto", "text"):
-        return f"data.sources are text sources; data.format={config.data.format} does not apply"
+        return (
+            f"data.format={config.data.format} reads data.path; with data.sources, give each "
+            "source its own format"
+        )
+    for index, source in enumerate(config.data.sources):
+        if source.format != "text" and Path(source.path).suffix != ".jsonl":
+            return (
+                f"data.sources[{index}].format={source.format} needs a .jsonl file, got "
+                f"{source.path}"
+            )
     cached = _cached_teacher(config)
     if cached:
         return f"data.sources: a {cached}.cache holds one corpus's blocks; unset {cached}.cache"
+    return None
+
+
+def _shards_hold_one_text_corpus(config: RunConfig) -> str | None:
+    if not config.data.shards:
+        return None
+    if config.task != "causal_lm":
+        return f"data.shards: task causal_lm only (task {config.task} reads data.path)"
+    if config.data.sources:
+        return "data.shards and data.sources: shards hold one prepared corpus; set one of them"
+    if config.data.format not in ("auto", "text"):
+        return f"data.shards hold packed text; data.format={config.data.format} does not apply"
+    if config.teachers is not None:
+        return "data.shards with teachers: shard rows carry no teacher route; use data.path"
+    cached = _cached_teacher(config)
+    if cached:
+        return f"data.shards: a {cached}.cache holds in-memory blocks; unset {cached}.cache"
     return None
 
 
@@ -1044,8 +1093,9 @@ def _encoders_have_one_teacher(config: RunConfig) -> str | None:
 
 
 _CAUSAL_LM_RULES = (
+    _shards_hold_one_text_corpus,
     _teachers_fit_together,
-    _sources_are_text_blocks,
+    _sources_fit_together,
     _group_size_divides_width,
     _qad_needs_teacher,
     _onpolicy_needs_a_scoring_teacher,
@@ -1056,6 +1106,7 @@ _CAUSAL_LM_RULES = (
     _layer_map_fits_student,
 )
 _ENCODER_RULES = (
+    _shards_hold_one_text_corpus,
     _encoders_have_one_teacher,
     _classification_needs_files,
     _embedding_has_no_baseline,

@@ -91,9 +91,44 @@ class Examples:
 
     def head(self, n: int) -> Examples:
         """The first ``n`` examples."""
-        teachers = None if self.teachers is None else self.teachers[:n]
+        return self.select(torch.arange(min(n, len(self))))
+
+    def select(self, rows: torch.Tensor) -> Examples:
+        """The examples at ``rows`` (indices), in that order."""
+        teachers = None if self.teachers is None else self.teachers[rows]
         return Examples(
-            self.input_ids[:n], self.labels[:n], self.lengths[:n], self.prompt_lengths[:n], teachers
+            self.input_ids[rows],
+            self.labels[rows],
+            self.lengths[rows],
+            self.prompt_lengths[rows],
+            teachers,
+        )
+
+    @classmethod
+    def from_blocks(
+        cls, blocks: torch.Tensor, prompt_length: int, teachers: torch.Tensor | None = None
+    ) -> Examples:
+        """Packed text blocks ``[n, T]`` as examples (every next token a target, as
+        :meth:`Batch.from_blocks`; the first ``prompt_length`` tokens the prompt), so they can
+        be batched with chat / prompt-response rows (``data.sources`` of several formats)."""
+        n, width = blocks.shape
+        labels = torch.full_like(blocks, IGNORE_INDEX)
+        labels[:, :-1] = blocks[:, 1:]
+        lengths = torch.full((n,), width)
+        return cls(
+            blocks, labels, lengths, torch.full((n,), min(prompt_length, width - 1)), teachers
+        )
+
+    @classmethod
+    def cat(cls, parts: list[Examples]) -> Examples:
+        """The examples of every part, in order (teacher routes kept if every part has them)."""
+        routed = all(part.teachers is not None for part in parts)
+        return cls(
+            torch.cat([part.input_ids for part in parts]),
+            torch.cat([part.labels for part in parts]),
+            torch.cat([part.lengths for part in parts]),
+            torch.cat([part.prompt_lengths for part in parts]),
+            torch.cat([part.teachers for part in parts]) if routed else None,
         )
 
 

@@ -1,5 +1,5 @@
-"""Several text sources in one run (``data.sources``): each with its own held-out split, and
-training batches that draw each row's source by weight.
+"""Several sources in one run (``data.sources``): each with its own format and held-out split,
+and training batches that draw each row's source by weight.
 
 The draw is a pure function of the seed and the batch count, and each source keeps its own
 epoch order and cursor, so a position restores exactly from ``state_dict`` (checkpoint resume).
@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 
 from distill.data.blocks import BlockBatches, batch_order
+from distill.data.examples import Batch, Examples
 from distill.errors import DataError
 
-__all__ = ["WeightedBatches"]
+__all__ = ["WeightedBatches", "WeightedExampleBatches"]
 
 
 class WeightedBatches(BlockBatches):
@@ -73,3 +74,25 @@ class WeightedBatches(BlockBatches):
         self.draws = state["draws"]
         self.positions = [list(p) for p in state["positions"]]
         self._orders = [self._source_order(i, p[0]) for i, p in enumerate(self.positions)]
+
+
+class WeightedExampleBatches(WeightedBatches):
+    """:class:`WeightedBatches` over sources encoded as :class:`Examples` (chat, prompt-response
+    and packed text rows together): yields :class:`Batch` es cut to the longest row drawn, as
+    :class:`~distill.data.examples.ExampleBatches` does; routes are the examples' own."""
+
+    def __init__(self, parts: list[Examples], weights: list[float], batch_size: int, seed: int):
+        self.examples = Examples.cat(parts)
+        super().__init__(
+            [part.input_ids for part in parts], weights, batch_size, seed, self.examples.teachers
+        )
+
+    def next_batch(self) -> Batch:  # type: ignore[override]
+        drawn = self.examples.select(self._next_indices())
+        width = int(drawn.lengths.max())
+        return Batch(
+            drawn.input_ids[:, :width],
+            drawn.labels[:, :width],
+            drawn.prompt_lengths,
+            drawn.teachers,
+        )

@@ -93,10 +93,14 @@ class FidelityProbe:
         return results
 
 
+def block_prompt_tokens(block_size: int) -> int:
+    """How many first tokens of a packed block prompt a sample: a quarter, at most 16."""
+    return max(1, min(16, block_size // 4))
+
+
 def block_prompts(blocks: torch.Tensor, count: int) -> list[list[int]]:
-    """The first tokens (a quarter of a block, at most 16) of ``count`` evenly spread blocks."""
-    prefix = max(1, min(16, blocks.shape[1] // 4))
-    return spread(blocks, count)[:, :prefix].tolist()
+    """The first tokens (:func:`block_prompt_tokens`) of ``count`` evenly spread blocks."""
+    return spread(blocks, count)[:, : block_prompt_tokens(blocks.shape[1])].tolist()
 
 
 def sample_fidelity(

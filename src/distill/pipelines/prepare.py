@@ -20,7 +20,9 @@ from distill.data import (
 from distill.data.corpus import read_routed_documents, split_by_hash
 from distill.data.examples import detect_format, encode_examples, read_rows, split_rows
 from distill.data.routing import pack_routed
+from distill.data.shards import open_run_shards
 from distill.errors import ModelError
+from distill.evaluate.fidelity import block_prompt_tokens
 from distill.models import (
     load_causal_lm,
     load_teacher,
@@ -140,13 +142,14 @@ def prepare_models(config: RunConfig) -> Models:
 @dataclass
 class TrainingData:
     """A run's data: ``train`` and ``heldout`` packed text blocks ``[n, block_size]`` (with
-    ``data.sources``: every source's training blocks concatenated, ``parts`` each one's) or
-    encoded chat / prompt-response :class:`Examples`. With ``teachers:``, ``routes`` ``[n]`` is
+    ``data.sources``: every source's training rows concatenated, ``parts`` each one's) or
+    encoded chat / prompt-response :class:`Examples` (also every source's, when one of
+    ``data.sources`` is chat or prompt-response). With ``teachers:``, ``routes`` ``[n]`` is
     each training row's teacher (Examples also carry theirs); the held-out rows are not routed."""
 
     train: torch.Tensor | Examples
     heldout: torch.Tensor | Examples
-    parts: list[torch.Tensor] | None = None
+    parts: list[torch.Tensor] | list[Examples] | None = None
     routes: torch.Tensor | None = None
 
 
@@ -184,34 +187,86 @@ def _read_split_pack(
 
 
 def prepare_training_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TrainingData:
-    """The run's :class:`TrainingData` (``data.format``, ``data.sources``, ``teachers:``)."""
+    """The run's :class:`TrainingData` (``data.format``, ``data.sources``, ``teachers:``,
+    ``data.shards``: memory-mapped :class:`~distill.data.shards.TokenBlocks` for training)."""
+    if config.data.shards:  # tokenized once by `distill data prepare`, checked, read on demand
+        return TrainingData(*open_run_shards(config, tokenizer))
     routing = Routing.from_config(config)
-    if config.data.sources:  # each source split on its own; held-out blocks taken in turn
-        parts, held, part_routes = [], [], []
-        for source in config.data.sources:
-            train, heldout, routes = _read_split_pack(
-                source.path, source.text_field, config, tokenizer, routing
-            )
-            parts.append(train)
-            held.append(heldout)
-            part_routes.append(routes)
-        rows = [part[i] for i in range(max(len(h) for h in held)) for part in held if i < len(part)]
-        routes = None if routing is None else torch.cat(part_routes)
-        heldout = torch.stack(rows[: config.eval.max_blocks])
-        return TrainingData(torch.cat(parts), heldout, parts, routes)
+    if config.data.sources:  # each source split on its own; held-out rows taken in turn
+        return _prepare_sources(config, tokenizer, routing)
     data_format = detect_format(config.data.path, config.data.format)
     if data_format != "text":
         assert config.data.path is not None  # detect_format finds rows only in a file
-        rows = read_rows(config.data.path)
-        train_rows, heldout_rows = split_rows(rows, config.data.heldout_fraction)
-        block_size, source = config.data.block_size, str(config.data.path)
-        train = encode_examples(train_rows, data_format, tokenizer, block_size, source, routing)
-        heldout = encode_examples(heldout_rows, data_format, tokenizer, block_size, source)
+        train, heldout = _read_split_examples(
+            config.data.path, data_format, config, tokenizer, routing
+        )
         return TrainingData(train, heldout.head(config.eval.max_blocks), routes=train.teachers)
     train, heldout, routes = _read_split_pack(
         config.data.path, config.data.text_field, config, tokenizer, routing
     )
     return TrainingData(train, heldout[: config.eval.max_blocks], routes=routes)
+
+
+def _read_split_examples(
+    path: str, data_format: str, config: RunConfig, tokenizer, routing: Routing | None
+) -> tuple[Examples, Examples]:
+    """(train, held-out) examples of one chat / prompt-response .jsonl file; whole rows held
+    out by content hash (:func:`split_rows`)."""
+    rows = read_rows(path)
+    train_rows, heldout_rows = split_rows(rows, config.data.heldout_fraction)
+    block_size = config.data.block_size
+    train = encode_examples(train_rows, data_format, tokenizer, block_size, str(path), routing)
+    heldout = encode_examples(heldout_rows, data_format, tokenizer, block_size, str(path))
+    return train, heldout
+
+
+def _prepare_sources(
+    config: RunConfig, tokenizer: PreTrainedTokenizerBase, routing: Routing | None
+) -> TrainingData:
+    """``data.sources``: each source read in its own format and split on its own; the held-out
+    rows take every source's in turn, up to ``eval.max_blocks``. All text: packed blocks; with
+    a chat / prompt-response source, every source as :class:`Examples` (text blocks as rows
+    whose every next token is a target), so one batch can hold rows of every format."""
+    splits = []
+    for source in config.data.sources or []:
+        if source.format == "text":
+            splits.append(
+                _read_split_pack(source.path, source.text_field, config, tokenizer, routing)
+            )
+        else:
+            train, heldout = _read_split_examples(
+                source.path, source.format, config, tokenizer, routing
+            )
+            splits.append((train, heldout, train.teachers))
+    examples = any(isinstance(train, Examples) for train, _, _ in splits)
+    if examples:  # prompts as the loop (on-policy) and the evaluation's samples take them
+        train_prompt = config.onpolicy.prompt_tokens if config.onpolicy.lambda_ > 0 else 1
+        heldout_prompt = block_prompt_tokens(config.data.block_size)
+        splits = [
+            (train, heldout, routes)
+            if isinstance(train, Examples)
+            else (
+                Examples.from_blocks(train, train_prompt, routes),
+                Examples.from_blocks(heldout, heldout_prompt),
+                routes,
+            )
+            for train, heldout, routes in splits
+        ]
+    parts = [train for train, _, _ in splits]
+    held = [heldout for _, heldout, _ in splits]
+    offsets = [sum(len(h) for h in held[:p]) for p in range(len(held))]
+    in_turn = [
+        offsets[p] + i
+        for i in range(max(len(h) for h in held))
+        for p in range(len(held))
+        if i < len(held[p])
+    ]
+    rows = torch.tensor(in_turn[: config.eval.max_blocks])
+    if examples:
+        train = Examples.cat(parts)
+        return TrainingData(train, Examples.cat(held).select(rows), parts, train.teachers)
+    routes = None if routing is None else torch.cat([r for _, _, r in splits])
+    return TrainingData(torch.cat(parts), torch.cat(held)[rows], parts, routes)
 
 
 def prepare_sources(

@@ -30,7 +30,7 @@ from distill.data import (
     check_data_source,
 )
 from distill.data.extra import extra_blocks, extra_sources, spread
-from distill.data.sources import WeightedBatches
+from distill.data.sources import WeightedBatches, WeightedExampleBatches
 from distill.errors import ConfigError
 from distill.evaluate import heldout_metrics
 from distill.evaluate.fidelity import FidelityProbe, block_prompts, sample_fidelity
@@ -373,11 +373,13 @@ def distill(
 
     def global_batches() -> BlockBatches:
         size = config.train.batch_size * context.world_size
-        if examples:  # routed by the examples' own teachers
-            return ExampleBatches(train_blocks, size, config.seed)
         if source_parts is not None:
             weights = [source.weight for source in config.data.sources]
+            if examples:  # a chat / prompt-response source: every source's rows as examples
+                return WeightedExampleBatches(source_parts, weights, size, config.seed)
             return WeightedBatches(source_parts, weights, size, config.seed, data.routes)
+        if examples:  # routed by the examples' own teachers
+            return ExampleBatches(train_blocks, size, config.seed)
         return BlockBatches(train_blocks, size, config.seed, data.routes)
 
     probe = None
