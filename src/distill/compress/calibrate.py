@@ -22,8 +22,11 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from distill.compress.quantize import DynamicInt8Linear, SmoothedLinear, split_outliers
+from distill.compress.store import QuantizeSpec
+from distill.config import CompressConfig
+from distill.student.search import calibration_blocks
 
-__all__ = ["Int8Plan", "plan_int8", "smooth_factors"]
+__all__ = ["Int8Plan", "plan_int8", "quantize_spec", "smooth_factors"]
 
 
 def smooth_factors(
@@ -137,3 +140,24 @@ def plan_int8(
         plan.smooth.pop(name, None)
         plan.outliers.pop(name, None)
     return plan
+
+
+def quantize_spec(
+    model: PreTrainedModel, train_blocks: torch.Tensor, recipe: CompressConfig, seed: int
+) -> tuple[QuantizeSpec, Int8Plan | None]:
+    """What ``distill compress`` stores for ``recipe.quantize`` (not ``none``): for int8, the
+    plan of outlier channels, smoothing and float layers on ``recipe.calibration_blocks``
+    training blocks drawn by ``seed``."""
+    spec = QuantizeSpec(recipe.quantize, recipe.group_size, recipe.quantize_head)
+    if recipe.quantize != "int8":
+        return spec, None
+    blocks = calibration_blocks(train_blocks, recipe.calibration_blocks, seed)
+    plan = plan_int8(
+        model,
+        blocks,
+        alpha=recipe.smooth_alpha,
+        float_layers=recipe.float_layers,
+        outlier_channels=recipe.outlier_channels,
+    )
+    spec.smooth, spec.outliers, spec.keep_float = plan.smooth, plan.outliers, plan.keep_float
+    return spec, plan

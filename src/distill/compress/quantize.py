@@ -15,7 +15,7 @@ Runtime modules (``install_quantized_linears``):
 - ``int8``: :class:`DynamicInt8Linear`, PyTorch's dynamic int8 kernel (``torch.ao``,
   fbgemm: int8 weights, activations quantized on the fly) made per token and outlier-aware.
   With several tokens, each input row is divided by its own max before the kernel (two constant
-  channels, +1 and -1, pin the kernel's range to [-1, 1]) and its output multiplied back, so one
+  rows, +1 and -1, pin the kernel's range to [-1, 1]) and its output multiplied back, so one
   token with massive activations (SmolLM2's first positions reach 1000x the median) no longer
   sets the step for the others, and a row's output does not depend on the other rows; a single
   token (decoding) goes to the kernel as it is, whose range is then its own. The few input channels with the largest calibration activations (``outlier_index``)
@@ -349,11 +349,9 @@ class DynamicInt8Linear(nn.Module):
         self.register_buffer("outlier_weight", columns.float().contiguous())  # (out, k)
         q = q.clone()
         q[:, self.outlier_index] = 0  # those channels go through the float columns
-        # two extra input channels, +1 and -1 on every row, with zero weights: the kernel's
-        # per-tensor range is then [-1, 1] for any batch, so each row's step is its own
-        q = torch.cat([q, torch.zeros(self.out_features, 2, dtype=q.dtype)], dim=1)
         self.kernel = _dynamic_linear(q, scale)
-        self.register_buffer("bounds", torch.tensor([[1.0, -1.0]]), persistent=False)
+        # two extra rows (tokens) of +1 and -1 pin the kernel's per-tensor range to [-1, 1]
+        self.register_buffer("bounds", torch.tensor([[1.0], [-1.0]]), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -364,11 +362,12 @@ class DynamicInt8Linear(nn.Module):
             outliers = flat.index_select(1, self.outlier_index)  # (tokens, k)
             flat = flat.index_fill(1, self.outlier_index, 0.0)
         if len(flat) == 1:  # one token (decoding): the kernel's own range is already per token
-            out = self.kernel(torch.cat([flat, self.bounds.new_zeros(1, 2)], dim=1))
+            out = self.kernel(flat)
         else:
+            tokens = len(flat)
             row_max = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12)  # (tokens, 1)
-            scaled = torch.cat([flat / row_max, self.bounds.expand(len(flat), 2)], dim=1)
-            out = self.kernel(scaled) * row_max  # (tokens, out)
+            scaled = torch.cat([flat / row_max, self.bounds.expand(2, self.in_features)])
+            out = self.kernel(scaled)[:tokens] * row_max  # (tokens, out)
         if outliers is not None:
             out = torch.addmm(out, outliers, self.outlier_weight.T)
         if self.bias is not None:

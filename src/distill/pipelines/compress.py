@@ -23,11 +23,11 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel
 
-from distill.compress.calibrate import plan_int8
+from distill.compress.calibrate import quantize_spec
 from distill.compress.heal import heal
 from distill.compress.prune import apply_pruning, make_permanent, sparsity
 from distill.compress.qad import quantization_aware_distill
-from distill.compress.store import QuantizeSpec, load_model, model_bytes, save_model
+from distill.compress.store import load_model, model_bytes, save_model
 from distill.config import CompressConfig, RunConfig, load_config
 from distill.errors import ConfigError, DistillError
 from distill.evaluate.generation import GenerationSettings, measure_generation_in_subprocess
@@ -43,7 +43,6 @@ from distill.models import (
     teacher_source,
 )
 from distill.pipelines.prepare import prepare_data
-from distill.student import calibration_blocks
 from distill.teacher import LiveTeacher
 from distill.train import CheckpointPlan
 
@@ -162,21 +161,8 @@ def compress_run(
         }
     spec = None
     if recipe.quantize != "none":
-        spec = QuantizeSpec(recipe.quantize, recipe.group_size, recipe.quantize_head)
-        if recipe.quantize == "int8":
-            blocks = calibration_blocks(train_blocks, recipe.calibration_blocks, config.seed)
-            plan = plan_int8(
-                student,
-                blocks,
-                alpha=recipe.smooth_alpha,
-                float_layers=recipe.float_layers,
-                outlier_channels=recipe.outlier_channels,
-            )
-            spec.smooth, spec.outliers, spec.keep_float = (
-                plan.smooth,
-                plan.outliers,
-                plan.keep_float,
-            )
+        spec, plan = quantize_spec(student, train_blocks, recipe, config.seed)
+        if plan is not None:
             for line in plan.describe():
                 log.info("int8 plan: %s", line)
             info["int8_errors"] = plan.errors
