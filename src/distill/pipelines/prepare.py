@@ -17,6 +17,7 @@ from distill.data import (
 )
 from distill.data.examples import detect_format, encode_examples, read_rows, split_rows
 from distill.models import (
+    check_byte_level,
     load_causal_lm,
     load_teacher,
     load_teacher_tokenizer,
@@ -25,27 +26,80 @@ from distill.models import (
     teacher_source,
 )
 from distill.student import calibration_blocks, make_student, needs_calibration
+from distill.student.vocab import load_vocabulary, resize_vocabulary, train_vocabulary
 from distill.teacher.cache import read_manifest
 from distill.teacher.remote import RemoteTeacher
 
-__all__ = ["Models", "prepare_models", "prepare_data", "prepare_sources"]
+__all__ = ["Models", "prepare_models", "prepare_data", "prepare_sources", "training_texts"]
 
 
 @dataclass
 class Models:
     teacher: PreTrainedModel | None  # None while training from a teacher cache or server
     student: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    vocab_rows: int
+    tokenizer: PreTrainedTokenizerBase  # the teacher's
+    vocab_rows: int  # rows both share; the teacher's rows when the vocabularies differ
     teacher_source: str
     layers: list[int] | None = None  # teacher layer each student layer was built from
     remote: RemoteTeacher | None = None  # teacher.url: the served teacher, checked
+    student_tokenizer: PreTrainedTokenizerBase | None = None  # None: the teacher's
+
+    @property
+    def new_vocabulary(self) -> bool:
+        """Whether the student has a vocabulary of its own (built by student.tokenizer)."""
+        return self.student_tokenizer is not None and self.student_tokenizer is not self.tokenizer
+
+
+def training_texts(config: RunConfig) -> list[str]:
+    """The training split's text (never the held-out part): documents, or each chat /
+    prompt-response row's messages joined by newlines; what a new student vocabulary is
+    trained on."""
+    if config.data.sources:
+        return [
+            document
+            for source in config.data.sources
+            for document in split_documents(
+                read_documents(source.path, source.text_field), config.data.heldout_fraction
+            )[0]
+        ]
+    data_format = detect_format(config.data.path, config.data.format)
+    if data_format != "text":
+        assert config.data.path is not None  # detect_format finds rows only in a file
+        rows = split_rows(read_rows(config.data.path), config.data.heldout_fraction)[0]
+        if data_format == "chat":
+            return [
+                "\n".join(str(m.get("content", "")) for m in row.get("messages") or [])
+                for row in rows
+            ]
+        return [f"{row.get('prompt', '')}\n{row.get('response', '')}" for row in rows]
+    if config.data.path is None:
+        documents = default_documents()
+    else:
+        documents = read_documents(config.data.path, config.data.text_field)
+    return split_documents(documents, config.data.heldout_fraction)[0]
+
+
+def _student_vocabulary(
+    config: RunConfig, tokenizer: PreTrainedTokenizerBase, source: str
+) -> PreTrainedTokenizerBase:
+    """``student.tokenizer``'s tokenizer, checked against the teacher's before any model loads
+    (an unsupported pair: one line naming both)."""
+    wanted = config.student.tokenizer
+    if wanted.path is not None:
+        return load_vocabulary(wanted.path, tokenizer, source, config.teacher.trust_remote_code)
+    check_byte_level(tokenizer, f"teacher {source}")
+    assert wanted.train_vocab is not None
+    return train_vocabulary(training_texts(config), wanted.train_vocab, tokenizer)
 
 
 def prepare_models(config: RunConfig) -> Models:
-    """Load the teacher, then load or build the student, and check they share a tokenizer."""
+    """Load the teacher, then load or build the student, and check they share a tokenizer
+    (or, with ``student.tokenizer``, give the built student a vocabulary of its own)."""
     source = teacher_source(config.teacher)
     tokenizer = load_teacher_tokenizer(config.teacher)
+    new_tokenizer = None
+    if config.student.tokenizer.new_vocabulary:  # before any weights load: it may be refused
+        new_tokenizer = _student_vocabulary(config, tokenizer, source)
     remote, served_rows = None, None
     if config.teacher.url:  # asked first: an unreachable or other server stops the job here
         remote = RemoteTeacher.from_config(config.teacher, vocab_rows=len(tokenizer))
@@ -73,6 +127,9 @@ def prepare_models(config: RunConfig) -> Models:
         built = make_student(teacher, config.student, calibration)
         student, layers = built.model, built.layers
         student_tokenizer, student_name = tokenizer, "student"
+        if new_tokenizer is not None:
+            resize_vocabulary(student, tokenizer, new_tokenizer)
+            student_tokenizer = new_tokenizer
     student_rows = student.get_output_embeddings().weight.shape[0]
     if teacher is not None:
         teacher_rows = teacher.get_output_embeddings().weight.shape[0]
@@ -82,20 +139,25 @@ def prepare_models(config: RunConfig) -> Models:
         teacher_rows = served_rows or student_rows
     if remote is not None and teacher is not None:  # the server must serve this very teacher
         remote.check_server(teacher_rows=teacher_rows, tokens=len(tokenizer))
-    vocab_rows = shared_vocab_rows(
-        tokenizer,
-        student_tokenizer,
-        teacher_rows,
-        student_rows,
-        teacher_name=source,
-        student_name=student_name,
-    )
+    if new_tokenizer is not None:  # two vocabularies: each model keeps its own rows
+        vocab_rows = min(teacher_rows, len(tokenizer))
+    else:
+        vocab_rows = shared_vocab_rows(
+            tokenizer,
+            student_tokenizer,
+            teacher_rows,
+            student_rows,
+            teacher_name=source,
+            student_name=student_name,
+        )
     if remote is not None:
         remote.vocab_rows = vocab_rows
     if elsewhere:  # freed before training; loaded again only for evaluation
         teacher = None
     origin = layers if config.student.path is None else None
-    return Models(teacher, student, tokenizer, vocab_rows, source, origin, remote)
+    return Models(
+        teacher, student, tokenizer, vocab_rows, source, origin, remote, student_tokenizer
+    )
 
 
 def prepare_sources(

@@ -21,7 +21,7 @@ import yaml
 from transformers import PreTrainedModel
 
 from distill.compress.store import model_bytes
-from distill.config import RunConfig, load_config
+from distill.config import RunConfig, check_trainable, load_config
 from distill.data import (
     BlockBatches,
     ExampleBatches,
@@ -212,6 +212,7 @@ def distill(
     else:
         config = load_config(config, overrides)
     check_data_source(config)  # before any model loads: a missing or unreadable data file
+    check_trainable(config)
     if config.task != "causal_lm":  # encoder runs: one process (refused before any work)
         refuse_torchrun(f"task {config.task}")
     run_dir = config.run_dir
@@ -401,9 +402,10 @@ def distill(
     if not context.is_main:
         return RunResult(run_dir, {}, models.student)
 
+    student_tokenizer = models.student_tokenizer or models.tokenizer
     with atomic_directory(run_dir / "student") as tmp:
         models.student.save_pretrained(tmp, safe_serialization=True)
-        models.tokenizer.save_pretrained(tmp)
+        student_tokenizer.save_pretrained(tmp)
 
     if models.teacher is None:  # trained from a cache or server (or sharded): needed to evaluate
         models.teacher = load_teacher(config.teacher).to(models.student.device)
@@ -468,7 +470,9 @@ def distill(
     for name, model in all_models.items():
         if name not in model_dirs:
             model.save_pretrained(scratch / name, safe_serialization=True)
-            models.tokenizer.save_pretrained(scratch / name)
+            (models.tokenizer if name == "teacher" else student_tokenizer).save_pretrained(
+                scratch / name
+            )
             model_dirs[name] = scratch / name
     evaluation: dict[str, Any] = {"models": {}, "extra_sets": extra_results, "plan": plan}
     speed = _measure_speed(config, model_dirs, threads) if config.eval.speed else {}
