@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CHATML_TEMPLATE, make_chat_tokenizer, make_llama, save_model
+from conftest import (
+    CHATML_TEMPLATE,
+    make_chat_tokenizer,
+    make_llama,
+    make_wordpiece_tokenizer,
+    save_model,
+)
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -18,6 +24,7 @@ from transformers import (
 )
 
 import distill.pipelines.prepare as prepare
+import distill.pipelines.run as run_pipeline
 from distill import distill
 from distill.cli import main
 from distill.config import load_config
@@ -153,12 +160,6 @@ def test_too_small_a_vocabulary_is_named():
         train_vocabulary(["abc"], 258, make_chat_tokenizer())
 
 
-def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
-
-
 def metaspace_tokenizer() -> PreTrainedTokenizerFast:
     """SentencePiece-style BPE: spaces become '▁', unknown bytes fall back to <0x..> tokens."""
     vocab = {"<unk>": 0, "<0x41>": 1, "▁": 2, "a": 3}
@@ -170,7 +171,7 @@ def metaspace_tokenizer() -> PreTrainedTokenizerFast:
 def test_check_byte_level_names_the_tokenizer_and_why():
     check_byte_level(TEACHER, "teacher")  # byte-level BPE: accepted
     with pytest.raises(ModelError) as err:
-        check_byte_level(wordpiece_tokenizer(), "students/bert")
+        check_byte_level(make_wordpiece_tokenizer(), "students/bert")
     message = str(err.value)
     assert "\n" not in message and "students/bert" in message and "WordPiece" in message
     with pytest.raises(ModelError, match="byte fallback"):
@@ -180,7 +181,7 @@ def test_check_byte_level_names_the_tokenizer_and_why():
 def test_check_tokenizer_pair_names_both():
     check_tokenizer_pair(TEACHER, STUDENT)
     with pytest.raises(ModelError) as err:
-        check_tokenizer_pair(TEACHER, wordpiece_tokenizer(), "models/t", "tok/bert")
+        check_tokenizer_pair(TEACHER, make_wordpiece_tokenizer(), "models/t", "tok/bert")
     message = str(err.value)
     assert "\n" not in message and "models/t" in message and "tok/bert" in message
     assert "unsupported tokenizer pair" in message
@@ -237,7 +238,7 @@ def test_student_command_takes_a_given_tokenizer(tiny_teacher_dir, tmp_path):
 def test_unsupported_given_tokenizer_fails_before_any_model_loads(
     tiny_teacher_dir, tmp_path, capsys, monkeypatch
 ):
-    wordpiece_tokenizer().save_pretrained(tmp_path / "bert")
+    make_wordpiece_tokenizer().save_pretrained(tmp_path / "bert")
 
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher's weights were loaded before the tokenizer was refused")
@@ -306,3 +307,39 @@ def test_a_saved_student_with_its_own_tokenizer_round_trips(tmp_path):
     ids = torch.tensor([tokenizer(" the é")["input_ids"]])
     assert ids.tolist() == [STUDENT(" the é")["input_ids"]]
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_run_evaluation_with_two_vocabularies_compares_per_byte(
+    tiny_run_config, tiny_tokenizer, monkeypatch
+):
+    """The run's evaluation and report when the student has its own vocabulary: bits per byte
+    for every model, the teacher's bits per byte of each model's samples, and KL / agreement
+    marked absent with the reason. (Training such a student needs the cross-tokenizer loss;
+    here the rule is bypassed and the student trains on labels alone, to reach the evaluation.)"""
+    monkeypatch.setattr(run_pipeline, "check_trainable", lambda config: None)
+    config = {
+        **tiny_run_config,
+        "student": {**tiny_run_config["student"], "tokenizer": {"train_vocab": 400}},
+        "loss": {"alpha": 1.0},
+        "eval": {**tiny_run_config["eval"], "speed": False, "sample_prompts": 2},
+    }
+    result = distill(config)
+    student_dir = result.run_dir / "student"
+    assert len(AutoTokenizer.from_pretrained(student_dir)) == 400
+    models = result.report["models"]
+    for name in ("teacher", "student_before", "student_after"):
+        assert models[name]["bits_per_byte"] > 0, name
+        assert models[name]["teacher_sample_bpb"] > 0, name
+    for name in ("student_before", "student_after"):
+        assert "kl_to_teacher" not in models[name] and "perplexity" not in models[name]
+        assert "another vocabulary" in models[name]["token_metrics_absent"]
+    assert models["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)
+    assert models["student_before"]["bits_per_byte"] != models["teacher"]["bits_per_byte"]
+    markdown = (result.run_dir / "report.md").read_text()
+    assert "| student_after | " in markdown and "| n/a |" in markdown
+    assert "n/a for student_before, student_after: another vocabulary" in markdown
+    assert "its own vocabulary" in result.report["verdict"]
+    page = (result.run_dir / "report.html").read_text()
+    assert 'data-key="kl_to_teacher"' in page and "data-absent=" in page
+    extra = result.report["extra_sets"]["other_domain"]["models"]
+    assert extra["student_after"]["bits_per_byte"] > 0

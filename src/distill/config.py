@@ -509,6 +509,19 @@ class EvalConfig(_Section):
     every_blocks: int = Field(
         4, ge=1, description="Blocks per held-out set scored at each eval.every step."
     )
+    bits_per_byte: bool = Field(
+        True,
+        description="Score bits per UTF-8 byte of held-out text for the teacher and every "
+        "model, each with its own tokenizer (comparable across vocabularies): the held-out "
+        "documents cut into pieces of at most 4 x data.block_size characters, eval.bpb_bytes of "
+        "them.",
+    )
+    bpb_bytes: int = Field(
+        8192,
+        ge=256,
+        description="UTF-8 bytes of held-out text scored for bits per byte (whole pieces, "
+        "evenly spread over the held-out text).",
+    )
 
 
 class EncoderConfig(_Section):

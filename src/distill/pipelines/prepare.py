@@ -22,6 +22,7 @@ from distill.models import (
     load_teacher,
     load_teacher_tokenizer,
     load_tokenizer,
+    same_vocabulary,
     shared_vocab_rows,
     teacher_source,
 )
@@ -30,7 +31,14 @@ from distill.student.vocab import load_vocabulary, resize_vocabulary, train_voca
 from distill.teacher.cache import read_manifest
 from distill.teacher.remote import RemoteTeacher
 
-__all__ = ["Models", "prepare_models", "prepare_data", "prepare_sources", "training_texts"]
+__all__ = [
+    "Models",
+    "prepare_models",
+    "prepare_data",
+    "prepare_sources",
+    "split_texts",
+    "training_texts",
+]
 
 
 @dataclass
@@ -46,37 +54,58 @@ class Models:
 
     @property
     def new_vocabulary(self) -> bool:
-        """Whether the student has a vocabulary of its own (built by student.tokenizer)."""
-        return self.student_tokenizer is not None and self.student_tokenizer is not self.tokenizer
+        """Whether the student's vocabulary differs from the teacher's (student.tokenizer)."""
+        own = self.student_tokenizer
+        return own is not None and not same_vocabulary(self.tokenizer, own)
 
 
-def training_texts(config: RunConfig) -> list[str]:
-    """The training split's text (never the held-out part): documents, or each chat /
-    prompt-response row's messages joined by newlines; what a new student vocabulary is
-    trained on."""
+def split_texts(config: RunConfig) -> tuple[list[str], list[str]]:
+    """(train, held-out) text of ``data``, split as the blocks are: documents, or each chat /
+    prompt-response row's messages joined by newlines. With ``data.sources``, each source is
+    split on its own; the held-out documents take every source's in turn."""
     if config.data.sources:
-        return [
-            document
-            for source in config.data.sources
-            for document in split_documents(
+        splits = [
+            split_documents(
                 read_documents(source.path, source.text_field), config.data.heldout_fraction
-            )[0]
+            )
+            for source in config.data.sources
         ]
+        held = [
+            part[i]
+            for i in range(max(len(h) for _, h in splits))
+            for _, part in splits
+            if i < len(part)
+        ]
+        return [document for train, _ in splits for document in train], held
     data_format = detect_format(config.data.path, config.data.format)
     if data_format != "text":
         assert config.data.path is not None  # detect_format finds rows only in a file
-        rows = split_rows(read_rows(config.data.path), config.data.heldout_fraction)[0]
+        parts = split_rows(read_rows(config.data.path), config.data.heldout_fraction)
         if data_format == "chat":
-            return [
-                "\n".join(str(m.get("content", "")) for m in row.get("messages") or [])
-                for row in rows
+            joined = [
+                [
+                    "\n".join(str(m.get("content", "")) for m in row.get("messages") or [])
+                    for row in rows
+                ]
+                for rows in parts
             ]
-        return [f"{row.get('prompt', '')}\n{row.get('response', '')}" for row in rows]
+        else:
+            joined = [
+                [f"{row.get('prompt', '')}\n{row.get('response', '')}" for row in rows]
+                for rows in parts
+            ]
+        return joined[0], joined[1]
     if config.data.path is None:
         documents = default_documents()
     else:
         documents = read_documents(config.data.path, config.data.text_field)
-    return split_documents(documents, config.data.heldout_fraction)[0]
+    return split_documents(documents, config.data.heldout_fraction)
+
+
+def training_texts(config: RunConfig) -> list[str]:
+    """The training split's text (never the held-out part): what a new student vocabulary is
+    trained on."""
+    return split_texts(config)[0]
 
 
 def _student_vocabulary(
