@@ -315,7 +315,7 @@ def test_eval_takes_config_and_set_and_scores_a_run_student_as_the_run_did(
     assert result["settings"]["eval"]["max_blocks"] == config["eval"]["max_blocks"]
     reported = run.report["models"]
     for name, row in (("teacher", "teacher"), ("student", "student_after")):
-        for key in ("perplexity", "kl_to_teacher", "top1_agreement"):
+        for key in ("perplexity", "kl_to_teacher", "top1_agreement", "bits_per_byte"):
             assert result["models"][name][key] == pytest.approx(
                 reported[row][key], rel=1e-4, abs=1e-6
             ), (

@@ -5,6 +5,8 @@ cross-tokenizer loss)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import (
@@ -14,7 +16,7 @@ from conftest import (
     make_wordpiece_tokenizer,
     save_model,
 )
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -343,3 +345,32 @@ def test_run_evaluation_with_two_vocabularies_compares_per_byte(
     assert 'data-key="kl_to_teacher"' in page and "data-absent=" in page
     extra = result.report["extra_sets"]["other_domain"]["models"]
     assert extra["student_after"]["bits_per_byte"] > 0
+
+
+def test_vocabulary_is_trained_on_the_training_split_only(tmp_path):
+    train, held = prepare.split_texts(load_config())
+    assert prepare.training_texts(load_config()) == train
+    assert sorted(train + held) == sorted(default_documents()) and not set(train) & set(held)
+    rows = tmp_path / "chat.jsonl"
+    chats = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+        for i in range(20)
+    ]
+    rows.write_text("".join(json.dumps(row) + "\n" for row in chats))
+    train, held = prepare.split_texts(load_config(overrides=[f"data.path={rows}"]))
+    assert len(train) + len(held) == 20 and held
+    assert sorted(train + held) == sorted(f"q{i}\na" for i in range(20))
+
+
+def test_trained_vocabulary_adds_the_special_tokens_the_teacher_adds():
+    """A teacher that starts every text with a BOS (Llama 3 style): so does the new tokenizer."""
+    teacher = byte_level_tokenizer(["<|begin|>", "<|end|>"], [("Ġ", "t")])
+    teacher.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|begin|> $A", pair="<|begin|> $A <|begin|> $B:1", special_tokens=[("<|begin|>", 0)]
+    )
+    teacher.bos_token = "<|begin|>"
+    assert teacher("the")["input_ids"][0] == 0
+    trained = train_vocabulary(default_documents()[:10], 300, teacher)
+    ids = trained("the cat")["input_ids"]
+    assert ids[0] == trained.convert_tokens_to_ids("<|begin|>") == 0
+    assert trained("the cat", add_special_tokens=False)["input_ids"] == ids[1:]

@@ -193,11 +193,12 @@ def resize_vocabulary(
         if new_head is not None:
             head_weight = model.get_output_embeddings().weight
             head_weight.copy_(new_head.to(head_weight.dtype))
+    generation = getattr(model, "generation_config", None)
     for role in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(student_tokenizer, role)
         setattr(model.config, role, value)
-        if model.generation_config is not None:
-            setattr(model.generation_config, role, value)
+        if generation is not None:
+            setattr(generation, role, value)
     counts = [len(ids) for ids in sources]
     stats = {
         "copied": sum(1 for n in counts if n == 1),
