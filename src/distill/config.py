@@ -29,6 +29,7 @@ __all__ = [
     "TeacherConfig",
     "NamedTeacherConfig",
     "StudentConfig",
+    "StudentTokenizerConfig",
     "IntermediateConfig",
     "DataConfig",
     "LossConfig",
@@ -44,6 +45,7 @@ __all__ = [
     "OnPolicyConfig",
     "GenerateConfig",
     "load_config",
+    "check_trainable",
     "apply_overrides",
     "describe_defaults",
     "teacher_sections",
@@ -133,6 +135,37 @@ class NamedTeacherConfig(TeacherConfig):
     )
 
 
+class StudentTokenizerConfig(_Section):
+    """A student with its own vocabulary (see docs/cross-tokenizer.md)."""
+
+    path: str | None = Field(
+        None,
+        description="A tokenizer directory (byte-level BPE) the student built from the "
+        "teacher's layers uses instead of the teacher's; its embedding and head rows are "
+        "initialised from the teacher's. Empty = the teacher's tokenizer (or train_vocab).",
+    )
+    train_vocab: int | None = Field(
+        None,
+        ge=256,
+        description="Train a byte-level BPE tokenizer of this many tokens (e.g. 8192) on the "
+        "training split's text, keeping the teacher's special tokens and chat template, and "
+        "give it to the student built from the teacher's layers. Empty = no new vocabulary.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentTokenizerConfig:
+        if self.path is not None and self.train_vocab is not None:
+            raise ValueError(
+                "set only one of student.tokenizer.path and student.tokenizer.train_vocab"
+            )
+        return self
+
+    @property
+    def new_vocabulary(self) -> bool:
+        """Whether the built student gets a vocabulary of its own (not the teacher's)."""
+        return self.path is not None or self.train_vocab is not None
+
+
 class StudentConfig(_Section):
     path: str | None = Field(
         None,
@@ -192,6 +225,7 @@ class StudentConfig(_Section):
     hidden: int | None = Field(
         None, ge=1, description="Width pruning: hidden (embedding) channels."
     )
+    tokenizer: StudentTokenizerConfig = Field(default_factory=StudentTokenizerConfig)
 
     @model_validator(mode="after")
     def _one_recipe(self) -> StudentConfig:
@@ -206,6 +240,11 @@ class StudentConfig(_Section):
             raise ValueError(f"student.layers: repeated layer in {self.layers}")
         if not chosen and self.keep_first + self.keep_last == 0:
             raise ValueError("student.keep_first + student.keep_last must be at least 1")
+        if self.path is not None and self.tokenizer.new_vocabulary:
+            raise ValueError(
+                "student.tokenizer gives a built student a new vocabulary; a student.path model "
+                "keeps its own tokenizer: unset one of them"
+            )
         return self
 
     @property
@@ -481,6 +520,19 @@ class EvalConfig(_Section):
     )
     every_blocks: int = Field(
         4, ge=1, description="Blocks per held-out set scored at each eval.every step."
+    )
+    bits_per_byte: bool = Field(
+        True,
+        description="Score bits per UTF-8 byte of held-out text for the teacher and every "
+        "model, each with its own tokenizer (comparable across vocabularies): the held-out "
+        "documents cut into pieces of at most 4 x data.block_size characters, eval.bpb_bytes of "
+        "them.",
+    )
+    bpb_bytes: int = Field(
+        8192,
+        ge=256,
+        description="UTF-8 bytes of held-out text scored for bits per byte (whole pieces, "
+        "evenly spread over the held-out text).",
     )
 
 
@@ -1043,6 +1095,28 @@ def _encoders_have_one_teacher(config: RunConfig) -> str | None:
     return None
 
 
+def _new_vocabulary_needs_cross_tokenizer_loss(config: RunConfig) -> str | None:
+    # loss.cross_tokenizer (null / uld / hybrid) is the cross-tokenizer loss's knob.
+    wanted = config.student.tokenizer
+    if wanted.new_vocabulary and getattr(config.loss, "cross_tokenizer", None) is None:
+        given = (
+            f"student.tokenizer.path={wanted.path}"
+            if wanted.path is not None
+            else f"student.tokenizer.train_vocab={wanted.train_vocab}"
+        )
+        return (
+            f"{given} gives the student a vocabulary of its own: training it against the "
+            "teacher needs a cross-tokenizer loss (loss.cross_tokenizer: uld or hybrid)"
+        )
+    return None
+
+
+def _new_vocabulary_is_causal_lm(config: RunConfig) -> str | None:
+    if config.task != "causal_lm" and config.student.tokenizer.new_vocabulary:
+        return f"student.tokenizer: task {config.task} students keep the teacher's tokenizer"
+    return None
+
+
 _CAUSAL_LM_RULES = (
     _teachers_fit_together,
     _sources_are_text_blocks,
@@ -1057,11 +1131,25 @@ _CAUSAL_LM_RULES = (
 )
 _ENCODER_RULES = (
     _encoders_have_one_teacher,
+    _new_vocabulary_is_causal_lm,
     _classification_needs_files,
     _embedding_has_no_baseline,
     _encoder_layer_losses_need_built_student,
     _encoder_runs_on_cpu,
 )
+
+# Rules for the jobs that train a causal-LM student (distill run): `distill student` builds a
+# student with a new vocabulary without training it, so these are not checked on load.
+_TRAINING_RULES = (_new_vocabulary_needs_cross_tokenizer_loss,)
+
+
+def check_trainable(config: RunConfig) -> None:
+    """Refuse, with one line, a config that a training job cannot run (before any model loads);
+    the rules here hold for training only, unlike those checked when a config loads."""
+    for rule in _TRAINING_RULES:
+        problem = rule(config)
+        if problem:
+            raise ConfigError(problem)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

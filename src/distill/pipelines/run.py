@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +23,24 @@ import yaml
 from transformers import PreTrainedModel
 
 from distill.compress.store import model_bytes
-from distill.config import RunConfig, load_config
+from distill.config import RunConfig, check_trainable, load_config
 from distill.data import (
     BlockBatches,
     ExampleBatches,
     Examples,
     check_data_source,
+    read_documents,
 )
 from distill.data.extra import extra_blocks, extra_sources, spread
 from distill.data.sources import WeightedBatches
 from distill.errors import ConfigError
 from distill.evaluate import heldout_metrics
+from distill.evaluate.bits_per_byte import (
+    bits_per_byte,
+    teacher_bits_per_byte_of_samples,
+    text_pieces,
+    vocabulary_differs,
+)
 from distill.evaluate.fidelity import FidelityProbe, block_prompts, sample_fidelity
 from distill.evaluate.generation import GenerationSettings, measure_generation_in_subprocess
 from distill.io import atomic_directory, atomic_write_json, atomic_write_text
@@ -45,6 +53,7 @@ from distill.pipelines.prepare import (
     prepare_models,
     prepare_teachers,
     prepare_training_data,
+    split_texts,
 )
 from distill.report import build_report
 from distill.student.intermediate import IntermediateDistiller, is_enabled
@@ -198,6 +207,44 @@ def _measure_speed(config: RunConfig, model_dirs: dict[str, Path], threads: int)
     return results
 
 
+def _score_bits_per_byte(
+    config: RunConfig,
+    all_models: dict[str, PreTrainedModel],
+    tokenizers: dict[str, Any],
+    quality: dict[str, dict],
+    extra_results: dict[str, Any],
+    other_sets: bool,
+) -> dict[str, Any]:
+    """Bits per UTF-8 byte of every model (its own tokenizer) on the held-out text, into
+    ``quality``; with ``other_sets`` (two vocabularies: no token-level numbers there) also on
+    each extra held-out set. Returns what was scored (for evaluation.json)."""
+    piece_chars = 4 * config.data.block_size
+    texts = {"heldout": text_pieces(split_texts(config)[1], config.eval.bpb_bytes, piece_chars)}
+    if other_sets:
+        sources = extra_sources(config.eval.extra_data)
+        for set_name in extra_results:
+            documents = read_documents(sources[set_name], config.data.text_field)
+            texts[set_name] = text_pieces(documents, config.eval.bpb_bytes, piece_chars)
+    start = time.perf_counter()
+    for set_name, pieces in texts.items():
+        target = quality if set_name == "heldout" else extra_results[set_name]["models"]
+        for name, model in all_models.items():
+            log.info("bits per byte: %s on %s", name, set_name)
+            scores = bits_per_byte(
+                model, tokenizers[name], pieces, batch_size=config.eval.batch_size
+            )
+            target.setdefault(name, {})["bits_per_byte"] = scores["bits_per_byte"]
+            target[name]["bpb_tokens"] = scores["tokens"]
+    return {
+        "sets": {
+            name: sum(len(p.encode("utf-8")) for p in pieces) for name, pieces in texts.items()
+        },
+        "piece_chars": piece_chars,
+        "start_token": "EOS (else BOS)",
+        "seconds": time.perf_counter() - start,
+    }
+
+
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
@@ -260,6 +307,7 @@ def distill(
     else:
         config = load_config(config, overrides)
     check_data_source(config)  # before any model loads: a missing or unreadable data file
+    check_trainable(config)
     if config.task != "causal_lm":  # encoder runs: one process (refused before any work)
         refuse_torchrun(f"task {config.task}")
     run_dir = config.run_dir
@@ -383,11 +431,12 @@ def distill(
     probe = None
     every = config.eval.every
     if every and context.is_main:
-        if models.teacher is None or sharded:
+        if models.teacher is None or sharded or models.new_vocabulary:
             log.warning(
                 "eval.every: fidelity during training needs the live, unsharded teacher and "
-                "student (not teacher.cache / teacher.url / parallel.strategy=fsdp; with "
-                "teachers, one of them must be the model of teacher:); skipped"
+                "student of the teacher's vocabulary (not teacher.cache / teacher.url / "
+                "parallel.strategy=fsdp / student.tokenizer; with teachers, one of them must be "
+                "the model of teacher:); skipped"
             )
         else:
             keep = config.eval.every_blocks
@@ -477,24 +526,30 @@ def distill(
     if not context.is_main:
         return RunResult(run_dir, {}, models.student)
 
+    student_tokenizer = models.student_tokenizer or models.tokenizer
     with atomic_directory(run_dir / "student") as tmp:
         models.student.save_pretrained(tmp, safe_serialization=True)
-        models.tokenizer.save_pretrained(tmp)
+        student_tokenizer.save_pretrained(tmp)
 
     if models.teacher is None:  # trained from a cache or server (or sharded): needed to evaluate
         models.teacher = load_teacher(config.teacher).to(models.student.device)
         teacher = LiveTeacher(models.teacher, models.vocab_rows)
     elif teacher_set is not None:  # several teachers: the evaluation's is the one of teacher:
         teacher = LiveTeacher(models.teacher, models.vocab_rows)
+    all_models = {"teacher": models.teacher, **compared}
+    tokenizers = {
+        name: models.tokenizer if name == "teacher" else student_tokenizer for name in all_models
+    }
+    # Token-level metrics compare rows of one vocabulary: with two, the teacher's row only.
+    token_scored = {} if models.new_vocabulary else compared
     quality = heldout_metrics(
-        compared,
+        token_scored,
         teacher,
         heldout_blocks.input_ids if examples else heldout_blocks,
         vocab_rows=models.vocab_rows,
         batch_size=config.eval.batch_size,
         labels=heldout_blocks.labels if examples else None,
     )
-    all_models = {"teacher": models.teacher, **compared}
     extra_results: dict[str, Any] = {}
     sources = extra_sources(config.eval.extra_data)
     for set_name, blocks in extra_sets.items():
@@ -504,13 +559,17 @@ def distill(
             "blocks": int(blocks.shape[0]),
             "tokens": int(blocks.numel()),
             "models": heldout_metrics(
-                compared,
+                token_scored,
                 teacher,
                 blocks,
                 vocab_rows=models.vocab_rows,
                 batch_size=config.eval.batch_size,
             ),
         }
+    if models.new_vocabulary:
+        absent = vocabulary_differs(models.tokenizer, student_tokenizer)
+        for rows in [quality, *(held["models"] for held in extra_results.values())]:
+            rows.update({name: {"token_metrics_absent": absent} for name in compared})
     if config.eval.sample_prompts:
         eos = models.tokenizer.eos_token_id
         pad = models.tokenizer.pad_token_id
@@ -529,6 +588,19 @@ def distill(
         }
         for set_name, prompts in prompt_sets.items():
             log.info("sampling from every model on %s; the teacher scores the samples", set_name)
+            target = quality if set_name == "heldout" else extra_results[set_name]["models"]
+            if models.new_vocabulary:  # the samples as text, re-tokenized by the teacher
+                scores = teacher_bits_per_byte_of_samples(
+                    {name: (model, tokenizers[name]) for name, model in all_models.items()},
+                    models.teacher,
+                    models.tokenizer,
+                    [models.tokenizer.decode(prompt) for prompt in prompts],
+                    new_tokens=config.eval.sample_tokens,
+                    seed=config.seed,
+                )
+                for name, value in scores.items():
+                    target[name]["teacher_sample_bpb"] = value["teacher_sample_bpb"]
+                continue
             nll = sample_fidelity(
                 all_models,
                 teacher,
@@ -538,15 +610,21 @@ def distill(
                 pad_token_id=pad,
                 seed=config.seed,
             )
-            target = quality if set_name == "heldout" else extra_results[set_name]["models"]
             for name, value in nll.items():
                 target[name]["teacher_nll"] = value
+    bpb_settings = None
+    if config.eval.bits_per_byte:
+        bpb_settings = _score_bits_per_byte(
+            config, all_models, tokenizers, quality, extra_results, models.new_vocabulary
+        )
     scratch = run_dir / ".eval_models"
     model_dirs: dict[str, Path] = {"student_after": run_dir / "student"}
     for name, model in all_models.items():
         if name not in model_dirs:
             model.save_pretrained(scratch / name, safe_serialization=True)
-            models.tokenizer.save_pretrained(scratch / name)
+            (models.tokenizer if name == "teacher" else student_tokenizer).save_pretrained(
+                scratch / name
+            )
             model_dirs[name] = scratch / name
     evaluation: dict[str, Any] = {"models": {}, "extra_sets": extra_results, "plan": plan}
     speed = _measure_speed(config, model_dirs, threads) if config.eval.speed else {}
@@ -559,6 +637,8 @@ def distill(
             **{key: value for key, value in speed.get(name, {}).items() if key != "threads"},
         }
     shutil.rmtree(scratch, ignore_errors=True)
+    if bpb_settings is not None:
+        evaluation["bits_per_byte_settings"] = bpb_settings
     evaluation["speed_settings"] = {
         "threads": threads,
         "prompts": len(config.eval.gen_prompts),
