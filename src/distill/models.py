@@ -30,6 +30,7 @@ __all__ = [
     "load_tokenizer",
     "teacher_source",
     "shared_vocab_rows",
+    "tokenizer_rows",
     "count_params",
 ]
 
@@ -174,3 +175,15 @@ def shared_vocab_rows(
             shared,
         )
     return shared
+
+
+def tokenizer_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> int:
+    """The output rows of ``model`` that its own ``tokenizer`` uses: ``len(tokenizer)``; rows
+    beyond it (a padded vocabulary) get no probability mass. Fewer rows than tokens is an
+    error naming ``name``."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelError(
+            f"{name}: its tokenizer has {len(tokenizer)} tokens but {rows} output rows"
+        )
+    return len(tokenizer)
