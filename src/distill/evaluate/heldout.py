@@ -18,7 +18,7 @@ from distill.losses import IGNORE_INDEX
 from distill.teacher import Teacher
 from distill.train.causal_lm import labels_for, student_logits
 
-__all__ = ["heldout_metrics", "heldout_quality", "model_logits"]
+__all__ = ["heldout_metrics", "heldout_perplexity", "heldout_quality", "model_logits"]
 
 
 def heldout_metrics(
@@ -37,6 +37,36 @@ def heldout_metrics(
     ``labels`` ``[n, T]`` choose the scored positions (chat data: the assistant's tokens);
     default every next token of the blocks."""
     return _score(models, teacher, blocks, vocab_rows, batch_size, student_logits, progress, labels)
+
+
+@torch.no_grad()
+def heldout_perplexity(
+    models: dict[str, PreTrainedModel],
+    blocks: torch.Tensor,
+    *,
+    vocab_rows: int,
+    batch_size: int,
+    labels: torch.Tensor | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{name: {perplexity}}`` of models that share one tokenizer, with no teacher (a
+    cross-tokenizer run's students on their own tokens; ``labels`` as in
+    :func:`heldout_metrics`). Per token of that tokenizer: comparable between these models only."""
+    nll = dict.fromkeys(models, 0.0)
+    n_tokens = 0
+    for start in range(0, blocks.shape[0], batch_size):
+        input_ids = blocks[start : start + batch_size]
+        targets = (
+            labels_for(input_ids) if labels is None else labels[start : start + batch_size]
+        ).reshape(-1)
+        keep = targets != IGNORE_INDEX
+        n_tokens += int(keep.sum())
+        for name, model in models.items():
+            logits = student_logits(model.eval(), input_ids.to(model.device), vocab_rows)
+            rows = logits.reshape(-1, vocab_rows)[keep.to(logits.device)].double()
+            nll[name] += float(
+                F.cross_entropy(rows, targets[keep].to(rows.device), reduction="sum")
+            )
+    return {name: {"perplexity": math.exp(total / max(n_tokens, 1))} for name, total in nll.items()}
 
 
 def model_logits(model: PreTrainedModel, input_ids: torch.Tensor, vocab_rows: int) -> torch.Tensor:

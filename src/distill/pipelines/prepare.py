@@ -15,7 +15,9 @@ from distill.data import (
     read_documents,
     split_documents,
 )
+from distill.data.alignment import check_tokenizer_pair
 from distill.data.examples import detect_format, encode_examples, read_rows, split_rows
+from distill.errors import ModelError
 from distill.models import (
     load_causal_lm,
     load_teacher,
@@ -23,12 +25,19 @@ from distill.models import (
     load_tokenizer,
     shared_vocab_rows,
     teacher_source,
+    tokenizer_rows,
 )
 from distill.student import calibration_blocks, make_student, needs_calibration
 from distill.teacher.cache import read_manifest
 from distill.teacher.remote import RemoteTeacher
 
-__all__ = ["Models", "prepare_models", "prepare_data", "prepare_sources"]
+__all__ = [
+    "Models",
+    "cross_tokenizer_mode",
+    "prepare_models",
+    "prepare_data",
+    "prepare_sources",
+]
 
 
 @dataclass
@@ -40,12 +49,62 @@ class Models:
     teacher_source: str
     layers: list[int] | None = None  # teacher layer each student layer was built from
     remote: RemoteTeacher | None = None  # teacher.url: the served teacher, checked
+    # Cross-tokenizer runs (loss.cross_tokenizer, or a student with its own tokenizer trained
+    # on labels alone): the student's tokenizer and the teacher's output rows; vocab_rows is
+    # then the student's. None: one shared tokenizer (``tokenizer``).
+    student_tokenizer: PreTrainedTokenizerBase | None = None
+    teacher_rows: int | None = None
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        return self.student_tokenizer is not None
+
+
+def _labels_only(config: RunConfig) -> bool:
+    return config.loss.alpha == 1.0 and config.loss.alpha_schedule == "constant"
+
+
+def cross_tokenizer_mode(
+    config: RunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+    student_name: str,
+) -> bool:
+    """Whether this run trains across tokenizers, decided from the two tokenizers alone (before
+    any weights load): ``loss.cross_tokenizer`` is set, or the tokenizers differ and the run uses
+    labels only (sequence-level KD on text the teacher wrote). Tokenizers that differ otherwise,
+    or a pair without byte spans, are one line naming both."""
+    teacher_name = teacher_source(config.teacher)
+    differ = tokenizer.get_vocab() != student_tokenizer.get_vocab()
+    if config.loss.cross_tokenizer is None and differ and not _labels_only(config):
+        raise ModelError(
+            f"tokenizers differ: teacher {teacher_name} has {len(tokenizer)} tokens, student "
+            f"{student_name} {len(student_tokenizer)}: set loss.cross_tokenizer=uld or hybrid "
+            "(docs/cross-tokenizer.md), or loss.alpha=1 (labels only, e.g. on `distill "
+            "generate` output)"
+        )
+    if config.loss.cross_tokenizer is None and not differ:
+        return False
+    if config.teacher.cache or config.teacher.url:
+        raise ModelError(
+            f"teacher {teacher_name} and student {student_name} tokenize differently: train "
+            "with the live teacher (unset teacher.cache / teacher.url)"
+        )
+    if not _labels_only(config):
+        check_tokenizer_pair(tokenizer, student_tokenizer, teacher_name, student_name)
+    return True
 
 
 def prepare_models(config: RunConfig) -> Models:
     """Load the teacher, then load or build the student, and check they share a tokenizer."""
     source = teacher_source(config.teacher)
     tokenizer = load_teacher_tokenizer(config.teacher)
+    student_tokenizer, student_name = tokenizer, "student"
+    if config.student.path is not None:  # both tokenizers are checked before any weights load
+        student_tokenizer = load_tokenizer(config.student.path, config.teacher.trust_remote_code)
+        student_name = config.student.path
+    if cross_tokenizer_mode(config, tokenizer, student_tokenizer, student_name):
+        return _prepare_cross_models(config, tokenizer, student_tokenizer, student_name)
     remote, served_rows = None, None
     if config.teacher.url:  # asked first: an unreachable or other server stops the job here
         remote = RemoteTeacher.from_config(config.teacher, vocab_rows=len(tokenizer))
@@ -55,24 +114,7 @@ def prepare_models(config: RunConfig) -> Models:
     teacher = (
         None if elsewhere and config.student.path is not None else load_teacher(config.teacher)
     )
-    if config.student.path is not None:
-        student = load_causal_lm(
-            config.student.path, config.teacher.dtype, config.teacher.trust_remote_code
-        )
-        student_tokenizer = load_tokenizer(config.student.path, config.teacher.trust_remote_code)
-        student_name = config.student.path
-    else:
-        calibration = None
-        if needs_calibration(config.student):  # a layer search or width pruning
-            train_blocks = prepare_data(config, tokenizer)[0]
-            if isinstance(train_blocks, Examples):  # padded rows; the padding is calibration too
-                train_blocks = train_blocks.input_ids
-            calibration = calibration_blocks(
-                train_blocks, config.student.calibration_blocks, config.seed
-            )
-        built = make_student(teacher, config.student, calibration)
-        student, layers = built.model, built.layers
-        student_tokenizer, student_name = tokenizer, "student"
+    student, layers = _student_model(config, teacher, tokenizer)
     student_rows = student.get_output_embeddings().weight.shape[0]
     if teacher is not None:
         teacher_rows = teacher.get_output_embeddings().weight.shape[0]
@@ -94,8 +136,52 @@ def prepare_models(config: RunConfig) -> Models:
         remote.vocab_rows = vocab_rows
     if elsewhere:  # freed before training; loaded again only for evaluation
         teacher = None
-    origin = layers if config.student.path is None else None
-    return Models(teacher, student, tokenizer, vocab_rows, source, origin, remote)
+    return Models(teacher, student, tokenizer, vocab_rows, source, layers, remote)
+
+
+def _student_model(
+    config: RunConfig, teacher: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase
+) -> tuple[PreTrainedModel, list[int] | None]:
+    """(the student of ``student.path``, None), or (one built from the teacher's layers, the
+    teacher layer each student layer came from)."""
+    if config.student.path is not None:
+        student = load_causal_lm(
+            config.student.path, config.teacher.dtype, config.teacher.trust_remote_code
+        )
+        return student, None
+    calibration = None
+    if needs_calibration(config.student):  # a layer search or width pruning
+        train_blocks = prepare_data(config, tokenizer)[0]
+        if isinstance(train_blocks, Examples):  # padded rows; the padding is calibration too
+            train_blocks = train_blocks.input_ids
+        calibration = calibration_blocks(
+            train_blocks, config.student.calibration_blocks, config.seed
+        )
+    built = make_student(teacher, config.student, calibration)
+    return built.model, built.layers
+
+
+def _prepare_cross_models(
+    config: RunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+    student_name: str,
+) -> Models:
+    """A cross-tokenizer run's models: the live teacher, and the student of ``student.path``
+    (or built from the teacher's layers: then one tokenizer, aligned all the same)."""
+    source = teacher_source(config.teacher)
+    teacher = load_teacher(config.teacher)
+    student, layers = _student_model(config, teacher, tokenizer)
+    return Models(
+        teacher,
+        student,
+        tokenizer,
+        tokenizer_rows(student, student_tokenizer, student_name),
+        source,
+        layers,
+        student_tokenizer=student_tokenizer,
+        teacher_rows=tokenizer_rows(teacher, tokenizer, source),
+    )
 
 
 def prepare_sources(

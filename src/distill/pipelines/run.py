@@ -238,6 +238,10 @@ def distill(
         return RunResult(encoder_run.run_dir, encoder_run.report, encoder_run.student)
 
     models = prepare_models(config)
+    if models.cross_tokenizer:  # a student with its own tokenizer: aligned on bytes
+        from distill.pipelines.cross_run import run_cross_tokenizer
+
+        return run_cross_tokenizer(config, models, context, device, resume)
     sharded = config.parallel.strategy == "fsdp" and context.enabled  # placed by the sharding
     if not sharded:
         if models.teacher is not None:

@@ -166,6 +166,7 @@ def _plot_losses(
                 linestyle=style[1:],
                 label=f"{name}: held-out CE",
             )
+        if name in models and models[name].get("kl_to_teacher") is not None:
             kl_axis.axhline(
                 models[name]["kl_to_teacher"],
                 color=style[0],
@@ -179,7 +180,8 @@ def _plot_losses(
     kl_axis.set_yscale("symlog", linthresh=0.1)
     kl_axis.set_ylim(bottom=0)
     for axis in axes:
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -234,6 +236,8 @@ def _verdict(models: dict[str, Any], extra_sets: dict[str, Any] | None = None) -
     if "student_after" not in models or "student_before" not in models:
         return None
     after, before = models["student_after"], models["student_before"]
+    if before.get("kl_to_teacher") is None:  # across tokenizers: no KL on one vocabulary
+        return _perplexity_verdict(models)
     text = (
         f"Fidelity to the teacher, held-out text of the training domain: {_moved(before, after)}."
     )
@@ -260,6 +264,20 @@ def _verdict(models: dict[str, Any], extra_sets: dict[str, Any] | None = None) -
             f"distillation {'beat' if better else 'did not beat'} plain fine-tuning on KL."
         )
     return text
+
+
+def _perplexity_verdict(models: dict[str, Any]) -> str:
+    """A run whose students tokenize differently from the teacher: their held-out perplexity
+    on their own tokens (comparable between the students only)."""
+    before, after = models["student_before"], models["student_after"]
+    text = (
+        "The student tokenizes differently from the teacher: KL and agreement need one "
+        "vocabulary. Held-out perplexity per student token "
+        f"{before['perplexity']:.1f} -> {after['perplexity']:.1f}"
+    )
+    if "student_labels_only" in models:
+        text += f" (labels only: {models['student_labels_only']['perplexity']:.1f})"
+    return text + "."
 
 
 def _onpolicy_summary(history: list[dict[str, Any]]) -> dict[str, float]:
