@@ -115,14 +115,18 @@ def reference_group_distribution(
     return torch.cat([first, bucket.reshape(1)])
 
 
-def reference_uld(p: torch.Tensor, q: torch.Tensor) -> float:
-    """ULD of two probability vectors: sorted decreasingly, zero-padded, L1, element by element."""
+def reference_uld(p: torch.Tensor, q: torch.Tensor, top_k: int | None = None) -> float:
+    """ULD of two probability vectors: sorted decreasingly, zero-padded, L1, element by element;
+    with ``top_k`` only the first k of each, plus ``|rest of p - rest of q|``."""
     a = sorted(p.double().tolist(), reverse=True)
     b = sorted(q.double().tolist(), reverse=True)
     width = max(len(a), len(b))
     a += [0.0] * (width - len(a))
     b += [0.0] * (width - len(b))
-    return sum(abs(x - y) for x, y in zip(a, b, strict=True))
+    if top_k is None or top_k >= width:
+        return sum(abs(x - y) for x, y in zip(a, b, strict=True))
+    head = sum(abs(x - y) for x, y in zip(a[:top_k], b[:top_k], strict=True))
+    return head + abs(sum(a[top_k:]) - sum(b[top_k:]))
 
 
 def reference_hybrid(

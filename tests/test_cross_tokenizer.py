@@ -26,11 +26,8 @@ from distill.data.alignment import (
     string_pairs,
     unsupported_reason,
 )
-from distill.data.cross_tokenizer import (
-    CrossExampleBatches,
-    TokenizerPair,
-    encode_cross_examples,
-)
+from distill.data.cross_examples import CrossExampleBatches, encode_cross_examples
+from distill.data.cross_tokenizer import TokenizerPair
 from distill.errors import ConfigError, ModelError
 from distill.losses.cross_tokenizer import (
     group_divergence,
@@ -348,6 +345,12 @@ def test_uld_is_zero_for_equal_sorted_vectors_and_blind_to_permutations():
     torch.testing.assert_close(permuted, uld(p, q), rtol=0, atol=1e-15)
     for row in range(5):
         assert float(uld(p, q)[row]) == pytest.approx(reference_uld(p[row], q[row]), abs=1e-14)
+        for top_k in (1, 3, 7):  # the k largest of each side, then one tail entry each
+            expected = reference_uld(p[row], q[row], top_k)
+            assert float(uld(p, q, top_k)[row]) == pytest.approx(expected, abs=1e-14)
+    torch.testing.assert_close(uld(p, q, 11), uld(p, q), rtol=0, atol=1e-15)  # k covers both
+    zeros = torch.zeros(5, dtype=torch.float64)  # the tails' sums: rounding only
+    torch.testing.assert_close(uld(p, shuffled, 3), zeros, rtol=0, atol=1e-15)
 
 
 def test_hybrid_matches_its_reference_on_different_vocabularies():

@@ -23,7 +23,8 @@ import torch
 
 from distill.compress.store import model_bytes
 from distill.config import RunConfig
-from distill.data.cross_tokenizer import CrossExamples, TokenizerPair, encode_cross_examples
+from distill.data.cross_examples import CrossExamples, encode_cross_examples
+from distill.data.cross_tokenizer import TokenizerPair
 from distill.data.examples import Examples, detect_format, encode_examples, read_rows, split_rows
 from distill.data.extra import extra_blocks, extra_sources
 from distill.data.sources import WeightedBatches

@@ -23,13 +23,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from distill.config import LossConfig, ParallelConfig, TrainConfig
 from distill.data.alignment import check_tokenizer_pair, string_pairs
 from distill.data.blocks import BlockBatches
-from distill.data.cross_tokenizer import (
-    CrossBatch,
-    CrossBlockBatches,
-    CrossExampleBatches,
-    CrossExamples,
-    TokenizerPair,
-)
+from distill.data.cross_examples import CrossExampleBatches, CrossExamples
+from distill.data.cross_tokenizer import CrossBatch, CrossBlockBatches, TokenizerPair
 from distill.data.examples import ExampleBatches, Examples
 from distill.errors import ConfigError
 from distill.losses import LossTerms
