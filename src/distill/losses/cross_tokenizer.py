@@ -238,8 +238,8 @@ def hybrid_divergence(
     unmatched outcomes (module docstring); ``[G]``. ``teacher_pairs`` and ``student_pairs``
     ``[M]`` are the vocabularies' pairs of equal tokens; ``top_k`` as in :func:`uld`.
 
-    The matched sums run over every pair at once, then the (at most two) pairs a group's first
-    tokens break are taken out and the chunk pair put in, so no ``[G, V]`` mask is built:
+    The matched sums run over every pair but the (at most two) a group's first tokens break,
+    plus the chunk pair, so no ``[G, V]`` mask is built:
     ``KL(p_m || q_m) = S / P - log P + log Q`` with ``S = sum p (log p - log q)``, ``P = sum p``
     and ``Q = sum q`` over the matched outcomes."""
     teacher_index = _PairIndex.build(teacher_pairs, teacher.start.shape[1])
@@ -247,16 +247,17 @@ def hybrid_divergence(
     log_p = teacher.start.index_select(1, teacher_pairs)  # (G, M)
     log_q = student.start.index_select(1, student_pairs)  # (G, M)
     p, q = log_p.exp(), log_q.exp()
-    terms = p * (log_p - log_q)  # (G, M)
     by_teacher = teacher_index.pair_of[teacher.first_ids]  # (G,) pair of x_1 (teacher), or -1
     by_student = student_index.pair_of[student.first_ids]
     second = torch.where(by_student != by_teacher, by_student, torch.full_like(by_student, -1))
-    s_sum = terms.sum(-1) - _at(terms, by_teacher) - _at(terms, second)
-    p_sum = p.sum(-1) - _at(p, by_teacher) - _at(p, second)
-    q_sum = q.sum(-1) - _at(q, by_teacher) - _at(q, second)
+    valid = torch.ones_like(p)  # (G, M): 0 at the pairs the first tokens break (no cancellation)
+    for broken in (by_teacher, second):
+        valid.scatter_(1, broken.clamp_min(0)[:, None], (broken < 0).to(p.dtype)[:, None])
+    p_kept = p * valid
     p_chunk = teacher.chunk.exp()
-    s_sum = s_sum + p_chunk * (teacher.chunk - student.chunk)
-    p_sum, q_sum = p_sum + p_chunk, q_sum + student.chunk.exp()
+    s_sum = (p_kept * (log_p - log_q)).sum(-1) + p_chunk * (teacher.chunk - student.chunk)
+    p_sum = p_kept.sum(-1) + p_chunk
+    q_sum = (q * valid).sum(-1) + student.chunk.exp()
     matched = s_sum / p_sum - p_sum.log() + q_sum.log()
     teacher_rest = _unmatched(teacher, teacher_index, p, second)
     student_partner = torch.where(
