@@ -26,13 +26,12 @@ from transformers import (
 )
 
 import distill.pipelines.prepare as prepare
-import distill.pipelines.run as run_pipeline
 from distill import distill
 from distill.cli import main
 from distill.config import load_config
 from distill.data import default_documents
+from distill.data.alignment import check_byte_level, check_tokenizer_pair
 from distill.errors import ConfigError, ModelError
-from distill.models import check_byte_level, check_tokenizer_pair
 from distill.student.vocab import initial_rows, resize_vocabulary, row_sources, train_vocabulary
 
 ALPHABET = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte characters
@@ -311,40 +310,56 @@ def test_a_saved_student_with_its_own_tokenizer_round_trips(tmp_path):
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
 
 
-def test_run_evaluation_with_two_vocabularies_compares_per_byte(
-    tiny_run_config, tiny_tokenizer, monkeypatch
+def test_run_with_a_new_vocabulary_trains_across_tokenizers_and_compares_per_byte(
+    tiny_run_config, tiny_tokenizer
 ):
-    """The run's evaluation and report when the student has its own vocabulary: bits per byte
-    for every model, the teacher's bits per byte of each model's samples, and KL / agreement
-    marked absent with the reason. (Training such a student needs the cross-tokenizer loss;
-    here the rule is bypassed and the student trains on labels alone, to reach the evaluation.)"""
-    monkeypatch.setattr(run_pipeline, "check_trainable", lambda config: None)
+    """distill run with a trained vocabulary and the hybrid loss: the student is built from the
+    teacher's layers, trained on byte-aligned groups for 3 steps, saved with its own tokenizer
+    (plain transformers reload it), and the report compares every model per byte (token-level
+    metrics n/a, with the reason)."""
     config = {
         **tiny_run_config,
-        "student": {**tiny_run_config["student"], "tokenizer": {"train_vocab": 400}},
-        "loss": {"alpha": 1.0},
+        "student": {**tiny_run_config["student"], "tokenizer": {"train_vocab": 300}},
+        "loss": {"cross_tokenizer": "hybrid"},
         "eval": {**tiny_run_config["eval"], "speed": False, "sample_prompts": 2},
+        "baseline": True,
     }
     result = distill(config)
-    student_dir = result.run_dir / "student"
-    assert len(AutoTokenizer.from_pretrained(student_dir)) == 400
+    run_dir = result.run_dir
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(r["divergence"] > 0 for r in records)
+    student_dir = run_dir / "student"
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    assert len(tokenizer) == 300 and tokenizer.get_vocab() != tiny_tokenizer.get_vocab()
+    assert model.get_input_embeddings().weight.shape[0] == 300
+    text = "A class definition"
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    assert ids.tolist() != tiny_tokenizer(text, return_tensors="pt").input_ids.tolist()
+    assert tokenizer.decode(ids[0]) == text
+    torch.testing.assert_close(model(ids).logits, result.student.cpu()(ids).logits)
     models = result.report["models"]
-    for name in ("teacher", "student_before", "student_after"):
+    for name in ("teacher", "student_before", "student_after", "student_labels_only"):
         assert models[name]["bits_per_byte"] > 0, name
         assert models[name]["teacher_sample_bpb"] > 0, name
-    for name in ("student_before", "student_after"):
+    for name in ("student_before", "student_after", "student_labels_only"):
         assert "kl_to_teacher" not in models[name] and "perplexity" not in models[name]
         assert "another vocabulary" in models[name]["token_metrics_absent"]
-    assert models["teacher"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-9)
-    assert models["student_before"]["bits_per_byte"] != models["teacher"]["bits_per_byte"]
-    markdown = (result.run_dir / "report.md").read_text()
-    assert "| student_after | " in markdown and "| n/a |" in markdown
-    assert "n/a for student_before, student_after: another vocabulary" in markdown
-    assert "its own vocabulary" in result.report["verdict"]
-    page = (result.run_dir / "report.html").read_text()
-    assert 'data-key="kl_to_teacher"' in page and "data-absent=" in page
+    assert models["student_after"]["bits_per_byte"] != models["student_before"]["bits_per_byte"]
+    markdown = (run_dir / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| model |"))
+    assert "bits/byte (held-out text)" in header and "KL(" not in header  # no token columns
+    assert "n/a for student_before, student_after, student_labels_only: another vocabulary" in (
+        markdown
+    )
+    verdict = result.report["verdict"]
+    assert "its own vocabulary" in verdict and "held-out bits per byte" in verdict
+    assert f"teacher {models['teacher']['bits_per_byte']:.3f}" in verdict
+    page = (run_dir / "report.html").read_text()
+    assert 'data-key="bits_per_byte"' in page and "<p>n/a: another vocabulary" in page
     extra = result.report["extra_sets"]["other_domain"]["models"]
-    assert extra["student_after"]["bits_per_byte"] > 0
+    assert extra["student_after"]["bits_per_byte"] > 0 and extra["teacher"]["bits_per_byte"] > 0
 
 
 def test_vocabulary_is_trained_on_the_training_split_only(tmp_path):

@@ -409,6 +409,23 @@ class LossConfig(_Section):
     chunk_size: int = Field(
         0, ge=0, description="fused: tokens per chunk; 0 = as many as fit in memory_budget_mb."
     )
+    cross_tokenizer: Literal["uld", "hybrid"] | None = Field(
+        None,
+        description="Teacher and student with different tokenizers (a student.path model with "
+        "its own tokenizer, or student.tokenizer): both tokenize the same bytes, tokens are grouped where both sides end on "
+        "the same byte, and the divergence is taken per group on chain-rule group "
+        "distributions: uld = sorted-probability L1 (Universal Logit Distillation); hybrid = "
+        "exact KL on tokens both vocabularies hold + uld on the rest. The student's own labels "
+        "give the CE (alpha); empty = teacher and student share one tokenizer (byte-level BPE "
+        "only; see docs/cross-tokenizer.md).",
+    )
+    uld_top_k: int = Field(
+        256,
+        ge=0,
+        description="loss.cross_tokenizer: the ULD sorts and compares the k largest "
+        "probabilities of each side and one tail entry for the rest (exact when k covers the "
+        "vocabulary); 0 = sort all (exact, seconds per batch on a CPU at vocab 49152).",
+    )
     memory_budget_mb: float = Field(
         512.0,
         gt=0.0,
@@ -1096,9 +1113,9 @@ def _encoders_have_one_teacher(config: RunConfig) -> str | None:
 
 
 def _new_vocabulary_needs_cross_tokenizer_loss(config: RunConfig) -> str | None:
-    # loss.cross_tokenizer (null / uld / hybrid) is the cross-tokenizer loss's knob.
     wanted = config.student.tokenizer
-    if wanted.new_vocabulary and getattr(config.loss, "cross_tokenizer", None) is None:
+    labels_only = config.loss.alpha == 1.0 and config.loss.alpha_schedule == "constant"
+    if wanted.new_vocabulary and config.loss.cross_tokenizer is None and not labels_only:
         given = (
             f"student.tokenizer.path={wanted.path}"
             if wanted.path is not None
@@ -1106,7 +1123,8 @@ def _new_vocabulary_needs_cross_tokenizer_loss(config: RunConfig) -> str | None:
         )
         return (
             f"{given} gives the student a vocabulary of its own: training it against the "
-            "teacher needs a cross-tokenizer loss (loss.cross_tokenizer: uld or hybrid)"
+            "teacher needs a cross-tokenizer loss (loss.cross_tokenizer: uld or hybrid), or "
+            "loss.alpha=1 (labels only)"
         )
     return None
 
@@ -1117,8 +1135,39 @@ def _new_vocabulary_is_causal_lm(config: RunConfig) -> str | None:
     return None
 
 
+def _cross_tokenizer_needs_live_teacher(config: RunConfig) -> str | None:
+    """The cross-tokenizer losses need the teacher's full distribution at its own tokens of
+    each row (a cache or a server holds the top-k of the teacher's blocks, not of these), one
+    whole student per process, the student's full logits."""
+    if config.loss.cross_tokenizer is None:
+        return None
+    blocked = [
+        ("teachers", config.teachers is not None),
+        ("teacher.cache", bool(config.teacher.cache)),
+        ("teacher.url", bool(config.teacher.url)),
+        ("onpolicy.lambda > 0", config.onpolicy.lambda_ > 0),
+        ("intermediate.hidden_weight / attention_weight > 0", config.intermediate.enabled),
+        ("parallel.strategy=fsdp", config.parallel.strategy == "fsdp"),
+        ("compress.qad_steps", bool(config.compress.qad_steps)),
+    ]
+    for key, chosen in blocked:
+        if chosen:
+            return (
+                f"loss.cross_tokenizer={config.loss.cross_tokenizer} works with the live teacher "
+                f"and a whole student per process: unset {key}"
+            )
+    if config.loss.divergence != "forward_kl":
+        return (
+            f"loss.divergence={config.loss.divergence}: loss.cross_tokenizer="
+            f"{config.loss.cross_tokenizer} chooses the divergence (leave loss.divergence at "
+            "forward_kl)"
+        )
+    return None
+
+
 _CAUSAL_LM_RULES = (
     _teachers_fit_together,
+    _cross_tokenizer_needs_live_teacher,
     _sources_are_text_blocks,
     _group_size_divides_width,
     _qad_needs_teacher,

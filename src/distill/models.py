@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import functools
 import importlib.metadata
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,12 +30,9 @@ __all__ = [
     "load_tokenizer",
     "teacher_source",
     "shared_vocab_rows",
+    "tokenizer_rows",
     "count_params",
-    "byte_level_problem",
-    "check_byte_level",
-    "check_tokenizer_pair",
     "same_vocabulary",
-    "byte_level_string",
 ]
 
 log = logging.getLogger(__name__)
@@ -185,97 +180,20 @@ def shared_vocab_rows(
     return shared
 
 
-# Tokenizers across vocabularies: byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM) maps every
-# UTF-8 byte to one printable character, so any text, and any token, is a sequence of bytes.
-
-
-def _types(node: object) -> set[str]:
-    """Every ``"type"`` named anywhere in a tokenizer.json fragment (Sequence components too)."""
-    if isinstance(node, dict):
-        found = {node["type"]} if isinstance(node.get("type"), str) else set()
-        return found.union(*(_types(value) for value in node.values()))
-    if isinstance(node, list):
-        return set().union(*(_types(value) for value in node))
-    return set()
-
-
-def byte_level_problem(tokenizer: PreTrainedTokenizerBase) -> str | None:
-    """Why ``tokenizer`` is not a byte-level BPE tokenizer (a fast tokenizer whose model is BPE
-    and whose pre-tokenizer maps bytes to characters), or None when it is one."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return "not a fast (tokenizers-backed) tokenizer"
-    spec = json.loads(backend.to_str())
-    model_type = spec["model"].get("type")
-    if model_type != "BPE":
-        return f"its model is {model_type}, not byte-level BPE"
-    if "ByteLevel" not in _types(spec.get("pre_tokenizer")):
-        fallback = ", byte fallback" if spec["model"].get("byte_fallback") else ""
-        return f"BPE without a ByteLevel pre-tokenizer{fallback} (SentencePiece-style)"
-    return None
-
-
-def _describe(tokenizer: PreTrainedTokenizerBase, name: str) -> str:
-    return f"{name} ({type(tokenizer).__name__}, {len(tokenizer)} tokens)"
-
-
-_SUPPORTED = "distill compares byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM)"
-
-
-def check_byte_level(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
-    """Raise :class:`ModelError` (one line naming ``name``) unless ``tokenizer`` is byte-level
-    BPE, the kind whose tokens distill can map to bytes across vocabularies."""
-    problem = byte_level_problem(tokenizer)
-    if problem:
-        raise ModelError(f"tokenizer of {_describe(tokenizer, name)}: {problem}; {_SUPPORTED}")
-
-
-def check_tokenizer_pair(
-    teacher_tokenizer: PreTrainedTokenizerBase,
-    student_tokenizer: PreTrainedTokenizerBase,
-    teacher_name: str = "teacher",
-    student_name: str = "student",
-) -> None:
-    """Raise one :class:`ModelError` line naming both tokenizers unless both are byte-level BPE
-    (needed to compare a teacher and a student of different vocabularies)."""
-    problems = [
-        f"{which} {problem}"
-        for which, tokenizer in (
-            ("the teacher's", teacher_tokenizer),
-            ("the student's", student_tokenizer),
-        )
-        if (problem := byte_level_problem(tokenizer))
-    ]
-    if problems:
-        raise ModelError(
-            f"unsupported tokenizer pair: teacher {_describe(teacher_tokenizer, teacher_name)}, "
-            f"student {_describe(student_tokenizer, student_name)}: {'; '.join(problems)}; "
-            f"{_SUPPORTED}"
-        )
-
-
 def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
     """Whether two tokenizers map the same strings to the same ids (token-level metrics such as
     KL and agreement compare rows only then)."""
     return a is b or a.get_vocab() == b.get_vocab()
 
 
-@functools.cache
-def _byte_chars() -> list[str]:
-    """The character byte-level BPE writes for each byte value (GPT-2's table): printable
-    Latin-1 bytes stand for themselves, the other 68 take code points 256, 257, ... in order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    chars, extra = {}, 0
-    for value in range(256):
-        if value in printable:
-            chars[value] = chr(value)
-        else:
-            chars[value] = chr(256 + extra)
-            extra += 1
-    return [chars[value] for value in range(256)]
 
-
-def byte_level_string(data: bytes) -> str:
-    """``data`` as byte-level BPE writes it in its vocabulary (``b" the"`` -> ``"Ġthe"``)."""
-    table = _byte_chars()
-    return "".join(table[value] for value in data)
+def tokenizer_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> int:
+    """The output rows of ``model`` that its own ``tokenizer`` uses: ``len(tokenizer)``; rows
+    beyond it (a padded vocabulary) get no probability mass. Fewer rows than tokens is an
+    error naming ``name``."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelError(
+            f"{name}: its tokenizer has {len(tokenizer)} tokens but {rows} output rows"
+        )
+    return len(tokenizer)

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 from distill.compress.store import load_model, model_bytes, quantized_params, read_manifest
 from distill.config import RunConfig
 from distill.data import Examples, check_data_source
+from distill.data.alignment import check_tokenizer_pair
 from distill.errors import ConfigError, ModelError
 from distill.evaluate.bits_per_byte import (
     TOKEN_METRICS,
@@ -33,7 +34,6 @@ from distill.evaluate.choice import default_task_path, multiple_choice_accuracy,
 from distill.evaluate.generation import GenerationSettings, measure_generation_in_subprocess
 from distill.evaluate.heldout import heldout_quality
 from distill.models import (
-    check_tokenizer_pair,
     count_params,
     load_teacher,
     load_teacher_tokenizer,

@@ -37,9 +37,7 @@ from distill.errors import ConfigError
 from distill.evaluate import heldout_metrics
 from distill.evaluate.bits_per_byte import (
     bits_per_byte,
-    teacher_bits_per_byte_of_samples,
     text_pieces,
-    vocabulary_differs,
 )
 from distill.evaluate.fidelity import FidelityProbe, block_prompts, sample_fidelity
 from distill.evaluate.generation import GenerationSettings, measure_generation_in_subprocess
@@ -212,19 +210,18 @@ def _score_bits_per_byte(
     all_models: dict[str, PreTrainedModel],
     tokenizers: dict[str, Any],
     quality: dict[str, dict],
-    extra_results: dict[str, Any],
-    other_sets: bool,
+    extra_results: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Bits per UTF-8 byte of every model (its own tokenizer) on the held-out text, into
-    ``quality``; with ``other_sets`` (two vocabularies: no token-level numbers there) also on
-    each extra held-out set. Returns what was scored (for evaluation.json)."""
+    """Bits per UTF-8 byte of every model (each with its own tokenizer) on the held-out text,
+    into ``quality``; with ``extra_results`` (a cross-tokenizer run, whose token-level numbers
+    are absent there) also on each extra held-out set, into its models. Returns what was scored
+    (for evaluation.json)."""
     piece_chars = 4 * config.data.block_size
     texts = {"heldout": text_pieces(split_texts(config)[1], config.eval.bpb_bytes, piece_chars)}
-    if other_sets:
-        sources = extra_sources(config.eval.extra_data)
-        for set_name in extra_results:
-            documents = read_documents(sources[set_name], config.data.text_field)
-            texts[set_name] = text_pieces(documents, config.eval.bpb_bytes, piece_chars)
+    sources = extra_sources(config.eval.extra_data)
+    for set_name in extra_results or {}:
+        documents = read_documents(sources[set_name], config.data.text_field)
+        texts[set_name] = text_pieces(documents, config.eval.bpb_bytes, piece_chars)
     start = time.perf_counter()
     for set_name, pieces in texts.items():
         target = quality if set_name == "heldout" else extra_results[set_name]["models"]
@@ -340,6 +337,10 @@ def distill(
         return RunResult(encoder_run.run_dir, encoder_run.report, encoder_run.student)
 
     models = prepare_models(config)
+    if models.cross_tokenizer:  # a student with its own tokenizer: aligned on bytes
+        from distill.pipelines.cross_run import run_cross_tokenizer
+
+        return run_cross_tokenizer(config, models, context, device, resume)
     sharded = config.parallel.strategy == "fsdp" and context.enabled  # placed by the sharding
     if not sharded:
         if models.teacher is not None:
@@ -431,12 +432,11 @@ def distill(
     probe = None
     every = config.eval.every
     if every and context.is_main:
-        if models.teacher is None or sharded or models.new_vocabulary:
+        if models.teacher is None or sharded:
             log.warning(
                 "eval.every: fidelity during training needs the live, unsharded teacher and "
-                "student of the teacher's vocabulary (not teacher.cache / teacher.url / "
-                "parallel.strategy=fsdp / student.tokenizer; with teachers, one of them must be "
-                "the model of teacher:); skipped"
+                "student (not teacher.cache / teacher.url / parallel.strategy=fsdp; with "
+                "teachers, one of them must be the model of teacher:); skipped"
             )
         else:
             keep = config.eval.every_blocks
@@ -526,10 +526,9 @@ def distill(
     if not context.is_main:
         return RunResult(run_dir, {}, models.student)
 
-    student_tokenizer = models.student_tokenizer or models.tokenizer
     with atomic_directory(run_dir / "student") as tmp:
         models.student.save_pretrained(tmp, safe_serialization=True)
-        student_tokenizer.save_pretrained(tmp)
+        models.tokenizer.save_pretrained(tmp)
 
     if models.teacher is None:  # trained from a cache or server (or sharded): needed to evaluate
         models.teacher = load_teacher(config.teacher).to(models.student.device)
@@ -537,13 +536,8 @@ def distill(
     elif teacher_set is not None:  # several teachers: the evaluation's is the one of teacher:
         teacher = LiveTeacher(models.teacher, models.vocab_rows)
     all_models = {"teacher": models.teacher, **compared}
-    tokenizers = {
-        name: models.tokenizer if name == "teacher" else student_tokenizer for name in all_models
-    }
-    # Token-level metrics compare rows of one vocabulary: with two, the teacher's row only.
-    token_scored = {} if models.new_vocabulary else compared
     quality = heldout_metrics(
-        token_scored,
+        compared,
         teacher,
         heldout_blocks.input_ids if examples else heldout_blocks,
         vocab_rows=models.vocab_rows,
@@ -559,17 +553,13 @@ def distill(
             "blocks": int(blocks.shape[0]),
             "tokens": int(blocks.numel()),
             "models": heldout_metrics(
-                token_scored,
+                compared,
                 teacher,
                 blocks,
                 vocab_rows=models.vocab_rows,
                 batch_size=config.eval.batch_size,
             ),
         }
-    if models.new_vocabulary:
-        absent = vocabulary_differs(models.tokenizer, student_tokenizer)
-        for rows in [quality, *(held["models"] for held in extra_results.values())]:
-            rows.update({name: {"token_metrics_absent": absent} for name in compared})
     if config.eval.sample_prompts:
         eos = models.tokenizer.eos_token_id
         pad = models.tokenizer.pad_token_id
@@ -588,19 +578,6 @@ def distill(
         }
         for set_name, prompts in prompt_sets.items():
             log.info("sampling from every model on %s; the teacher scores the samples", set_name)
-            target = quality if set_name == "heldout" else extra_results[set_name]["models"]
-            if models.new_vocabulary:  # the samples as text, re-tokenized by the teacher
-                scores = teacher_bits_per_byte_of_samples(
-                    {name: (model, tokenizers[name]) for name, model in all_models.items()},
-                    models.teacher,
-                    models.tokenizer,
-                    [models.tokenizer.decode(prompt) for prompt in prompts],
-                    new_tokens=config.eval.sample_tokens,
-                    seed=config.seed,
-                )
-                for name, value in scores.items():
-                    target[name]["teacher_sample_bpb"] = value["teacher_sample_bpb"]
-                continue
             nll = sample_fidelity(
                 all_models,
                 teacher,
@@ -610,21 +587,19 @@ def distill(
                 pad_token_id=pad,
                 seed=config.seed,
             )
+            target = quality if set_name == "heldout" else extra_results[set_name]["models"]
             for name, value in nll.items():
                 target[name]["teacher_nll"] = value
     bpb_settings = None
     if config.eval.bits_per_byte:
-        bpb_settings = _score_bits_per_byte(
-            config, all_models, tokenizers, quality, extra_results, models.new_vocabulary
-        )
+        tokenizers = dict.fromkeys(all_models, models.tokenizer)
+        bpb_settings = _score_bits_per_byte(config, all_models, tokenizers, quality)
     scratch = run_dir / ".eval_models"
     model_dirs: dict[str, Path] = {"student_after": run_dir / "student"}
     for name, model in all_models.items():
         if name not in model_dirs:
             model.save_pretrained(scratch / name, safe_serialization=True)
-            (models.tokenizer if name == "teacher" else student_tokenizer).save_pretrained(
-                scratch / name
-            )
+            models.tokenizer.save_pretrained(scratch / name)
             model_dirs[name] = scratch / name
     evaluation: dict[str, Any] = {"models": {}, "extra_sets": extra_results, "plan": plan}
     speed = _measure_speed(config, model_dirs, threads) if config.eval.speed else {}

@@ -25,7 +25,7 @@ def write_student(config: RunConfig, out: str | Path) -> dict[str, Any]:
         raise ConfigError("distill student builds a student: unset student.path")
     check_data_source(config)
     teacher = config.teacher.model_copy(update={"cache": None})  # the weights are needed
-    models = prepare_models(config.model_copy(update={"teacher": teacher}))
+    models = prepare_models(config.model_copy(update={"teacher": teacher}), training=False)
     context = config.data.block_size
     result = {
         "teacher": model_cost(models.teacher, context),

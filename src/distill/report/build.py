@@ -267,6 +267,7 @@ def _plot_losses(
                 linestyle=style[1:],
                 label=f"{name}: held-out CE",
             )
+        if name in models and models[name].get("kl_to_teacher") is not None:
             kl_axis.axhline(
                 models[name]["kl_to_teacher"],
                 color=style[0],
@@ -280,7 +281,8 @@ def _plot_losses(
     kl_axis.set_yscale("symlog", linthresh=0.1)
     kl_axis.set_ylim(bottom=0)
     for axis in axes:
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -367,17 +369,20 @@ def _verdict(models: dict[str, Any], extra_sets: dict[str, Any] | None = None) -
 
 def _bytes_verdict(models: dict[str, Any]) -> str | None:
     """The verdict for a student of another vocabulary: bits per byte and the teacher's bits per
-    byte of its samples (token-level numbers do not exist across vocabularies)."""
+    byte of its samples (token-level numbers do not exist across vocabularies), beside the
+    teacher's own and the labels-only twin's."""
     after, before = models["student_after"], models["student_before"]
-    teacher = models.get("teacher", {})
+    references = {"teacher": models.get("teacher", {})}
+    references["labels only"] = models.get("student_labels_only", {})
     parts = []
     for key, what in (
         ("bits_per_byte", "held-out bits per byte"),
         ("teacher_sample_bpb", "the teacher's bits per byte of the student's samples"),
     ):
         if before.get(key) is not None and after.get(key) is not None:
-            floor = f" (teacher {teacher[key]:.3f})" if teacher.get(key) is not None else ""
-            parts.append(f"{what} {before[key]:.3f} -> {after[key]:.3f}{floor}")
+            others = [f"{who} {row[key]:.3f}" for who, row in references.items() if row.get(key)]
+            beside = f" ({', '.join(others)})" if others else ""
+            parts.append(f"{what} {before[key]:.3f} -> {after[key]:.3f}{beside}")
     if not parts:
         return None
     return (

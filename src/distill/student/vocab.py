@@ -23,13 +23,9 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from distill.data.alignment import byte_level_string, check_byte_level, check_tokenizer_pair
 from distill.errors import ConfigError
-from distill.models import (
-    byte_level_string,
-    check_byte_level,
-    check_tokenizer_pair,
-    load_tokenizer,
-)
+from distill.models import load_tokenizer
 
 __all__ = [
     "train_vocabulary",
