@@ -186,7 +186,6 @@ def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> b
     return a is b or a.get_vocab() == b.get_vocab()
 
 
-
 def tokenizer_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> int:
     """The output rows of ``model`` that its own ``tokenizer`` uses: ``len(tokenizer)``; rows
     beyond it (a padded vocabulary) get no probability mass. Fewer rows than tokens is an
