@@ -35,6 +35,7 @@ Targets (benchmarks/results/cross_tokenizer.json):
   text) / labels only, on the numeral slice, at most 1.0.
 
     python benchmarks/cross_tokenizer.py [--steps 40] [--batch 4] [--block 128] [--vocab 8192]
+        [--threads 0]
     python benchmarks/cross_tokenizer.py --tiny   # a self-check on tiny random models, no write
 """
 
@@ -395,6 +396,7 @@ def run(args: argparse.Namespace, root: Path) -> dict:
                 name: sum(len(p.encode("utf-8")) for p in pieces) for name, pieces in texts.items()
             },
             "samples": {"prompts": args.samples, "new_tokens": args.sample_tokens},
+            "threads": torch.get_num_threads(),
         },
         "sequence_kd_generation": generation,
         "models": scores,
@@ -470,6 +472,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, help="sampling prompts per set (16; tiny 2)")
     parser.add_argument("--sample-tokens", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores")
     parser.add_argument("--tiny", action="store_true", help="tiny random models, nothing written")
     args = parser.parse_args()
     for key, full, tiny in (("steps", 40, 3), ("batch", 4, 2), ("block", 128, 32),
@@ -477,6 +480,8 @@ def main() -> None:
                             ("samples", 16, 2)):  # fmt: skip
         if getattr(args, key) is None:
             setattr(args, key, tiny if args.tiny else full)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="distill-cross-bench-"))
     try:
