@@ -51,6 +51,13 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
 
 
+def make_wordpiece_tokenizer() -> PreTrainedTokenizerFast:
+    """A WordPiece (BERT-style) tokenizer: not byte-level BPE, refused across vocabularies."""
+    tokenizer = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]")
+
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -129,7 +136,13 @@ def tiny_run_config(tmp_path, tiny_teacher_dir) -> dict:
         "student": {"keep_first": 1, "keep_last": 1},
         "data": {"block_size": 32},
         "train": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "threads": 1, "device": "cpu"},
-        "eval": {"max_blocks": 4, "batch_size": 2, "gen_new_tokens": 4, "gen_prompts": ["def f"]},
+        "eval": {
+            "max_blocks": 4,
+            "batch_size": 2,
+            "gen_new_tokens": 4,
+            "gen_prompts": ["def f"],
+            "bpb_bytes": 1024,
+        },
     }
 
 

@@ -115,3 +115,59 @@ def reference_split_by_hash(
         heldout.add(index)
         held_size += sizes[index]
     return [i for i in range(len(keys)) if i not in heldout], sorted(heldout)
+
+
+def reference_group_distribution(
+    logits: torch.Tensor, tokens: list[int], temperature: float = 1.0
+) -> torch.Tensor:
+    """One side's distribution of one aligned group over ``V + 1`` outcomes, from its
+    definition: ``logits`` ``[n, V]`` are the rows predicting the group's ``n`` tokens in turn.
+    Alternatives of the first token keep their probability; the first token's entry holds the
+    chain-rule product ``prod_i p_i(x_i)``; the last entry (the bucket) ``p_1(x_1) - product``."""
+    steps = [_reference_softmax(row / temperature) for row in logits]
+    product = torch.ones((), dtype=torch.float64)
+    for step, token in zip(steps, tokens, strict=True):
+        product = product * step[token]
+    first = steps[0].clone()
+    bucket = first[tokens[0]] - product
+    first[tokens[0]] = product
+    return torch.cat([first, bucket.reshape(1)])
+
+
+def reference_uld(p: torch.Tensor, q: torch.Tensor, top_k: int | None = None) -> float:
+    """ULD of two probability vectors: sorted decreasingly, zero-padded, L1, element by element;
+    with ``top_k`` only the first k of each, plus ``|rest of p - rest of q|``."""
+    a = sorted(p.double().tolist(), reverse=True)
+    b = sorted(q.double().tolist(), reverse=True)
+    width = max(len(a), len(b))
+    a += [0.0] * (width - len(a))
+    b += [0.0] * (width - len(b))
+    if top_k is None or top_k >= width:
+        return sum(abs(x - y) for x, y in zip(a, b, strict=True))
+    head = sum(abs(x - y) for x, y in zip(a[:top_k], b[:top_k], strict=True))
+    return head + abs(sum(a[top_k:]) - sum(b[top_k:]))
+
+
+def reference_hybrid(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    teacher_first: int,
+    student_first: int,
+    pairs: list[tuple[int, int]],
+) -> float:
+    """The hybrid divergence of one group from its definition: ``p`` ``[Vt + 1]`` and ``q``
+    ``[Vs + 1]`` group distributions, ``pairs`` (teacher id, student id) of equal tokens. The
+    matched outcomes are the chunk (the two first tokens) and the pairs that touch neither
+    first token; KL of both sides renormalised over them, plus ULD of everything else."""
+    matched = [(teacher_first, student_first)] + [
+        (t, s) for t, s in pairs if t != teacher_first and s != student_first
+    ]
+    p_matched = torch.stack([p[t] for t, _ in matched]).double()
+    q_matched = torch.stack([q[s] for _, s in matched]).double()
+    p_hat, q_hat = p_matched / p_matched.sum(), q_matched / q_matched.sum()
+    kl = float((p_hat * torch.log(p_hat / q_hat)).sum())
+    teacher_taken = {t for t, _ in matched}
+    student_taken = {s for _, s in matched}
+    p_rest = torch.stack([p[i] for i in range(len(p)) if i not in teacher_taken])
+    q_rest = torch.stack([q[i] for i in range(len(q)) if i not in student_taken])
+    return kl + reference_uld(p_rest, q_rest)

@@ -10,14 +10,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from conftest import make_llama, make_tokenizer, save_model
+from conftest import make_llama, make_tokenizer, make_wordpiece_tokenizer, save_model
 
+import distill.pipelines.eval as eval_pipeline
 from distill import distill
 from distill.cli import main
 from distill.compress.store import model_bytes
 from distill.compress.store import save_model as save_compressed
 from distill.config import load_config
 from distill.errors import DataError
+from distill.evaluate.bits_per_byte import bits_per_byte, text_pieces
 from distill.evaluate.choice import (
     Question,
     choice_logprobs,
@@ -28,6 +30,7 @@ from distill.evaluate.choice import (
 from distill.evaluate.heldout import heldout_quality
 from distill.models import load_causal_lm
 from distill.pipelines.eval import evaluate_models, format_tables, retention
+from distill.pipelines.prepare import split_texts
 from distill.teacher import LiveTeacher
 
 
@@ -203,13 +206,56 @@ def test_eval_cli_missing_model_exits_2(tmp_path, tiny_teacher_dir, capsys):
     assert "nope" in _one_error_line(capsys)
 
 
-def test_eval_cli_mismatched_vocabulary_exits_2(tmp_path, tiny_teacher_dir, capsys):
+def test_eval_scores_another_vocabulary_per_byte(tmp_path, tiny_teacher_dir, eval_data):
+    """A byte-level model of another vocabulary: bits per byte and multiple choice with its own
+    tokenizer; KL and agreement absent, saying why."""
+    data, task = eval_data
     other_tokenizer = make_tokenizer(vocab_size=300)
     other = save_model(make_llama(len(other_tokenizer)), other_tokenizer, tmp_path / "other")
+    config = load_config(
+        overrides=[
+            f"teacher.path={tiny_teacher_dir}",
+            f"data.path={data}",
+            "data.block_size=32",
+            "eval.max_blocks=2",
+            f"eval.mc_task={task}",
+            "eval.speed=false",
+            "eval.bpb_bytes=1500",
+        ]
+    )
+    result = evaluate_models([str(other)], config)
+    teacher, row = result["models"]["teacher"], result["models"]["other"]
+    assert "kl_to_teacher" not in row and "perplexity" not in row
+    assert "another vocabulary" in row["token_metrics_absent"]
+    assert row["mc_questions"] == 4 and 0 <= row["mc_accuracy"] <= 1
+    texts = text_pieces(split_texts(config)[1], 1500, 4 * 32)
+    assert result["settings"]["bits_per_byte_bytes"] == sum(len(t.encode()) for t in texts)
+    expected = bits_per_byte(load_causal_lm(other), other_tokenizer, texts)["bits_per_byte"]
+    assert row["bits_per_byte"] == pytest.approx(expected, rel=1e-6)
+    assert teacher["bits_per_byte"] > 0 and teacher["kl_to_teacher"] == pytest.approx(0, abs=1e-9)
+    assert result["retention"]["other"]["bits_per_byte"] == pytest.approx(
+        100 * teacher["bits_per_byte"] / row["bits_per_byte"]
+    )
+    table = format_tables(result)
+    assert "| other | " in table and "n/a" in table and "another vocabulary" in table
+
+
+def test_eval_cli_unsupported_tokenizer_pair_exits_2_before_loading(
+    tmp_path, tiny_teacher_dir, capsys, monkeypatch
+):
+    wordpiece = make_wordpiece_tokenizer()
+    other = save_model(make_llama(len(wordpiece)), wordpiece, tmp_path / "bert")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the tokenizers were refused")
+
+    monkeypatch.setattr(eval_pipeline, "load_teacher", refuse)
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", str(other), "--teacher", str(tiny_teacher_dir), "--no-speed"])
     assert exit_info.value.code == 2
-    assert "tokenizers differ" in _one_error_line(capsys)
+    line = _one_error_line(capsys)
+    assert "unsupported tokenizer pair" in line and "WordPiece" in line
+    assert str(tiny_teacher_dir) in line and str(other) in line
 
 
 def test_eval_cli_writes_json(tmp_path, tiny_teacher_dir, tiny_tokenizer, eval_data, capsys):
@@ -269,7 +315,7 @@ def test_eval_takes_config_and_set_and_scores_a_run_student_as_the_run_did(
     assert result["settings"]["eval"]["max_blocks"] == config["eval"]["max_blocks"]
     reported = run.report["models"]
     for name, row in (("teacher", "teacher"), ("student", "student_after")):
-        for key in ("perplexity", "kl_to_teacher", "top1_agreement"):
+        for key in ("perplexity", "kl_to_teacher", "top1_agreement", "bits_per_byte"):
             assert result["models"][name][key] == pytest.approx(
                 reported[row][key], rel=1e-4, abs=1e-6
             ), (

@@ -276,6 +276,8 @@ def test_config_refuses_shards_with_what_they_cannot_serve(tmp_path):
         (["teacher.cache=c"], "teacher.cache holds in-memory blocks"),
         (["teachers=[{name: a}]"], "shard rows carry no teacher route"),
         (["task=embedding"], "task causal_lm only"),
+        (["student.tokenizer.train_vocab=300"], "a student with its own vocabulary reads text"),
+        (["loss.cross_tokenizer=uld"], "a student with its own vocabulary reads text"),
     ]
     for overrides, needle in cases:
         with pytest.raises(ConfigError, match=needle):

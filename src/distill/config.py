@@ -29,6 +29,7 @@ __all__ = [
     "TeacherConfig",
     "NamedTeacherConfig",
     "StudentConfig",
+    "StudentTokenizerConfig",
     "IntermediateConfig",
     "DataConfig",
     "LossConfig",
@@ -44,6 +45,7 @@ __all__ = [
     "OnPolicyConfig",
     "GenerateConfig",
     "load_config",
+    "check_trainable",
     "apply_overrides",
     "describe_defaults",
     "teacher_sections",
@@ -133,6 +135,37 @@ class NamedTeacherConfig(TeacherConfig):
     )
 
 
+class StudentTokenizerConfig(_Section):
+    """A student with its own vocabulary (see docs/cross-tokenizer.md)."""
+
+    path: str | None = Field(
+        None,
+        description="A tokenizer directory (byte-level BPE) the student built from the "
+        "teacher's layers uses instead of the teacher's; its embedding and head rows are "
+        "initialised from the teacher's. Empty = the teacher's tokenizer (or train_vocab).",
+    )
+    train_vocab: int | None = Field(
+        None,
+        ge=256,
+        description="Train a byte-level BPE tokenizer of this many tokens (e.g. 8192) on the "
+        "training split's text, keeping the teacher's special tokens and chat template, and "
+        "give it to the student built from the teacher's layers. Empty = no new vocabulary.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> StudentTokenizerConfig:
+        if self.path is not None and self.train_vocab is not None:
+            raise ValueError(
+                "set only one of student.tokenizer.path and student.tokenizer.train_vocab"
+            )
+        return self
+
+    @property
+    def new_vocabulary(self) -> bool:
+        """Whether the built student gets a vocabulary of its own (not the teacher's)."""
+        return self.path is not None or self.train_vocab is not None
+
+
 class StudentConfig(_Section):
     path: str | None = Field(
         None,
@@ -192,6 +225,7 @@ class StudentConfig(_Section):
     hidden: int | None = Field(
         None, ge=1, description="Width pruning: hidden (embedding) channels."
     )
+    tokenizer: StudentTokenizerConfig = Field(default_factory=StudentTokenizerConfig)
 
     @model_validator(mode="after")
     def _one_recipe(self) -> StudentConfig:
@@ -206,6 +240,11 @@ class StudentConfig(_Section):
             raise ValueError(f"student.layers: repeated layer in {self.layers}")
         if not chosen and self.keep_first + self.keep_last == 0:
             raise ValueError("student.keep_first + student.keep_last must be at least 1")
+        if self.path is not None and self.tokenizer.new_vocabulary:
+            raise ValueError(
+                "student.tokenizer gives a built student a new vocabulary; a student.path model "
+                "keeps its own tokenizer: unset one of them"
+            )
         return self
 
     @property
@@ -380,6 +419,23 @@ class LossConfig(_Section):
     chunk_size: int = Field(
         0, ge=0, description="fused: tokens per chunk; 0 = as many as fit in memory_budget_mb."
     )
+    cross_tokenizer: Literal["uld", "hybrid"] | None = Field(
+        None,
+        description="Teacher and student with different tokenizers (a student.path model with "
+        "its own tokenizer, or student.tokenizer): both tokenize the same bytes, tokens are grouped where both sides end on "
+        "the same byte, and the divergence is taken per group on chain-rule group "
+        "distributions: uld = sorted-probability L1 (Universal Logit Distillation); hybrid = "
+        "exact KL on tokens both vocabularies hold + uld on the rest. The student's own labels "
+        "give the CE (alpha); empty = teacher and student share one tokenizer (byte-level BPE "
+        "only; see docs/cross-tokenizer.md).",
+    )
+    uld_top_k: int = Field(
+        256,
+        ge=0,
+        description="loss.cross_tokenizer: the ULD sorts and compares the k largest "
+        "probabilities of each side and one tail entry for the rest (exact when k covers the "
+        "vocabulary); 0 = sort all (exact, seconds per batch on a CPU at vocab 49152).",
+    )
     memory_budget_mb: float = Field(
         512.0,
         gt=0.0,
@@ -491,6 +547,19 @@ class EvalConfig(_Section):
     )
     every_blocks: int = Field(
         4, ge=1, description="Blocks per held-out set scored at each eval.every step."
+    )
+    bits_per_byte: bool = Field(
+        True,
+        description="Score bits per UTF-8 byte of held-out text for the teacher and every "
+        "model, each with its own tokenizer (comparable across vocabularies): the held-out "
+        "documents cut into pieces of at most 4 x data.block_size characters, eval.bpb_bytes of "
+        "them.",
+    )
+    bpb_bytes: int = Field(
+        8192,
+        ge=256,
+        description="UTF-8 bytes of held-out text scored for bits per byte (whole pieces, "
+        "evenly spread over the held-out text).",
     )
 
 
@@ -1083,6 +1152,12 @@ def _shards_hold_one_text_corpus(config: RunConfig) -> str | None:
     cached = _cached_teacher(config)
     if cached:
         return f"data.shards: a {cached}.cache holds in-memory blocks; unset {cached}.cache"
+    tokenizer = config.student.tokenizer
+    if config.loss.cross_tokenizer or tokenizer.path or tokenizer.train_vocab:
+        return (
+            "data.shards hold the teacher's tokens; a student with its own vocabulary reads text "
+            "(data.path)"
+        )
     return None
 
 
@@ -1092,9 +1167,63 @@ def _encoders_have_one_teacher(config: RunConfig) -> str | None:
     return None
 
 
+def _new_vocabulary_needs_cross_tokenizer_loss(config: RunConfig) -> str | None:
+    wanted = config.student.tokenizer
+    labels_only = config.loss.alpha == 1.0 and config.loss.alpha_schedule == "constant"
+    if wanted.new_vocabulary and config.loss.cross_tokenizer is None and not labels_only:
+        given = (
+            f"student.tokenizer.path={wanted.path}"
+            if wanted.path is not None
+            else f"student.tokenizer.train_vocab={wanted.train_vocab}"
+        )
+        return (
+            f"{given} gives the student a vocabulary of its own: training it against the "
+            "teacher needs a cross-tokenizer loss (loss.cross_tokenizer: uld or hybrid), or "
+            "loss.alpha=1 (labels only)"
+        )
+    return None
+
+
+def _new_vocabulary_is_causal_lm(config: RunConfig) -> str | None:
+    if config.task != "causal_lm" and config.student.tokenizer.new_vocabulary:
+        return f"student.tokenizer: task {config.task} students keep the teacher's tokenizer"
+    return None
+
+
+def _cross_tokenizer_needs_live_teacher(config: RunConfig) -> str | None:
+    """The cross-tokenizer losses need the teacher's full distribution at its own tokens of
+    each row (a cache or a server holds the top-k of the teacher's blocks, not of these), one
+    whole student per process, the student's full logits."""
+    if config.loss.cross_tokenizer is None:
+        return None
+    blocked = [
+        ("teachers", config.teachers is not None),
+        ("teacher.cache", bool(config.teacher.cache)),
+        ("teacher.url", bool(config.teacher.url)),
+        ("onpolicy.lambda > 0", config.onpolicy.lambda_ > 0),
+        ("intermediate.hidden_weight / attention_weight > 0", config.intermediate.enabled),
+        ("parallel.strategy=fsdp", config.parallel.strategy == "fsdp"),
+        ("compress.qad_steps", bool(config.compress.qad_steps)),
+    ]
+    for key, chosen in blocked:
+        if chosen:
+            return (
+                f"loss.cross_tokenizer={config.loss.cross_tokenizer} works with the live teacher "
+                f"and a whole student per process: unset {key}"
+            )
+    if config.loss.divergence != "forward_kl":
+        return (
+            f"loss.divergence={config.loss.divergence}: loss.cross_tokenizer="
+            f"{config.loss.cross_tokenizer} chooses the divergence (leave loss.divergence at "
+            "forward_kl)"
+        )
+    return None
+
+
 _CAUSAL_LM_RULES = (
     _shards_hold_one_text_corpus,
     _teachers_fit_together,
+    _cross_tokenizer_needs_live_teacher,
     _sources_fit_together,
     _group_size_divides_width,
     _qad_needs_teacher,
@@ -1108,11 +1237,25 @@ _CAUSAL_LM_RULES = (
 _ENCODER_RULES = (
     _shards_hold_one_text_corpus,
     _encoders_have_one_teacher,
+    _new_vocabulary_is_causal_lm,
     _classification_needs_files,
     _embedding_has_no_baseline,
     _encoder_layer_losses_need_built_student,
     _encoder_runs_on_cpu,
 )
+
+# Rules for the jobs that train a causal-LM student (distill run): `distill student` builds a
+# student with a new vocabulary without training it, so these are not checked on load.
+_TRAINING_RULES = (_new_vocabulary_needs_cross_tokenizer_loss,)
+
+
+def check_trainable(config: RunConfig) -> None:
+    """Refuse, with one line, a config that a training job cannot run (before any model loads);
+    the rules here hold for training only, unlike those checked when a config loads."""
+    for rule in _TRAINING_RULES:
+        problem = rule(config)
+        if problem:
+            raise ConfigError(problem)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -30,7 +30,9 @@ __all__ = [
     "load_tokenizer",
     "teacher_source",
     "shared_vocab_rows",
+    "tokenizer_rows",
     "count_params",
+    "same_vocabulary",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,9 @@ def default_teacher_path() -> Path:
     )
 
 
-def _split_model_path(path: str | Path) -> tuple[str, str | None]:
-    """(directory, gguf_file or None) for a model directory or a .gguf file."""
+def _split_model_path(path: str | Path, need_config: bool = True) -> tuple[str, str | None]:
+    """(directory, gguf_file or None) for a model directory (a tokenizer-only one unless
+    ``need_config``) or a .gguf file."""
     model_path = Path(path)
     if model_path.suffix == ".gguf":
         if not model_path.is_file():
@@ -76,13 +79,14 @@ def _split_model_path(path: str | Path) -> tuple[str, str | None]:
         return str(model_path.parent), model_path.name
     if not model_path.is_dir():
         raise ModelError(f"model directory {model_path} does not exist")
-    if not (model_path / "config.json").is_file():
+    if need_config and not (model_path / "config.json").is_file():
         raise ModelError(f"model directory {model_path} has no config.json")
     return str(model_path), None
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    directory, gguf_file = _split_model_path(path)
+    """The tokenizer of a model directory, a tokenizer-only directory or a .gguf file."""
+    directory, gguf_file = _split_model_path(path, need_config=False)
     try:
         return AutoTokenizer.from_pretrained(
             directory, gguf_file=gguf_file, trust_remote_code=trust_remote_code
@@ -174,3 +178,21 @@ def shared_vocab_rows(
             shared,
         )
     return shared
+
+
+def same_vocabulary(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers map the same strings to the same ids (token-level metrics such as
+    KL and agreement compare rows only then)."""
+    return a is b or a.get_vocab() == b.get_vocab()
+
+
+def tokenizer_rows(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, name: str) -> int:
+    """The output rows of ``model`` that its own ``tokenizer`` uses: ``len(tokenizer)``; rows
+    beyond it (a padded vocabulary) get no probability mass. Fewer rows than tokens is an
+    error naming ``name``."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelError(
+            f"{name}: its tokenizer has {len(tokenizer)} tokens but {rows} output rows"
+        )
+    return len(tokenizer)

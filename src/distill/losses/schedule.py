@@ -57,6 +57,8 @@ class LossSettings:
     chunk_size: int = 0
     memory_budget_mb: float = DEFAULT_MEMORY_BUDGET_MB
     sparse: SparseVariant = "tail_bucket"
+    cross_tokenizer: str | None = None
+    uld_top_k: int = 256
 
     def with_alpha(self, alpha: float) -> LossSettings:
         """The same settings with another alpha (on-policy batches: 0; labels only: 1)."""
@@ -78,6 +80,8 @@ def loss_settings(loss: LossConfig, step: int = 0, total_steps: int = 1) -> Loss
         chunk_size=loss.chunk_size,
         memory_budget_mb=loss.memory_budget_mb,
         sparse=loss.sparse,
+        cross_tokenizer=loss.cross_tokenizer,
+        uld_top_k=loss.uld_top_k,
     )
 
 

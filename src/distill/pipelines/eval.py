@@ -1,7 +1,9 @@
 """``distill eval``: every model on the same held-out blocks, questions and prompts.
 
 For each model (and the teacher): perplexity, KL(teacher || model) per token, top-1 / top-5
-agreement with the teacher, multiple-choice accuracy (log-likelihood scoring), greedy generation
+agreement with the teacher (models of the teacher's vocabulary only: the others are byte-level
+BPE models of their own vocabulary, scored per byte), bits per UTF-8 byte of held-out text (each
+model with its own tokenizer), multiple-choice accuracy (log-likelihood scoring), greedy generation
 tokens/s at batch 1 and 8, time to first token, peak RSS (each model timed in a fresh process),
 parameters and bytes on disk. ``retention`` gives each metric as a percentage of the teacher's,
 oriented so that 100 means "as good as the teacher": ``model / teacher`` for higher-is-better
@@ -20,7 +22,14 @@ from transformers import PreTrainedModel
 from distill.compress.store import load_model, model_bytes, quantized_params, read_manifest
 from distill.config import RunConfig
 from distill.data import Examples, check_data_source
+from distill.data.alignment import check_tokenizer_pair
 from distill.errors import ConfigError, ModelError
+from distill.evaluate.bits_per_byte import (
+    TOKEN_METRICS,
+    bits_per_byte,
+    text_pieces,
+    vocabulary_differs,
+)
 from distill.evaluate.choice import default_task_path, multiple_choice_accuracy, read_questions
 from distill.evaluate.generation import GenerationSettings, measure_generation_in_subprocess
 from distill.evaluate.heldout import heldout_quality
@@ -29,10 +38,11 @@ from distill.models import (
     load_teacher,
     load_teacher_tokenizer,
     load_tokenizer,
+    same_vocabulary,
     shared_vocab_rows,
     teacher_source,
 )
-from distill.pipelines.prepare import prepare_data
+from distill.pipelines.prepare import prepare_data, split_texts
 from distill.teacher import LiveTeacher
 
 __all__ = [
@@ -48,6 +58,7 @@ log = logging.getLogger(__name__)
 # metric -> True when higher is better (retention = model / teacher), else teacher / model
 RETENTION_METRICS = {
     "perplexity": False,
+    "bits_per_byte": False,
     "top1_agreement": True,
     "top5_agreement": True,
     "mc_accuracy": True,
@@ -72,6 +83,11 @@ def heldout_blocks(config: RunConfig, tokenizer) -> torch.Tensor:
 
 def _output_rows(model: PreTrainedModel) -> int:
     return int(model.get_output_embeddings().out_features)
+
+
+def _own_rows(model: PreTrainedModel, tokenizer) -> int:
+    """Output rows of a model that belong to its own tokenizer."""
+    return min(_output_rows(model), len(tokenizer))
 
 
 def _params(path: str, model: PreTrainedModel) -> int:
@@ -120,17 +136,22 @@ def evaluate_models(model_paths: list[str], config: RunConfig) -> dict[str, Any]
     names = _labels(model_paths)
     paths = {"teacher": teacher_path, **dict(zip(names, model_paths, strict=True))}
     tokenizer = load_teacher_tokenizer(config.teacher)
+    tokenizers = {"teacher": tokenizer} | {name: load_tokenizer(paths[name]) for name in names}
+    for name in names:  # another vocabulary: both byte-level BPE, checked before any model loads
+        if not same_vocabulary(tokenizer, tokenizers[name]):
+            check_tokenizer_pair(tokenizer, tokenizers[name], teacher_path, paths[name])
     teacher_model = load_teacher(config.teacher)
     models = {name: load_model(path) for name, path in paths.items() if name != "teacher"}
+    same = {name for name in names if same_vocabulary(tokenizer, tokenizers[name])}
     vocab_rows = _output_rows(teacher_model)
-    for name, model in models.items():
+    for name in same:
         vocab_rows = min(
             vocab_rows,
             shared_vocab_rows(
                 tokenizer,
-                load_tokenizer(paths[name]),
+                tokenizers[name],
                 _output_rows(teacher_model),
-                _output_rows(model),
+                _output_rows(models[name]),
                 teacher_name=teacher_path,
                 student_name=paths[name],
             ),
@@ -141,18 +162,39 @@ def evaluate_models(model_paths: list[str], config: RunConfig) -> dict[str, Any]
     log.info("scoring %d held-out blocks of %d tokens", blocks.shape[0], blocks.shape[1])
     teacher = LiveTeacher(teacher_model, vocab_rows)
     quality = heldout_quality(
-        models, teacher, blocks, vocab_rows=vocab_rows, batch_size=config.eval.batch_size
+        {name: models[name] for name in names if name in same},
+        teacher,
+        blocks,
+        vocab_rows=vocab_rows,
+        batch_size=config.eval.batch_size,
     )
+    for name in names:
+        if name not in same:
+            quality[name] = {
+                "token_metrics_absent": vocabulary_differs(tokenizer, tokenizers[name])
+            }
+    texts = []
+    if config.eval.bits_per_byte:
+        heldout_documents = split_texts(config)[1]
+        texts = text_pieces(heldout_documents, config.eval.bpb_bytes, 4 * config.data.block_size)
     questions = read_questions(config.eval.mc_task or default_task_path())[: config.eval.mc_limit]
     results: dict[str, dict[str, Any]] = {}
     for name, model in {"teacher": teacher_model, **models}.items():
         log.info("multiple choice: %s", name)
+        rows = (
+            vocab_rows if name == "teacher" or name in same else _own_rows(model, tokenizers[name])
+        )
         results[name] = {
             "params": _params(paths[name], model),
             "bytes": model_bytes(paths[name]),
             **quality[name],
-            **multiple_choice_accuracy(model, tokenizer, questions, vocab_rows),
+            **multiple_choice_accuracy(model, tokenizers[name], questions, rows),
         }
+        if texts:
+            scores = bits_per_byte(
+                model, tokenizers[name], texts, batch_size=config.eval.batch_size
+            )
+            results[name]["bits_per_byte"] = scores["bits_per_byte"]
     del teacher_model, models, teacher
     generation = GenerationSettings.from_config(config.eval, config.train.threads)
     if config.eval.speed:
@@ -168,6 +210,7 @@ def evaluate_models(model_paths: list[str], config: RunConfig) -> dict[str, Any]
             "eval": config.eval.model_dump(mode="json"),
             "threads": torch.get_num_threads(),
             "heldout_tokens": int(blocks.numel()),
+            "bits_per_byte_bytes": sum(len(text.encode("utf-8")) for text in texts),
         },
     }
 
@@ -176,6 +219,7 @@ _COLUMNS = [
     ("params", "params M", lambda v: f"{v / 1e6:.1f}"),
     ("bytes", "disk MB", lambda v: f"{v / 1e6:.1f}"),
     ("perplexity", "ppl", lambda v: f"{v:.2f}"),
+    ("bits_per_byte", "bits/byte", lambda v: f"{v:.3f}"),
     ("kl_to_teacher", "KL", lambda v: f"{v:.4f}"),
     ("top1_agreement", "top-1", lambda v: f"{v:.3f}"),
     ("top5_agreement", "top-5", lambda v: f"{v:.3f}"),
@@ -188,6 +232,12 @@ _COLUMNS = [
 ]
 
 
+def _table_cell(metrics: dict[str, Any], key: str, fmt) -> str:
+    if metrics.get(key) is not None:
+        return fmt(metrics[key])
+    return "n/a" if metrics.get("token_metrics_absent") and key in TOKEN_METRICS else "-"
+
+
 def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
@@ -197,10 +247,12 @@ def format_tables(result: dict[str, Any]) -> str:
     """The metrics table and the retention table (% of teacher), as Markdown."""
     models = result["models"]
     rows = [
-        [name] + [fmt(m[key]) if m.get(key) is not None else "-" for key, _, fmt in _COLUMNS]
+        [name] + [_table_cell(m, key, fmt) for key, _, fmt in _COLUMNS]
         for name, m in models.items()
     ]
     lines = _markdown_table(["model"] + [title for _, title, _ in _COLUMNS], rows)
+    reasons = dict.fromkeys(r for m in models.values() if (r := m.get("token_metrics_absent")))
+    lines += [f"n/a: {reason}" for reason in reasons]
     metrics = list(RETENTION_METRICS)
     ret_rows = [
         [name] + [f"{r[m]:.1f}" if m in r else "-" for m in metrics]

@@ -17,7 +17,8 @@ from distill.data import (
     pack_documents,
     read_documents,
 )
-from distill.data.corpus import read_routed_documents, split_by_hash
+from distill.data.alignment import check_byte_level, check_tokenizer_pair
+from distill.data.corpus import read_routed_documents, split_by_hash, split_documents
 from distill.data.examples import detect_format, encode_examples, read_rows, split_rows
 from distill.data.routing import pack_routed
 from distill.data.shards import open_run_shards
@@ -28,10 +29,13 @@ from distill.models import (
     load_teacher,
     load_teacher_tokenizer,
     load_tokenizer,
+    same_vocabulary,
     shared_vocab_rows,
     teacher_source,
+    tokenizer_rows,
 )
 from distill.student import calibration_blocks, make_student, needs_calibration
+from distill.student.vocab import load_vocabulary, resize_vocabulary, train_vocabulary
 from distill.teacher import LiveTeacher, NamedTeacher, TeacherSet
 from distill.teacher.cache import (
     MANIFEST,
@@ -45,11 +49,14 @@ from distill.teacher.remote import RemoteTeacher
 __all__ = [
     "Models",
     "TrainingData",
+    "cross_tokenizer_mode",
     "prepare_models",
     "prepare_data",
     "prepare_sources",
     "prepare_training_data",
     "prepare_teachers",
+    "split_texts",
+    "training_texts",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,11 +66,135 @@ log = logging.getLogger(__name__)
 class Models:
     teacher: PreTrainedModel | None  # None while training from a teacher cache or server
     student: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    vocab_rows: int
+    tokenizer: PreTrainedTokenizerBase  # the teacher's
+    vocab_rows: int  # rows both share; across tokenizers, the student's own rows
     teacher_source: str
     layers: list[int] | None = None  # teacher layer each student layer was built from
     remote: RemoteTeacher | None = None  # teacher.url: the served teacher, checked
+    # A cross-tokenizer run (loss.cross_tokenizer, a student with a tokenizer of its own): the
+    # student's tokenizer and the teacher's own output rows. None: one shared ``tokenizer``.
+    student_tokenizer: PreTrainedTokenizerBase | None = None
+    teacher_rows: int | None = None
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether the run trains across tokenizers (aligned on bytes, or labels only)."""
+        return self.student_tokenizer is not None
+
+    @property
+    def new_vocabulary(self) -> bool:
+        """Whether the student's vocabulary differs from the teacher's (no token-level metrics
+        then: they compare rows of one vocabulary)."""
+        own = self.student_tokenizer
+        return own is not None and not same_vocabulary(self.tokenizer, own)
+
+
+def split_texts(config: RunConfig) -> tuple[list[str], list[str]]:
+    """(train, held-out) text of ``data``, split as the blocks are: documents, or each chat /
+    prompt-response row's messages joined by newlines. With ``data.sources``, each source is
+    split on its own; the held-out documents take every source's in turn."""
+    if config.data.sources:
+        splits = [
+            split_documents(
+                read_documents(source.path, source.text_field), config.data.heldout_fraction
+            )
+            for source in config.data.sources
+        ]
+        held = [
+            part[i]
+            for i in range(max(len(h) for _, h in splits))
+            for _, part in splits
+            if i < len(part)
+        ]
+        return [document for train, _ in splits for document in train], held
+    data_format = detect_format(config.data.path, config.data.format)
+    if data_format != "text":
+        assert config.data.path is not None  # detect_format finds rows only in a file
+        parts = split_rows(read_rows(config.data.path), config.data.heldout_fraction)
+        if data_format == "chat":
+            joined = [
+                [
+                    "\n".join(str(m.get("content", "")) for m in row.get("messages") or [])
+                    for row in rows
+                ]
+                for rows in parts
+            ]
+        else:
+            joined = [
+                [f"{row.get('prompt', '')}\n{row.get('response', '')}" for row in rows]
+                for rows in parts
+            ]
+        return joined[0], joined[1]
+    if config.data.path is None:
+        documents = default_documents()
+    else:
+        documents = read_documents(config.data.path, config.data.text_field)
+    return split_documents(documents, config.data.heldout_fraction)
+
+
+def training_texts(config: RunConfig) -> list[str]:
+    """The training split's text (never the held-out part): what a new student vocabulary is
+    trained on."""
+    return split_texts(config)[0]
+
+
+def _student_tokenizer(
+    config: RunConfig, tokenizer: PreTrainedTokenizerBase, source: str
+) -> tuple[PreTrainedTokenizerBase, str]:
+    """The student's tokenizer and how errors name it, before any weights load:
+    ``student.tokenizer``'s (given, or trained on the training split; refused with one line
+    unless it and the teacher's are byte-level BPE), a ``student.path`` model's own, else the
+    teacher's."""
+    wanted = config.student.tokenizer
+    trust = config.teacher.trust_remote_code
+    if wanted.path is not None:
+        return load_vocabulary(wanted.path, tokenizer, source, trust), wanted.path
+    if wanted.train_vocab is not None:
+        check_byte_level(tokenizer, f"teacher {source}")
+        trained = train_vocabulary(training_texts(config), wanted.train_vocab, tokenizer)
+        return trained, f"student.tokenizer.train_vocab={wanted.train_vocab}"
+    if config.student.path is not None:
+        return load_tokenizer(config.student.path, trust), config.student.path
+    return tokenizer, "student"
+
+
+def _labels_only(config: RunConfig) -> bool:
+    return config.loss.alpha == 1.0 and config.loss.alpha_schedule == "constant"
+
+
+def cross_tokenizer_mode(
+    config: RunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+    student_name: str,
+    training: bool = True,
+) -> bool:
+    """Whether this run trains across tokenizers, decided from the two tokenizers alone (before
+    any weights load): ``loss.cross_tokenizer`` is set, or the tokenizers differ. ``training``:
+    tokenizers that differ need ``loss.cross_tokenizer`` or labels only (sequence-level KD on
+    text the teacher wrote) and the live teacher, and an aligned pair byte-level BPE on both
+    sides; each refusal is one line naming both."""
+    differ = not same_vocabulary(tokenizer, student_tokenizer)
+    if config.loss.cross_tokenizer is None and not differ:
+        return False
+    if not training:  # distill student: built, not trained
+        return True
+    teacher_name = teacher_source(config.teacher)
+    if config.loss.cross_tokenizer is None and not _labels_only(config):
+        raise ModelError(
+            f"tokenizers differ: teacher {teacher_name} has {len(tokenizer)} tokens, student "
+            f"{student_name} {len(student_tokenizer)}: set loss.cross_tokenizer=uld or hybrid "
+            "(docs/cross-tokenizer.md), or loss.alpha=1 (labels only, e.g. on `distill "
+            "generate` output)"
+        )
+    if config.teacher.cache or config.teacher.url:
+        raise ModelError(
+            f"teacher {teacher_name} and student {student_name} tokenize differently: train "
+            "with the live teacher (unset teacher.cache / teacher.url)"
+        )
+    if not _labels_only(config):
+        check_tokenizer_pair(tokenizer, student_tokenizer, teacher_name, student_name)
+    return True
 
 
 def _is_reference(config: RunConfig, entry: TeacherConfig) -> bool:
@@ -77,13 +208,18 @@ def _is_reference(config: RunConfig, entry: TeacherConfig) -> bool:
     )
 
 
-def prepare_models(config: RunConfig) -> Models:
-    """Load the teacher, then load or build the student, and check they share a tokenizer.
+def prepare_models(config: RunConfig, *, training: bool = True) -> Models:
+    """Load the teacher, then load or build the student, and check they share a tokenizer, or
+    prepare a cross-tokenizer run (:func:`cross_tokenizer_mode`; ``training`` False: a student
+    built, not trained, as ``distill student`` does).
 
     With ``teachers:``, the teacher of ``teacher:`` (the tokenizer, the student's layers, the
     evaluation teacher) is kept loaded only when one of them is that very model."""
     source = teacher_source(config.teacher)
     tokenizer = load_teacher_tokenizer(config.teacher)
+    student_tokenizer, student_name = _student_tokenizer(config, tokenizer, source)
+    if cross_tokenizer_mode(config, tokenizer, student_tokenizer, student_name, training):
+        return _prepare_cross_models(config, tokenizer, student_tokenizer, student_name)
     remote, served_rows = None, None
     if config.teacher.url:  # asked first: an unreachable or other server stops the job here
         remote = RemoteTeacher.from_config(config.teacher, vocab_rows=len(tokenizer))
@@ -96,24 +232,7 @@ def prepare_models(config: RunConfig) -> Models:
     teacher = (
         None if elsewhere and config.student.path is not None else load_teacher(config.teacher)
     )
-    if config.student.path is not None:
-        student = load_causal_lm(
-            config.student.path, config.teacher.dtype, config.teacher.trust_remote_code
-        )
-        student_tokenizer = load_tokenizer(config.student.path, config.teacher.trust_remote_code)
-        student_name = config.student.path
-    else:
-        calibration = None
-        if needs_calibration(config.student):  # a layer search or width pruning
-            train_blocks = prepare_data(config, tokenizer)[0]
-            if isinstance(train_blocks, Examples):  # padded rows; the padding is calibration too
-                train_blocks = train_blocks.input_ids
-            calibration = calibration_blocks(
-                train_blocks, config.student.calibration_blocks, config.seed
-            )
-        built = make_student(teacher, config.student, calibration)
-        student, layers = built.model, built.layers
-        student_tokenizer, student_name = tokenizer, "student"
+    student, layers = _student_model(config, teacher, tokenizer)
     student_rows = student.get_output_embeddings().weight.shape[0]
     if teacher is not None:
         teacher_rows = teacher.get_output_embeddings().weight.shape[0]
@@ -135,8 +254,55 @@ def prepare_models(config: RunConfig) -> Models:
         remote.vocab_rows = vocab_rows
     if elsewhere:  # freed before training; loaded again only for evaluation
         teacher = None
-    origin = layers if config.student.path is None else None
-    return Models(teacher, student, tokenizer, vocab_rows, source, origin, remote)
+    return Models(teacher, student, tokenizer, vocab_rows, source, layers, remote)
+
+
+def _student_model(
+    config: RunConfig, teacher: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase
+) -> tuple[PreTrainedModel, list[int] | None]:
+    """(the student of ``student.path``, None), or (one built from the teacher's layers, the
+    teacher layer each student layer came from)."""
+    if config.student.path is not None:
+        student = load_causal_lm(
+            config.student.path, config.teacher.dtype, config.teacher.trust_remote_code
+        )
+        return student, None
+    calibration = None
+    if needs_calibration(config.student):  # a layer search or width pruning
+        train_blocks = prepare_data(config, tokenizer)[0]
+        if isinstance(train_blocks, Examples):  # padded rows; the padding is calibration too
+            train_blocks = train_blocks.input_ids
+        calibration = calibration_blocks(
+            train_blocks, config.student.calibration_blocks, config.seed
+        )
+    built = make_student(teacher, config.student, calibration)
+    return built.model, built.layers
+
+
+def _prepare_cross_models(
+    config: RunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+    student_name: str,
+) -> Models:
+    """A cross-tokenizer run's models: the live teacher, and the student of ``student.path`` or
+    one built from the teacher's layers (with ``student.tokenizer``, its embedding and head
+    rows moved onto its own vocabulary, initialised from the teacher's)."""
+    source = teacher_source(config.teacher)
+    teacher = load_teacher(config.teacher)
+    student, layers = _student_model(config, teacher, tokenizer)
+    if config.student.tokenizer.new_vocabulary:
+        resize_vocabulary(student, tokenizer, student_tokenizer)
+    return Models(
+        teacher,
+        student,
+        tokenizer,
+        tokenizer_rows(student, student_tokenizer, student_name),
+        source,
+        layers,
+        student_tokenizer=student_tokenizer,
+        teacher_rows=tokenizer_rows(teacher, tokenizer, source),
+    )
 
 
 @dataclass

@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +23,22 @@ import yaml
 from transformers import PreTrainedModel
 
 from distill.compress.store import model_bytes
-from distill.config import RunConfig, load_config
+from distill.config import RunConfig, check_trainable, load_config
 from distill.data import (
     BlockBatches,
     ExampleBatches,
     Examples,
     check_data_source,
+    read_documents,
 )
 from distill.data.extra import extra_blocks, extra_sources, spread
 from distill.data.sources import WeightedBatches, WeightedExampleBatches
 from distill.errors import ConfigError
 from distill.evaluate import heldout_metrics
+from distill.evaluate.bits_per_byte import (
+    bits_per_byte,
+    text_pieces,
+)
 from distill.evaluate.fidelity import FidelityProbe, block_prompts, sample_fidelity
 from distill.evaluate.generation import GenerationSettings, measure_generation_in_subprocess
 from distill.io import atomic_directory, atomic_write_json, atomic_write_text
@@ -45,6 +51,7 @@ from distill.pipelines.prepare import (
     prepare_models,
     prepare_teachers,
     prepare_training_data,
+    split_texts,
 )
 from distill.report import build_report
 from distill.student.intermediate import IntermediateDistiller, is_enabled
@@ -198,6 +205,43 @@ def _measure_speed(config: RunConfig, model_dirs: dict[str, Path], threads: int)
     return results
 
 
+def _score_bits_per_byte(
+    config: RunConfig,
+    all_models: dict[str, PreTrainedModel],
+    tokenizers: dict[str, Any],
+    quality: dict[str, dict],
+    extra_results: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Bits per UTF-8 byte of every model (each with its own tokenizer) on the held-out text,
+    into ``quality``; with ``extra_results`` (a cross-tokenizer run, whose token-level numbers
+    are absent there) also on each extra held-out set, into its models. Returns what was scored
+    (for evaluation.json)."""
+    piece_chars = 4 * config.data.block_size
+    texts = {"heldout": text_pieces(split_texts(config)[1], config.eval.bpb_bytes, piece_chars)}
+    sources = extra_sources(config.eval.extra_data)
+    for set_name in extra_results or {}:
+        documents = read_documents(sources[set_name], config.data.text_field)
+        texts[set_name] = text_pieces(documents, config.eval.bpb_bytes, piece_chars)
+    start = time.perf_counter()
+    for set_name, pieces in texts.items():
+        target = quality if set_name == "heldout" else extra_results[set_name]["models"]
+        for name, model in all_models.items():
+            log.info("bits per byte: %s on %s", name, set_name)
+            scores = bits_per_byte(
+                model, tokenizers[name], pieces, batch_size=config.eval.batch_size
+            )
+            target.setdefault(name, {})["bits_per_byte"] = scores["bits_per_byte"]
+            target[name]["bpb_tokens"] = scores["tokens"]
+    return {
+        "sets": {
+            name: sum(len(p.encode("utf-8")) for p in pieces) for name, pieces in texts.items()
+        },
+        "piece_chars": piece_chars,
+        "start_token": "EOS (else BOS)",
+        "seconds": time.perf_counter() - start,
+    }
+
+
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
@@ -260,6 +304,7 @@ def distill(
     else:
         config = load_config(config, overrides)
     check_data_source(config)  # before any model loads: a missing or unreadable data file
+    check_trainable(config)
     if config.task != "causal_lm":  # encoder runs: one process (refused before any work)
         refuse_torchrun(f"task {config.task}")
     run_dir = config.run_dir
@@ -292,6 +337,10 @@ def distill(
         return RunResult(encoder_run.run_dir, encoder_run.report, encoder_run.student)
 
     models = prepare_models(config)
+    if models.cross_tokenizer:  # a student with its own tokenizer: aligned on bytes
+        from distill.pipelines.cross_run import run_cross_tokenizer
+
+        return run_cross_tokenizer(config, models, context, device, resume)
     sharded = config.parallel.strategy == "fsdp" and context.enabled  # placed by the sharding
     if not sharded:
         if models.teacher is not None:
@@ -488,6 +537,7 @@ def distill(
         teacher = LiveTeacher(models.teacher, models.vocab_rows)
     elif teacher_set is not None:  # several teachers: the evaluation's is the one of teacher:
         teacher = LiveTeacher(models.teacher, models.vocab_rows)
+    all_models = {"teacher": models.teacher, **compared}
     quality = heldout_metrics(
         compared,
         teacher,
@@ -496,7 +546,6 @@ def distill(
         batch_size=config.eval.batch_size,
         labels=heldout_blocks.labels if examples else None,
     )
-    all_models = {"teacher": models.teacher, **compared}
     extra_results: dict[str, Any] = {}
     sources = extra_sources(config.eval.extra_data)
     for set_name, blocks in extra_sets.items():
@@ -543,6 +592,10 @@ def distill(
             target = quality if set_name == "heldout" else extra_results[set_name]["models"]
             for name, value in nll.items():
                 target[name]["teacher_nll"] = value
+    bpb_settings = None
+    if config.eval.bits_per_byte:
+        tokenizers = dict.fromkeys(all_models, models.tokenizer)
+        bpb_settings = _score_bits_per_byte(config, all_models, tokenizers, quality)
     scratch = run_dir / ".eval_models"
     model_dirs: dict[str, Path] = {"student_after": run_dir / "student"}
     for name, model in all_models.items():
@@ -561,6 +614,8 @@ def distill(
             **{key: value for key, value in speed.get(name, {}).items() if key != "threads"},
         }
     shutil.rmtree(scratch, ignore_errors=True)
+    if bpb_settings is not None:
+        evaluation["bits_per_byte_settings"] = bpb_settings
     evaluation["speed_settings"] = {
         "threads": threads,
         "prompts": len(config.eval.gen_prompts),

@@ -9,6 +9,9 @@ the teacher's NLL of the student's samples) on the training domain's held-out bl
 each held-out set of another kind; a student whose perplexity falls below the teacher's is
 flagged as fitting the data rather than the teacher. A run with several teachers (``teachers:``)
 also gets, per teacher, its share of the target tokens and the training divergence on its rows.
+Bits per byte of held-out text compare
+models across vocabularies; a student of another vocabulary than the teacher's has no
+token-level numbers, and its cells say so (``n/a``, with the reason under the table).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 import yaml
 
 from distill.errors import DistillError
+from distill.evaluate.bits_per_byte import TOKEN_METRICS
 from distill.evaluate.fidelity import memorising
 from distill.io import atomic_write_json, atomic_write_text, read_jsonl
 from distill.report.html import describe_speed, write_html
@@ -33,16 +37,23 @@ METRICS = [
     ("params", "params", "{:,.0f}", "lower"),
     ("bytes", "safetensors MB", "{:.1f}", "lower"),
     ("perplexity", "held-out ppl", "{:.2f}", "lower"),
+    ("bits_per_byte", "bits/byte (held-out text)", "{:.3f}", "lower"),
     ("kl_to_teacher", "KL(teacher ‖ model) nats/tok", "{:.4f}", "lower"),
     ("top1_agreement", "top-1 agreement", "{:.3f}", "higher"),
     ("top5_agreement", "top-5 agreement", "{:.3f}", "higher"),
     ("teacher_nll", "teacher NLL of samples", "{:.3f}", "lower"),
+    ("teacher_sample_bpb", "teacher bits/byte of samples", "{:.3f}", "lower"),
     ("tokens_per_s", "gen tokens/s (batch 1)", "{:.1f}", "higher"),
     ("peak_rss_bytes", "peak RSS MB", "{:.0f}", "lower"),
 ]
 
 
-def _cell(key: str, fmt: str, value: Any) -> str:
+ABSENT = "n/a"  # a token-level metric of a model with another vocabulary than the teacher's
+
+
+def _cell(key: str, fmt: str, value: Any, row: dict[str, Any] | None = None) -> str:
+    if value is None and row and row.get("token_metrics_absent") and key in TOKEN_METRICS:
+        return ABSENT
     if value is None:
         return "-"
     if key in ("bytes", "peak_rss_bytes"):
@@ -53,10 +64,12 @@ def _cell(key: str, fmt: str, value: Any) -> str:
 # the columns of each held-out set of another kind
 SET_METRICS = [
     ("perplexity", "ppl", "{:.2f}", "lower"),
+    ("bits_per_byte", "bits/byte", "{:.3f}", "lower"),
     ("kl_to_teacher", "KL(teacher ‖ model) nats/tok", "{:.4f}", "lower"),
     ("top1_agreement", "top-1 agreement", "{:.3f}", "higher"),
     ("top5_agreement", "top-5 agreement", "{:.3f}", "higher"),
     ("teacher_nll", "teacher NLL of samples", "{:.3f}", "lower"),
+    ("teacher_sample_bpb", "teacher bits/byte of samples", "{:.3f}", "lower"),
 ]
 
 
@@ -73,9 +86,24 @@ def _md_table(models: dict[str, Any], metrics: list[tuple[str, str, str, str]]) 
         "|" + "---|" * (len(columns) + 1),
     ]
     for name in _ordered(models):
-        cells = [_cell(key, fmt, models[name].get(key)) for key, _, fmt, _ in columns]
+        row = models[name]
+        cells = [_cell(key, fmt, row.get(key), row) for key, _, fmt, _ in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return lines
+    return lines + _absent_note(models)
+
+
+def _absent_note(models: dict[str, Any]) -> list[str]:
+    """A line under a table saying why some models have no token-level metrics."""
+    reasons: dict[str, list[str]] = {}
+    for name in _ordered(models):
+        reason = models[name].get("token_metrics_absent")
+        if reason:
+            reasons.setdefault(reason, []).append(name)
+    return (
+        ["", *(f"{ABSENT} for {', '.join(names)}: {why}." for why, names in reasons.items())]
+        if reasons
+        else []
+    )
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -113,6 +141,22 @@ def _markdown(report: dict[str, Any]) -> str:
         f"({describe_speed(report['speed_settings'])}).",
     ]
     lines += _teachers_markdown(report)
+    bpb = report.get("bits_per_byte_settings")
+    if bpb:
+        lines += [
+            "",
+            "Bits/byte: each model's negative log-likelihood of held-out text with its own "
+            "tokenizer, in bits per UTF-8 byte (comparable across vocabularies; "
+            f"{bpb['sets'].get('heldout', 0):,} bytes of held-out text, pieces of at most "
+            f"{bpb['piece_chars']} characters, each scored from the {bpb['start_token']} token).",
+        ]
+    if any(row.get("teacher_sample_bpb") is not None for row in report["models"].values()):
+        lines += [
+            "",
+            "Teacher bits/byte of samples: each model continues held-out prefixes with its own "
+            "tokenizer (T=1, same seed); the teacher re-tokenizes the text and scores the "
+            "continuation, in bits per UTF-8 byte.",
+        ]
     warning = report.get("plan", {}).get("memorisation_warning")
     if warning:
         lines += ["", f"Plan: {warning}."]
@@ -214,7 +258,7 @@ def _plot_losses(
             )
     styles = {"teacher": "k--", "student_before": "r:", "student_after": "g-."}
     for name, style in styles.items():
-        if name in models and models[name].get("perplexity"):
+        if name in models and models[name].get("perplexity") and "kl_to_teacher" in models[name]:
             import math
 
             loss_axis.axhline(
@@ -223,6 +267,7 @@ def _plot_losses(
                 linestyle=style[1:],
                 label=f"{name}: held-out CE",
             )
+        if name in models and models[name].get("kl_to_teacher") is not None:
             kl_axis.axhline(
                 models[name]["kl_to_teacher"],
                 color=style[0],
@@ -236,7 +281,8 @@ def _plot_losses(
     kl_axis.set_yscale("symlog", linthresh=0.1)
     kl_axis.set_ylim(bottom=0)
     for axis in axes:
-        axis.legend(fontsize=7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
     figure.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -291,6 +337,8 @@ def _verdict(models: dict[str, Any], extra_sets: dict[str, Any] | None = None) -
     if "student_after" not in models or "student_before" not in models:
         return None
     after, before = models["student_after"], models["student_before"]
+    if after.get("token_metrics_absent"):
+        return _bytes_verdict(models)
     text = (
         f"Fidelity to the teacher, held-out text of the training domain: {_moved(before, after)}."
     )
@@ -317,6 +365,30 @@ def _verdict(models: dict[str, Any], extra_sets: dict[str, Any] | None = None) -
             f"distillation {'beat' if better else 'did not beat'} plain fine-tuning on KL."
         )
     return text
+
+
+def _bytes_verdict(models: dict[str, Any]) -> str | None:
+    """The verdict for a student of another vocabulary: bits per byte and the teacher's bits per
+    byte of its samples (token-level numbers do not exist across vocabularies), beside the
+    teacher's own and the labels-only twin's."""
+    after, before = models["student_after"], models["student_before"]
+    references = {"teacher": models.get("teacher", {})}
+    references["labels only"] = models.get("student_labels_only", {})
+    parts = []
+    for key, what in (
+        ("bits_per_byte", "held-out bits per byte"),
+        ("teacher_sample_bpb", "the teacher's bits per byte of the student's samples"),
+    ):
+        if before.get(key) is not None and after.get(key) is not None:
+            others = [f"{who} {row[key]:.3f}" for who, row in references.items() if row.get(key)]
+            beside = f" ({', '.join(others)})" if others else ""
+            parts.append(f"{what} {before[key]:.3f} -> {after[key]:.3f}{beside}")
+    if not parts:
+        return None
+    return (
+        "The student has its own vocabulary, so it is compared with the teacher per byte of "
+        f"text: {'; '.join(parts)}."
+    )
 
 
 def _onpolicy_summary(history: list[dict[str, Any]]) -> dict[str, float]:
@@ -364,6 +436,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
             **_onpolicy_summary(history),
         },
         "speed_settings": evaluation.get("speed_settings", {}),
+        "bits_per_byte_settings": evaluation.get("bits_per_byte_settings"),
         "plan": evaluation.get("plan", {}),
         "verdict": _verdict(models, extra_sets),
         "config": config,

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from distill.evaluate.bits_per_byte import TOKEN_METRICS
 from distill.io import atomic_write_text
 
 __all__ = [
@@ -35,10 +36,12 @@ HTML_COLUMNS = [
     ("params", "params", "{:,.0f}"),
     ("bytes", "disk MB", "{:.1f}"),
     ("perplexity", "held-out ppl", "{:.2f}"),
+    ("bits_per_byte", "bits/byte (held-out text)", "{:.3f}"),
     ("kl_to_teacher", "KL(teacher||model) nats/tok", "{:.4f}"),
     ("top1_agreement", "top-1 agreement", "{:.3f}"),
     ("top5_agreement", "top-5 agreement", "{:.3f}"),
     ("teacher_nll", "teacher NLL of samples", "{:.3f}"),
+    ("teacher_sample_bpb", "teacher bits/byte of samples", "{:.3f}"),
     ("mc_accuracy", "MC accuracy", "{:.3f}"),
     ("tokens_per_s", "gen tokens/s (batch 1)", "{:.1f}"),
     ("peak_rss_bytes", "peak RSS MB", "{:.0f}"),
@@ -61,7 +64,16 @@ _NATS_TERMS = {"loss", "ce", "divergence"}
 _SET_COLUMNS = [
     c
     for c in HTML_COLUMNS
-    if c[0] in {"perplexity", "kl_to_teacher", "top1_agreement", "top5_agreement", "teacher_nll"}
+    if c[0]
+    in {
+        "perplexity",
+        "bits_per_byte",
+        "kl_to_teacher",
+        "top1_agreement",
+        "top5_agreement",
+        "teacher_nll",
+        "teacher_sample_bpb",
+    }
 ]
 _MB_KEYS = {"bytes", "peak_rss_bytes"}
 
@@ -204,8 +216,15 @@ def describe_speed(settings: dict[str, Any]) -> str:
     )
 
 
-def _cell(model: str, key: str, fmt: str, value: Any, held_set: str | None = None) -> str:
+def _cell(
+    model: str, key: str, fmt: str, value: Any, held_set: str | None = None, absent: str = ""
+) -> str:
     where = f' data-set="{html.escape(held_set)}"' if held_set else ""
+    if value is None and absent and key in TOKEN_METRICS:
+        return (
+            f'<td data-model="{html.escape(model)}" data-key="{key}"{where} '
+            f'data-absent="{html.escape(absent)}" title="{html.escape(absent)}">n/a</td>'
+        )
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return f'<td data-model="{html.escape(model)}" data-key="{key}"{where}>-</td>'
     shown = fmt.format(value / 1e6 if key in _MB_KEYS else value)
@@ -226,13 +245,20 @@ def _table(
     head = "".join(f"<th>{html.escape(title)}</th>" for _, title, _ in columns)
     rows = []
     for name in names:
+        absent = models[name].get("token_metrics_absent") or ""
         cells = "".join(
-            _cell(name, key, fmt, models[name].get(key), held_set) for key, _, fmt in columns
+            _cell(name, key, fmt, models[name].get(key), held_set, absent)
+            for key, _, fmt in columns
         )
         rows.append(f"<tr><th>{html.escape(name)}</th>{cells}</tr>")
     table_id = f"set-{held_set}" if held_set else "comparison"
+    reasons = dict.fromkeys(
+        reason for n in names if (reason := models[n].get("token_metrics_absent"))
+    )
+    note = "".join(f"<p>n/a: {html.escape(reason)}.</p>" for reason in reasons)
     return (
         f'<table id="{html.escape(table_id)}"><tr><th>model</th>{head}</tr>{"".join(rows)}</table>'
+        + note
     )
 
 

@@ -3,7 +3,9 @@ and their cost against the teacher.
 
 ``select_layers`` / ``build_student``: a fixed layer recipe; ``search_layers``: layers chosen on
 calibration blocks (shortgpt, angular, greedy_kl); ``prune_width``: heads, MLP and hidden
-channels by activation importance; ``make_student``: all of it from a ``StudentConfig``.
+channels by activation importance; ``make_student``: all of it from a ``StudentConfig``;
+``train_vocabulary`` / ``resize_vocabulary``: a vocabulary of the student's own, its rows
+initialised from the teacher's.
 """
 
 from distill.student.build import (
@@ -20,6 +22,13 @@ from distill.student.depth import (
     select_layers,
 )
 from distill.student.search import calibration_blocks, search_layers
+from distill.student.vocab import (
+    initial_rows,
+    load_vocabulary,
+    resize_vocabulary,
+    row_sources,
+    train_vocabulary,
+)
 from distill.student.width import WidthTargets, measure_importance, prune_width
 
 __all__ = [
@@ -30,11 +39,16 @@ __all__ = [
     "calibration_blocks",
     "check_supported",
     "flops_per_token",
+    "initial_rows",
+    "load_vocabulary",
     "make_student",
     "measure_importance",
     "model_cost",
     "needs_calibration",
     "prune_width",
+    "resize_vocabulary",
+    "row_sources",
     "search_layers",
     "select_layers",
+    "train_vocabulary",
 ]
