@@ -89,15 +89,38 @@ class Models:
         return own is not None and not same_vocabulary(self.tokenizer, own)
 
 
+def _split_file_texts(
+    path: str, data_format: str, text_field: str, heldout_fraction: float
+) -> tuple[list[str], list[str]]:
+    """(train, held-out) text of one file in ``data_format``: documents, or each chat /
+    prompt-response row's messages joined by newlines, split as its blocks are."""
+    if data_format == "text":
+        return split_documents(read_documents(path, text_field), heldout_fraction)
+    parts = split_rows(read_rows(path), heldout_fraction)
+    if data_format == "chat":
+        joined = [
+            [
+                "\n".join(str(m.get("content", "")) for m in row.get("messages") or [])
+                for row in rows
+            ]
+            for rows in parts
+        ]
+    else:
+        joined = [
+            [f"{row.get('prompt', '')}\n{row.get('response', '')}" for row in rows]
+            for rows in parts
+        ]
+    return joined[0], joined[1]
+
+
 def split_texts(config: RunConfig) -> tuple[list[str], list[str]]:
-    """(train, held-out) text of ``data``, split as the blocks are: documents, or each chat /
-    prompt-response row's messages joined by newlines. With ``data.sources``, each source is
-    split on its own; the held-out documents take every source's in turn."""
+    """(train, held-out) text of ``data``, split as the blocks are. With ``data.sources``, each
+    source is split on its own (in its own format); the held-out documents take every source's
+    in turn."""
+    fraction = config.data.heldout_fraction
     if config.data.sources:
         splits = [
-            split_documents(
-                read_documents(source.path, source.text_field), config.data.heldout_fraction
-            )
+            _split_file_texts(source.path, source.format, source.text_field, fraction)
             for source in config.data.sources
         ]
         held = [
@@ -107,29 +130,10 @@ def split_texts(config: RunConfig) -> tuple[list[str], list[str]]:
             if i < len(part)
         ]
         return [document for train, _ in splits for document in train], held
-    data_format = detect_format(config.data.path, config.data.format)
-    if data_format != "text":
-        assert config.data.path is not None  # detect_format finds rows only in a file
-        parts = split_rows(read_rows(config.data.path), config.data.heldout_fraction)
-        if data_format == "chat":
-            joined = [
-                [
-                    "\n".join(str(m.get("content", "")) for m in row.get("messages") or [])
-                    for row in rows
-                ]
-                for rows in parts
-            ]
-        else:
-            joined = [
-                [f"{row.get('prompt', '')}\n{row.get('response', '')}" for row in rows]
-                for rows in parts
-            ]
-        return joined[0], joined[1]
     if config.data.path is None:
-        documents = default_documents()
-    else:
-        documents = read_documents(config.data.path, config.data.text_field)
-    return split_documents(documents, config.data.heldout_fraction)
+        return split_documents(default_documents(), fraction)
+    data_format = detect_format(config.data.path, config.data.format)
+    return _split_file_texts(config.data.path, data_format, config.data.text_field, fraction)
 
 
 def training_texts(config: RunConfig) -> list[str]:
