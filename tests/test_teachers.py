@@ -364,6 +364,9 @@ def test_a_run_routes_live_and_cached_teachers_and_reports_each(multi_run):
     assert report["plan"]["teachers"]["a"]["round_trip_seconds"] > 0
     markdown = (run_dir / "report.md").read_text()
     assert "## Teachers" in markdown and "| b | cache " in markdown
+    page = (run_dir / "report.html").read_text()
+    assert '<table id="teachers">' in page
+    assert "<th>b</th><td>cache" in page and f"<td>{summary['b']['share']:.3f}</td>" in page
     manifest = json.loads((run_dir / "teachers.json").read_text())
     assert [t["name"] for t in manifest["teachers"]] == ["a", "b"] and manifest["default"] == "a"
 

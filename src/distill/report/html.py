@@ -262,6 +262,30 @@ def _table(
     )
 
 
+def _teachers_table(report: dict[str, Any]) -> list[str]:
+    """A run with several teachers: each one's place, share of target tokens and divergence on
+    its rows (the same numbers as report.md's Teachers table)."""
+    teachers = (report.get("training") or {}).get("teachers")
+    if not teachers:
+        return []
+    divergence = (report.get("config") or {}).get("loss", {}).get("divergence", "forward_kl")
+    titles = ("where", "share of target tokens", f"{divergence} on its rows", "first", "last")
+    head = "".join(f"<th>{html.escape(title)}</th>" for title in titles)
+    rows = []
+    for name, row in teachers.items():
+        where = f"{row.get('kind', '')} {row.get('where', '')}".strip() or "-"
+        values = [row[key] for key in ("divergence", "divergence_first", "divergence_last")]
+        cells = [html.escape(where), f"{row['share']:.3f}"]
+        cells += ["-" if value is None else f"{value:.4f}" for value in values]
+        rows.append(
+            f"<tr><th>{html.escape(name)}</th>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+        )
+    return [
+        "<h3>Teachers</h3>",
+        f'<table id="teachers"><tr><th>teacher</th>{head}</tr>{"".join(rows)}</table>',
+    ]
+
+
 def _set_tables(names: list[str], extra_sets: dict[str, Any]) -> list[str]:
     parts = []
     for set_name, held in extra_sets.items():
@@ -303,6 +327,7 @@ def render_html(
         "<h3>Held-out blocks of the training domain</h3>",
         _table(names, models),
         *_set_tables(names, extra_sets),
+        *_teachers_table(report),
         f"<p>Speed settings: {html.escape(describe_speed(report.get('speed_settings', {})))}.</p>",
         f'<p id="verdict">{html.escape(verdict)}</p>',
         "<h2>Training loss terms</h2>",
