@@ -185,3 +185,31 @@ def step_timing(
             if rep:
                 seconds[name].append(time.perf_counter() - start)
     return seconds
+
+
+def tiny_teacher(directory: Path) -> Path:
+    """``--tiny``: a 4-layer random Llama with a byte-level BPE tokenizer trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    from distill.data.corpus import default_documents
+
+    bpe.train_from_iterator(default_documents()[:20], trainer)
+    bpe.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4}
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=4, num_key_value_heads=2,
+                    max_position_embeddings=512, tie_word_embeddings=True, **shape)
+    )  # fmt: skip
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
