@@ -68,7 +68,7 @@ from distill.evaluate.bits_per_byte import (  # noqa: E402
 from distill.losses import IGNORE_INDEX  # noqa: E402
 from distill.models import default_teacher_path, load_causal_lm, load_tokenizer  # noqa: E402
 from distill.sampling import Sampling, sample_continuations  # noqa: E402
-from distill.student import make_student, resize_vocabulary, train_vocabulary  # noqa: E402
+from distill.student import build_vocabulary, make_student, resize_vocabulary  # noqa: E402
 from distill.train.cross_tokenizer import train_cross_tokenizer  # noqa: E402
 
 ARMS = ("labels_only", "sequence_kd", "uld", "hybrid")
@@ -182,7 +182,7 @@ def numeral_documents(count: int, seed: int = 1234) -> list[str]:
 # --- models and data -------------------------------------------------------------------------------
 
 
-def training_rows(blocks: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+def draw_training_rows(blocks: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     """``count`` training blocks ``[count, T]`` drawn once by ``seed`` from all of them: every arm
     trains one pass over exactly these."""
     if count > blocks.shape[0]:
@@ -271,14 +271,14 @@ def run(args: argparse.Namespace, root: Path) -> dict:
     teacher = load_causal_lm(source).eval()
     documents = default_documents()
     train_texts, held_texts = split_documents(documents, HELDOUT_FRACTION)
-    student_tokenizer = train_vocabulary(train_texts, args.vocab, teacher_tokenizer)
+    student_tokenizer = build_vocabulary(train_texts, args.vocab, teacher_tokenizer)
     layers = {"search": "none"} | ({"keep_first": 1, "keep_last": 1} if args.tiny else {})
     built = make_student(teacher, StudentConfig(**layers))
     initial = built.model
     rows_from = resize_vocabulary(initial, teacher_tokenizer, student_tokenizer)
     initial.eval()
     blocks = pack_documents(train_texts, student_tokenizer, args.block)
-    rows = training_rows(blocks, args.steps * args.batch, args.seed)
+    rows = draw_training_rows(blocks, args.steps * args.batch, args.seed)
     ratio = tokens_per_token(train_texts[:200], teacher_tokenizer, student_tokenizer)
     seconds["setup"] = time.perf_counter() - start
     print(f"student layers {built.layers}, vocabulary {len(student_tokenizer)} "

@@ -32,7 +32,7 @@ from distill.config import load_config
 from distill.data import default_documents
 from distill.data.alignment import check_byte_level, check_tokenizer_pair
 from distill.errors import ConfigError, ModelError
-from distill.student.vocab import initial_rows, resize_vocabulary, row_sources, train_vocabulary
+from distill.student.vocab import build_vocabulary, initial_rows, resize_vocabulary, row_sources
 
 ALPHABET = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte characters
 
@@ -137,8 +137,8 @@ def test_initial_rows_without_a_source_take_the_mean_of_all_teacher_rows():
 def test_trained_vocabulary_is_deterministic_and_keeps_the_teachers_specials():
     teacher = make_chat_tokenizer()
     texts = default_documents()[20:40]
-    first = train_vocabulary(texts, 320, teacher)
-    second = train_vocabulary(texts, 320, teacher)
+    first = build_vocabulary(texts, 320, teacher)
+    second = build_vocabulary(texts, 320, teacher)
     assert first.backend_tokenizer.to_str() == second.backend_tokenizer.to_str()
     assert len(first) == 320 and first.get_vocab() != teacher.get_vocab()
     for role in ("eos_token", "pad_token", "bos_token"):
@@ -158,7 +158,7 @@ def test_trained_vocabulary_is_deterministic_and_keeps_the_teachers_specials():
 
 def test_too_small_a_vocabulary_is_named():
     with pytest.raises(ConfigError, match=r"train_vocab=258.*3 special tokens"):
-        train_vocabulary(["abc"], 258, make_chat_tokenizer())
+        build_vocabulary(["abc"], 258, make_chat_tokenizer())
 
 
 def metaspace_tokenizer() -> PreTrainedTokenizerFast:
@@ -364,7 +364,7 @@ def test_run_with_a_new_vocabulary_trains_across_tokenizers_and_compares_per_byt
 
 def test_vocabulary_is_trained_on_the_training_split_only(tmp_path):
     train, held = prepare.split_texts(load_config())
-    assert prepare.training_texts(load_config()) == train
+    assert prepare.corpus_training_texts(load_config()) == train
     assert sorted(train + held) == sorted(default_documents()) and not set(train) & set(held)
     rows = tmp_path / "chat.jsonl"
     chats = [
@@ -385,7 +385,7 @@ def test_trained_vocabulary_adds_the_special_tokens_the_teacher_adds():
     )
     teacher.bos_token = "<|begin|>"
     assert teacher("the")["input_ids"][0] == 0
-    trained = train_vocabulary(default_documents()[:10], 300, teacher)
+    trained = build_vocabulary(default_documents()[:10], 300, teacher)
     ids = trained("the cat")["input_ids"]
     assert ids[0] == trained.convert_tokens_to_ids("<|begin|>") == 0
     assert trained("the cat", add_special_tokens=False)["input_ids"] == ids[1:]

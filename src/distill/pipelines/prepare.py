@@ -35,7 +35,7 @@ from distill.models import (
     tokenizer_rows,
 )
 from distill.student import calibration_blocks, make_student, needs_calibration
-from distill.student.vocab import load_vocabulary, resize_vocabulary, train_vocabulary
+from distill.student.vocab import build_vocabulary, load_vocabulary, resize_vocabulary
 from distill.teacher import LiveTeacher, NamedTeacher, TeacherSet
 from distill.teacher.cache import (
     MANIFEST,
@@ -56,7 +56,7 @@ __all__ = [
     "prepare_training_data",
     "prepare_teachers",
     "split_texts",
-    "training_texts",
+    "corpus_training_texts",
 ]
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def split_texts(config: RunConfig) -> tuple[list[str], list[str]]:
     return _split_file_texts(config.data.path, data_format, config.data.text_field, fraction)
 
 
-def training_texts(config: RunConfig) -> list[str]:
+def corpus_training_texts(config: RunConfig) -> list[str]:
     """The training split's text (never the held-out part): what a new student vocabulary is
     trained on."""
     return split_texts(config)[0]
@@ -155,7 +155,7 @@ def _student_tokenizer(
         return load_vocabulary(wanted.path, tokenizer, source, trust), wanted.path
     if wanted.train_vocab is not None:
         check_byte_level(tokenizer, f"teacher {source}")
-        trained = train_vocabulary(training_texts(config), wanted.train_vocab, tokenizer)
+        trained = build_vocabulary(corpus_training_texts(config), wanted.train_vocab, tokenizer)
         return trained, f"student.tokenizer.train_vocab={wanted.train_vocab}"
     if config.student.path is not None:
         return load_tokenizer(config.student.path, trust), config.student.path

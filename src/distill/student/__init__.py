@@ -4,7 +4,7 @@ and their cost against the teacher.
 ``select_layers`` / ``build_student``: a fixed layer recipe; ``search_layers``: layers chosen on
 calibration blocks (shortgpt, angular, greedy_kl); ``prune_width``: heads, MLP and hidden
 channels by activation importance; ``make_student``: all of it from a ``StudentConfig``;
-``train_vocabulary`` / ``resize_vocabulary``: a vocabulary of the student's own, its rows
+``build_vocabulary`` / ``resize_vocabulary``: a vocabulary of the student's own, its rows
 initialised from the teacher's.
 """
 
@@ -23,11 +23,11 @@ from distill.student.depth import (
 )
 from distill.student.search import calibration_blocks, search_layers
 from distill.student.vocab import (
+    build_vocabulary,
     initial_rows,
     load_vocabulary,
     resize_vocabulary,
     row_sources,
-    train_vocabulary,
 )
 from distill.student.width import WidthTargets, measure_importance, prune_width
 
@@ -50,5 +50,5 @@ __all__ = [
     "row_sources",
     "search_layers",
     "select_layers",
-    "train_vocabulary",
+    "build_vocabulary",
 ]

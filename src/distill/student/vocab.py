@@ -28,7 +28,7 @@ from distill.errors import ConfigError
 from distill.models import load_tokenizer
 
 __all__ = [
-    "train_vocabulary",
+    "build_vocabulary",
     "load_vocabulary",
     "row_sources",
     "initial_rows",
@@ -57,7 +57,7 @@ def _template(teacher: PreTrainedTokenizerBase, ids: dict[str, int]) -> processo
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
-def train_vocabulary(
+def build_vocabulary(
     texts: Iterable[str], vocab_size: int, teacher_tokenizer: PreTrainedTokenizerBase
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer of ``vocab_size`` tokens trained on ``texts``.
