@@ -227,12 +227,16 @@ class FakeQuantize(nn.Module):
         self.register_buffer("smooth", None if smooth is None else smooth.float().clone())
         index = None if outlier_index is None or not len(outlier_index) else outlier_index.long()
         self.register_buffer("outlier_index", index)
+        self._outlier_mask: torch.Tensor | None = None  # (1, in) bool, from outlier_index
 
     def _rows(self, w: torch.Tensor) -> torch.Tensor:
         if self.outlier_index is None:
             return fake_quantize_rows(w)
-        outlier = torch.zeros(w.shape[1], dtype=torch.bool, device=w.device)
-        outlier[self.outlier_index] = True
+        outlier = self._outlier_mask
+        if outlier is None or outlier.shape[1] != w.shape[1] or outlier.device != w.device:
+            outlier = torch.zeros(1, w.shape[1], dtype=torch.bool, device=w.device)
+            outlier[0, self.outlier_index] = True
+            self._outlier_mask = outlier  # made once, not on every training step
         rows = fake_quantize_rows(w.masked_fill(outlier, 0.0))
         columns = w + (w.detach().half().float() - w.detach())  # float16, gradient 1
         return torch.where(outlier, columns, rows)
