@@ -7,12 +7,14 @@ import json
 
 import pytest
 import torch
+import yaml
 from conftest import CHATML_TEMPLATE, make_llama, save_model
 from references import (
     reference_group_distribution,
     reference_hybrid,
     reference_uld,
 )
+from test_checkpoint import distill_cli, steps_logged, student_weights, torchrun
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -675,3 +677,35 @@ def test_resume_from_a_checkpoint_is_bit_identical(tmp_path, pair, tiny_models):
         states[name] = student.state_dict()
     for key, value in states["whole"].items():
         assert torch.equal(value, states["cut"][key]), key
+
+
+def test_two_processes_equal_one_process_across_tokenizers(tmp_path, model_dirs):
+    """`distill run` with a student of its own vocabulary (hybrid), 2 gloo ranks x batch 1 ==
+    1 process x batch 2: each rank aligns and scores its own rows of the same global batch, the
+    normaliser is the target count over both ranks; rtol/atol 1e-5 (float32 summation order,
+    as the same-tokenizer DDP test)."""
+    weights = {}
+    for name, batch_size, launch in (("one", 2, distill_cli), ("two", 1, torchrun)):
+        config = _config(tmp_path, model_dirs, cross_tokenizer="hybrid", alpha=0.5)
+        config["name"] = name
+        config["train"] |= {"steps": 2, "batch_size": batch_size}
+        config["eval"] |= {"bits_per_byte": False, "sample_prompts": 0}
+        config["baseline"] = False
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        result = launch("run", "--config", str(path))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert ("world size 2" in result.stderr) == (name == "two")
+        run_dir = tmp_path / "runs" / name
+        assert steps_logged(run_dir / "metrics.jsonl") == [1, 2]
+        weights[name] = student_weights(run_dir)
+    records = {
+        name: [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").open()]
+        for name in weights
+    }
+    for one, two in zip(records["one"], records["two"], strict=True):
+        assert two["divergence"] > 0
+        for key in ("loss", "ce", "divergence"):
+            assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    for name, value in weights["one"].items():
+        torch.testing.assert_close(weights["two"][name], value, rtol=1e-5, atol=1e-5, msg=name)

@@ -95,6 +95,14 @@ def run_cross_tokenizer(
     models.student.to(device)
     train_data, heldout = _data(config, pair, models.student_tokenizer)
     size = config.train.batch_size * context.world_size
+    if context.is_main:
+        log.info(
+            "global batch = %d rows = per-device batch %d x accumulation %d x world size %d",
+            size * config.train.grad_accum,
+            config.train.batch_size,
+            config.train.grad_accum,
+            context.world_size,
+        )
 
     def global_batches(pair: TokenizerPair | None):
         """Fresh batches over the same rows in the same order; ``pair`` None: no alignment."""
