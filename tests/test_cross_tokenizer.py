@@ -371,6 +371,8 @@ def test_hybrid_matches_its_reference_on_different_vocabularies():
     pairs = [(0, 0), (2, 1), (3, 5), (7, 2), (9, 7)]
     teacher_ids[0, (teacher_groups[0] == 0).nonzero()[0]] = 2  # group 0 starts with a pair
     student_ids[0, (student_groups[0] == 0).nonzero()[0]] = 1
+    teacher_ids[1, (teacher_groups[1] == 0).nonzero()[0]] = 0  # the first pair, broken alone
+    student_ids[1, (student_groups[1] == 0).nonzero()[0]] = 3
     pair_tensors = (torch.tensor([t for t, _ in pairs]), torch.tensor([s for _, s in pairs]))
     values = group_divergence(
         student_logits,
@@ -398,8 +400,16 @@ def test_hybrid_matches_its_reference_on_different_vocabularies():
         assert float(values[g]) == pytest.approx(expected, rel=1e-10, abs=1e-12)
         paired = [firsts[0] in dict(pairs), firsts[1] in dict((s, t) for t, s in pairs)]
         cases.add("chunk pair" if firsts in pairs else f"breaks {sum(paired)} pairs")
+        if firsts[0] == pairs[0][0] and not paired[1]:
+            cases.add("the teacher alone breaks the first pair")
     # Both first tokens one pair, and first tokens that break no, one or two other pairs.
-    assert cases >= {"chunk pair", "breaks 0 pairs", "breaks 1 pairs", "breaks 2 pairs"}, cases
+    assert cases >= {
+        "chunk pair",
+        "breaks 0 pairs",
+        "breaks 1 pairs",
+        "breaks 2 pairs",
+        "the teacher alone breaks the first pair",
+    }, cases
 
     def total(logits: torch.Tensor) -> torch.Tensor:
         return group_divergence(

@@ -250,9 +250,13 @@ def hybrid_divergence(
     by_teacher = teacher_index.pair_of[teacher.first_ids]  # (G,) pair of x_1 (teacher), or -1
     by_student = student_index.pair_of[student.first_ids]
     second = torch.where(by_student != by_teacher, by_student, torch.full_like(by_student, -1))
-    valid = torch.ones_like(p)  # (G, M): 0 at the pairs the first tokens break (no cancellation)
+    # (G, M): 0 at the pairs the first tokens break (no cancellation); a first token that
+    # breaks none writes into an extra last column, dropped
+    valid = torch.ones(p.shape[0], p.shape[1] + 1, dtype=p.dtype, device=p.device)
     for broken in (by_teacher, second):
-        valid.scatter_(1, broken.clamp_min(0)[:, None], (broken < 0).to(p.dtype)[:, None])
+        column = torch.where(broken >= 0, broken, torch.full_like(broken, p.shape[1]))
+        valid.scatter_(1, column[:, None], 0.0)
+    valid = valid[:, :-1]
     p_kept = p * valid
     p_chunk = teacher.chunk.exp()
     s_sum = (p_kept * (log_p - log_q)).sum(-1) + p_chunk * (teacher.chunk - student.chunk)
