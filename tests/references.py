@@ -134,6 +134,23 @@ def reference_group_distribution(
     return torch.cat([first, bucket.reshape(1)])
 
 
+def reference_cached_group_distribution(
+    logits: torch.Tensor, tokens: list[int], k: int, temperature: float = 1.0
+) -> torch.Tensor:
+    """:func:`reference_group_distribution` as a teacher cache rebuilds it: the first row's k
+    largest probabilities and its first token's exact, the rest of that row's mass shared
+    equally by its other ids; the chunk and the bucket exact (realised tokens)."""
+    exact = reference_group_distribution(logits, tokens, temperature)
+    vocab = logits.shape[1]
+    known = set(torch.topk(logits[0], k).indices.tolist()) | {tokens[0]}
+    first_step = _reference_softmax(logits[0] / temperature)
+    others = [v for v in range(vocab) if v not in known]
+    rebuilt = exact.clone()
+    for v in others:
+        rebuilt[v] = (1 - sum(first_step[i] for i in known)) / len(others)
+    return rebuilt
+
+
 def reference_uld(p: torch.Tensor, q: torch.Tensor, top_k: int | None = None) -> float:
     """ULD of two probability vectors: sorted decreasingly, zero-padded, L1, element by element;
     with ``top_k`` only the first k of each, plus ``|rest of p - rest of q|``."""
@@ -154,16 +171,23 @@ def reference_hybrid(
     teacher_first: int,
     student_first: int,
     pairs: list[tuple[int, int]],
+    joined: frozenset[int] = frozenset(),
 ) -> float:
     """The hybrid divergence of one group from its definition: ``p`` ``[Vt + 1]`` and ``q``
     ``[Vs + 1]`` group distributions, ``pairs`` (teacher id, student id) of equal tokens. The
     matched outcomes are the chunk (the two first tokens) and the pairs that touch neither
-    first token; KL of both sides renormalised over them, plus ULD of everything else."""
+    first token; KL of both sides renormalised over them, plus ULD of everything else.
+    ``joined``: teacher ids whose matched pairs are one outcome of the KL (a cache's ids outside
+    its top-k)."""
     matched = [(teacher_first, student_first)] + [
         (t, s) for t, s in pairs if t != teacher_first and s != student_first
     ]
-    p_matched = torch.stack([p[t] for t, _ in matched]).double()
-    q_matched = torch.stack([q[s] for _, s in matched]).double()
+    alone = [pair for pair in matched if pair[0] not in joined]
+    together = [pair for pair in matched if pair[0] in joined]
+    p_list = [p[t] for t, _ in alone] + ([sum(p[t] for t, _ in together)] if together else [])
+    q_list = [q[s] for _, s in alone] + ([sum(q[s] for _, s in together)] if together else [])
+    p_matched = torch.stack(p_list).double()
+    q_matched = torch.stack(q_list).double()
     p_hat, q_hat = p_matched / p_matched.sum(), q_matched / q_matched.sum()
     kl = float((p_hat * torch.log(p_hat / q_hat)).sum())
     teacher_taken = {t for t, _ in matched}

@@ -638,7 +638,8 @@ def test_unsupported_pair_fails_before_any_model_loads(tmp_path, model_dirs, mon
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["teacher.cache=/tmp/cache"],
+        ["teacher.url=http://127.0.0.1:9"],
+        ["teacher.cache=/tmp/cache", "loss.temperature_schedule=linear", "loss.temperature_end=1"],
         ["onpolicy.lambda=0.5"],
         ["loss.divergence=reverse_kl"],
         ["parallel.strategy=fsdp"],
@@ -710,7 +711,10 @@ def test_two_processes_equal_one_process_across_tokenizers(tmp_path, model_dirs)
         assert steps_logged(run_dir / "metrics.jsonl") == [1, 2]
         weights[name] = student_weights(run_dir)
     records = {
-        name: [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").open()]
+        name: [
+            json.loads(line)
+            for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        ]
         for name in weights
     }
     for one, two in zip(records["one"], records["two"], strict=True):

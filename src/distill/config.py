@@ -71,7 +71,9 @@ class TeacherConfig(_Section):
     cache: str | None = Field(
         None,
         description="Directory of a top-k teacher cache: `distill cache` writes it, `distill run` "
-        "then trains from it without the teacher in memory (loaded again only for evaluation).",
+        "then trains from it without the teacher in memory (loaded again only for evaluation). "
+        "With loss.cross_tokenizer it holds the teacher's side of that run's aligned rows "
+        "(docs/cross-tokenizer.md).",
     )
     url: str | None = Field(
         None,
@@ -996,8 +998,11 @@ def _served_teacher_loss_is_exact(config: RunConfig) -> str | None:
 
 
 def _examples_need_live_teacher(config: RunConfig) -> str | None:
+    """A cache of the teacher's packed blocks serves no chat rows; a cross-tokenizer cache holds
+    the teacher's side of whatever rows the run aligns, chat rows too."""
     cached = _cached_teacher(config)
-    if config.data.format in _SUPERVISED_FORMATS and cached:
+    cross = config.loss.cross_tokenizer is not None and config.teachers is None
+    if config.data.format in _SUPERVISED_FORMATS and cached and not cross:
         return (
             f"{cached}.cache holds packed text blocks: it cannot serve chat or prompt/response "
             f"data (data.format={config.data.format}); unset {cached}.cache"
@@ -1191,14 +1196,14 @@ def _new_vocabulary_is_causal_lm(config: RunConfig) -> str | None:
 
 
 def _cross_tokenizer_needs_live_teacher(config: RunConfig) -> str | None:
-    """The cross-tokenizer losses need the teacher's full distribution at its own tokens of
-    each row (a cache or a server holds the top-k of the teacher's blocks, not of these), one
-    whole student per process, the student's full logits."""
+    """The cross-tokenizer losses need the teacher's distribution at its own tokens of each row:
+    live, or from a cache written for these rows (``distill cache`` with loss.cross_tokenizer,
+    which holds the realised tokens' log-probabilities and c_T at fixed temperatures; a server
+    serves neither); one whole student per process, the student's full logits."""
     if config.loss.cross_tokenizer is None:
         return None
     blocked = [
         ("teachers", config.teachers is not None),
-        ("teacher.cache", bool(config.teacher.cache)),
         ("teacher.url", bool(config.teacher.url)),
         ("onpolicy.lambda > 0", config.onpolicy.lambda_ > 0),
         ("intermediate.hidden_weight / attention_weight > 0", config.intermediate.enabled),
@@ -1211,6 +1216,13 @@ def _cross_tokenizer_needs_live_teacher(config: RunConfig) -> str | None:
                 f"loss.cross_tokenizer={config.loss.cross_tokenizer} works with the live teacher "
                 f"and a whole student per process: unset {key}"
             )
+    if config.teacher.cache and config.loss.temperature_schedule != "constant":
+        return (
+            f"loss.temperature_schedule={config.loss.temperature_schedule}: loss.cross_tokenizer="
+            f"{config.loss.cross_tokenizer} from teacher.cache needs the teacher's "
+            "log-normaliser at every T, stored at fixed temperatures only; use a constant "
+            "loss.temperature (or the live teacher)"
+        )
     if config.loss.divergence != "forward_kl":
         return (
             f"loss.divergence={config.loss.divergence}: loss.cross_tokenizer="

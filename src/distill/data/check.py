@@ -68,7 +68,8 @@ def _check_utf8(file: Path) -> None:
 
 def _check_examples(config: RunConfig) -> None:
     """Chat / prompt-response data (as ``data.format`` or the first .jsonl row says) must be one
-    .jsonl file and cannot come from a teacher cache (it holds packed text blocks)."""
+    .jsonl file and cannot come from a teacher cache of packed text blocks (a cross-tokenizer
+    cache, ``loss.cross_tokenizer``, holds the teacher's side of whatever rows the run aligns)."""
     data_format = detect_format(config.data.path, config.data.format)
     if data_format == "text":
         return
@@ -76,7 +77,7 @@ def _check_examples(config: RunConfig) -> None:
     if path.suffix != ".jsonl" or not path.is_file():
         raise DataError(f"data.path {path}: chat and prompt/response data must be a .jsonl file")
     cached = next((key for key, section in teacher_sections(config) if section.cache), None)
-    if cached:
+    if cached and config.loss.cross_tokenizer is None:
         raise ConfigError(
             f"data.path {path} holds {data_format} rows, and {cached}.cache holds packed text "
             f"blocks: it cannot serve chat or prompt/response data; unset {cached}.cache"

@@ -250,9 +250,9 @@ class TokenizerPair:
         )
         return [next(encoded) if text else [] for text in texts]
 
-    def align_blocks(self, blocks: torch.Tensor) -> CrossBatch:
-        """A :class:`CrossBatch` for student blocks ``[B, T]`` (the teacher tokenizes every
-        stretch of the batch in one call)."""
+    def align_rows(self, blocks: torch.Tensor) -> list[AlignedRow]:
+        """:meth:`align_block` of every student block ``[B, T]`` (the teacher tokenizes every
+        stretch of them in one call)."""
         rows = blocks.tolist()
         parts = [self._stretches(ids) for ids in rows]
         texts = [[p.text for p in row if isinstance(p, _Stretch)] for row in parts]
@@ -261,7 +261,11 @@ class TokenizerPair:
         for ids, row_texts in zip(rows, texts, strict=True):
             aligned.append(self.align_block(ids, flat[used : used + len(row_texts)]))
             used += len(row_texts)
-        return self.collate(Batch.from_blocks(blocks, 1), aligned)
+        return aligned
+
+    def align_blocks(self, blocks: torch.Tensor) -> CrossBatch:
+        """A :class:`CrossBatch` for student blocks ``[B, T]``."""
+        return self.collate(Batch.from_blocks(blocks, 1), self.align_rows(blocks))
 
     def collate(self, student: Batch, rows: list[AlignedRow]) -> CrossBatch:
         """Pad the rows' teacher side to one ``[B, Tt]`` (right padding, no groups there)."""

@@ -43,6 +43,23 @@ the text.
   renormalise), the unmatched entries are 0 and ``hybrid`` equals forward KL on the full
   vocabulary.
 
+**From a teacher cache** (:func:`sparse_group_parts`): the teacher's side is rebuilt from its
+top-k at each row, the log-probability of each row's realised next token and ``c_T``
+(:class:`~distill.losses.sparse.SparseTargets`). The chunk, ``x_1`` and the bucket are exact
+(every token of a group is a realised token of the teacher's row); at the first row the top-k
+and ``x_1`` are exact and the rest of the mass, the *tail* ``1 - sum`` of those, is shared
+evenly by the other ids. All of it equals the live teacher's when the top-k covers the
+vocabulary. Otherwise:
+
+- ``uld`` with ``0 < top_k < k``: exact. Every id outside the cache's top-k is at most its k-th
+  probability, live or rebuilt, so both sides' ``top_k`` largest entries are cached ones and
+  the tails agree. With a full sort it differs from the live ULD by at most ``2 * tail`` per
+  group (the rebuilt ``p`` is within ``2 * tail`` in L1, and a sorted L1 moves by at most that).
+- ``hybrid``: the matched pairs outside the top-k count as one outcome in the KL (the teacher's
+  even shares there against the sum of the student's probabilities): a coarser KL that sets no
+  target for the shape of the tail (as the same-tokenizer cache's tail bucket); the ULD of the
+  unmatched entries sees the even shares.
+
 **The objective**, summed like every loss of distill::
 
     alpha * sum CE(student, its own labels) + (1 - alpha) * s * sum_groups D
@@ -61,6 +78,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.losses.functional import IGNORE_INDEX, LossTerms
+from distill.losses.sparse import SparseTargets
 
 __all__ = [
     "CROSS_TOKENIZER_LOSSES",
@@ -73,6 +91,9 @@ __all__ = [
     "group_rows",
     "hybrid_divergence",
     "merged_group_logprobs",
+    "merged_logprobs",
+    "sparse_group_parts",
+    "teacher_group_parts",
     "uld",
 ]
 
@@ -125,12 +146,14 @@ def group_rows(input_ids: torch.Tensor, groups: torch.Tensor) -> GroupRows:
 class GroupParts:
     """One side's group distributions in parts: the first-step log-probabilities ``[G, V]``
     (entry ``x_1`` not yet replaced), each group's first token, the chunk's chain-rule
-    log-probability and the bucket's log-probability (``-inf`` for a one-token group)."""
+    log-probability and the bucket's log-probability (``-inf`` for a one-token group); from a
+    cache, which first-step entries are exact (the rest share the tail evenly)."""
 
     start: torch.Tensor  # (G, V) log softmax(z_{r_1} / T)
     first_ids: torch.Tensor  # (G,) x_1
     chunk: torch.Tensor  # (G,) l_1[x_1] + ... + l_n[x_n]
     bucket: torch.Tensor  # (G,) log(exp(l_1[x_1]) - exp(chunk))
+    known: torch.Tensor | None = None  # (G, V) bool: exact entries of ``start`` (None: all)
 
 
 def group_parts(logits: torch.Tensor, rows: GroupRows, temperature: float = 1.0) -> GroupParts:
@@ -140,8 +163,16 @@ def group_parts(logits: torch.Tensor, rows: GroupRows, temperature: float = 1.0)
     later = later_rows.gather(1, rows.later_ids[:, None]).squeeze(1) - torch.logsumexp(
         later_rows, dim=-1
     )  # (n,) log p of each later token
-    rest = start.new_zeros(rows.n_groups).index_add(0, rows.later_groups, later)  # (G,)
     first = start.gather(1, rows.first_ids[:, None]).squeeze(1)  # (G,)
+    return _parts(start, rows, first, later)
+
+
+def _parts(
+    start: torch.Tensor, rows: GroupRows, first: torch.Tensor, later: torch.Tensor
+) -> GroupParts:
+    """:class:`GroupParts` from the first rows ``[G, V]``, ``log p(x_1)`` ``[G]`` and the later
+    tokens' log-probabilities ``[n]``: the chunk by the chain rule, the bucket the rest of x_1."""
+    rest = first.new_zeros(rows.n_groups).index_add(0, rows.later_groups, later)  # (G,)
     continues = rest < 0
     safe_rest = torch.where(continues, rest, torch.full_like(rest, -1.0))  # no log(0) gradient
     bucket = torch.where(
@@ -150,15 +181,45 @@ def group_parts(logits: torch.Tensor, rows: GroupRows, temperature: float = 1.0)
     return GroupParts(start, rows.first_ids, first + rest, bucket)
 
 
+def sparse_group_parts(
+    targets: SparseTargets, rows: GroupRows, vocab: int, temperature: float = 1.0
+) -> GroupParts:
+    """:class:`GroupParts` of a cached teacher (module docstring) from its flat targets rows
+    ``[B * T, k]`` with the realised tokens' log-probabilities ``[B * T]``, over ``vocab`` ids:
+    the chunk, ``x_1`` and the bucket exact; at the first row the top-k and ``x_1`` exact and
+    the rest of the mass spread evenly over the other ids. ``temperature`` must be stored."""
+    realised = targets.realised_logprobs(temperature)  # (N,) log p_T of each row's next token
+    first = realised[rows.start_rows]  # (G,) log p_T(x_1)
+    top_ids = targets.ids[rows.start_rows]  # (G, k)
+    top = targets.teacher_logprobs(temperature)[rows.start_rows]  # (G, k)
+    first_in_top = top_ids == rows.first_ids[:, None]  # (G, k)
+    known_mass = top.exp().masked_fill(first_in_top, 0.0).sum(-1) + first.exp()  # (G,)
+    others = vocab - top_ids.shape[1] - (~first_in_top.any(-1)).to(top.dtype)  # (G,) ids left
+    tiny = torch.finfo(top.dtype).tiny  # a finite log for an empty or rounded-away tail
+    spread = (1.0 - known_mass).clamp_min(tiny).log() - others.clamp_min(1.0).log()  # (G,)
+    start = spread[:, None].expand(-1, vocab).clone()  # (G, V)
+    start.scatter_(1, top_ids, top)
+    start.scatter_(1, rows.first_ids[:, None], first[:, None])
+    known = torch.zeros_like(start, dtype=torch.bool).scatter_(1, top_ids, True)  # (G, V)
+    known.scatter_(1, rows.first_ids[:, None], True)
+    parts = _parts(start, rows, first, realised[rows.later_rows])
+    return GroupParts(parts.start, parts.first_ids, parts.chunk, parts.bucket, known)
+
+
+def merged_logprobs(parts: GroupParts) -> torch.Tensor:
+    """Log of each group's distribution over ``V + 1`` outcomes ``[G, V + 1]`` from its parts:
+    column ``x_1`` holds the chunk, the last column the bucket."""
+    merged = parts.start.scatter(1, parts.first_ids[:, None], parts.chunk[:, None])  # (G, V)
+    return torch.cat([merged, parts.bucket[:, None]], dim=1)  # (G, V + 1)
+
+
 def merged_group_logprobs(
     logits: torch.Tensor, rows: GroupRows, temperature: float = 1.0
 ) -> torch.Tensor:
     """Log of each group's distribution over ``V + 1`` outcomes (module docstring), ``[G, V + 1]``:
     column ``x_1`` holds the chain-rule log-probability of the whole chunk, the last column the
     bucket (``-inf`` for a one-token group). ``logits`` are flat ``[B * T, V]``."""
-    parts = group_parts(logits, rows, temperature)
-    merged = parts.start.scatter(1, parts.first_ids[:, None], parts.chunk[:, None])  # (G, V)
-    return torch.cat([merged, parts.bucket[:, None]], dim=1)  # (G, V + 1)
+    return merged_logprobs(group_parts(logits, rows, temperature))
 
 
 def uld(
@@ -227,6 +288,27 @@ def _unmatched(
     return torch.cat([rest, broken[:, None], parts.bucket.exp()[:, None]], dim=1)
 
 
+def _unknown_pairs_correction(
+    known: torch.Tensor,
+    teacher_pairs: torch.Tensor,
+    log_p: torch.Tensor,
+    log_q: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """``[G]`` to add to the matched ``S`` of a cached teacher: its pairs outside the top-k
+    (even shares of the tail, not the teacher's own probabilities) leave the sum and come
+    back as one outcome, the teacher's mass there against the sum of the student's."""
+    unknown = ~known.index_select(1, teacher_pairs) & (valid > 0)  # (G, M)
+    spread = torch.where(unknown, log_p.exp() * (log_p - log_q), 0.0).sum(-1)  # (G,)
+    some = unknown.any(-1, keepdim=True)  # (G, 1): rows without any stay finite (no NaN grad)
+    outcome = [
+        torch.logsumexp(torch.where(some, side.masked_fill(~unknown, -torch.inf), 0.0), dim=-1)
+        for side in (log_p, log_q)
+    ]  # log of the teacher's and the student's mass on the joined outcome, (G,) each
+    joined = outcome[0].exp() * (outcome[0] - outcome[1])
+    return torch.where(some.squeeze(1), joined - spread, 0.0)
+
+
 def hybrid_divergence(
     teacher: GroupParts,
     student: GroupParts,
@@ -260,6 +342,8 @@ def hybrid_divergence(
     p_kept = p * valid
     p_chunk = teacher.chunk.exp()
     s_sum = (p_kept * (log_p - log_q)).sum(-1) + p_chunk * (teacher.chunk - student.chunk)
+    if teacher.known is not None:  # a cache: the pairs outside its top-k as one outcome
+        s_sum = s_sum + _unknown_pairs_correction(teacher.known, teacher_pairs, log_p, log_q, valid)
     p_sum = p_kept.sum(-1) + p_chunk
     q_sum = (q * valid).sum(-1) + student.chunk.exp()
     matched = s_sum / p_sum - p_sum.log() + q_sum.log()
@@ -271,9 +355,24 @@ def hybrid_divergence(
     return matched + uld(teacher_rest, student_rest, top_k)
 
 
+def teacher_group_parts(
+    teacher: torch.Tensor | SparseTargets,
+    rows: GroupRows,
+    temperature: float,
+    vocab: int | None = None,
+) -> GroupParts:
+    """The teacher's :class:`GroupParts`: from its logits ``[B, T, V]`` (live), or from cached
+    :class:`SparseTargets` ``[B, T, k]`` with realised tokens over ``vocab`` ids."""
+    if isinstance(teacher, SparseTargets):
+        if vocab is None:
+            raise ValueError("a cached teacher's group distributions need its vocabulary size")
+        return sparse_group_parts(teacher.rows(), rows, vocab, temperature)
+    return group_parts(teacher.reshape(-1, teacher.shape[-1]), rows, temperature)
+
+
 def group_divergence(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | SparseTargets,
     student_ids: torch.Tensor,
     teacher_ids: torch.Tensor,
     student_groups: torch.Tensor,
@@ -283,11 +382,13 @@ def group_divergence(
     temperature: float = 1.0,
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
     top_k: int | None = None,
+    teacher_vocab: int | None = None,
 ) -> torch.Tensor:
     """``D`` of every scored group ``[G]`` (module docstring). Logits ``[B, T, V]`` of each
-    side, ids and groups ``[B, T]``; ``pairs`` (teacher ids, student ids) of equal tokens are
-    needed by ``hybrid``; ``top_k``: the ULD compares the sorted top-k and the tails
-    (:func:`uld`; None: exact)."""
+    side (the teacher's may be cached :class:`SparseTargets` ``[B, T, k]`` with realised
+    tokens, over ``teacher_vocab`` ids), ids and groups ``[B, T]``; ``pairs`` (teacher ids,
+    student ids) of equal tokens are needed by ``hybrid``; ``top_k``: the ULD compares the
+    sorted top-k and the tails (:func:`uld`; None: exact)."""
     if kind not in CROSS_TOKENIZER_LOSSES:
         raise ValueError(f"kind must be one of {CROSS_TOKENIZER_LOSSES}, got {kind!r}")
     student_rows = group_rows(student_ids, student_groups)
@@ -298,26 +399,19 @@ def group_divergence(
             f"{teacher_rows.n_groups}: the groups must be aligned on the same rows"
         )
     student_flat = student_logits.reshape(-1, student_logits.shape[-1])  # (B * Ts, Vs)
-    teacher_flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])  # (B * Tt, Vt)
+    teacher = teacher_group_parts(teacher_logits, teacher_rows, temperature, teacher_vocab)
+    student = group_parts(student_flat, student_rows, temperature)
     if kind == "uld":
-        log_q = merged_group_logprobs(student_flat, student_rows, temperature)  # (G, Vs + 1)
-        log_p = merged_group_logprobs(teacher_flat, teacher_rows, temperature)  # (G, Vt + 1)
-        return uld(log_p.exp(), log_q.exp(), top_k)
+        return uld(merged_logprobs(teacher).exp(), merged_logprobs(student).exp(), top_k)
     if pairs is None:
         raise ValueError("kind='hybrid' needs the vocabularies' pairs of equal tokens")
     teacher_pairs, student_pairs = (ids.to(student_logits.device) for ids in pairs)
-    return hybrid_divergence(
-        group_parts(teacher_flat, teacher_rows, temperature),
-        group_parts(student_flat, student_rows, temperature),
-        teacher_pairs,
-        student_pairs,
-        top_k,
-    )
+    return hybrid_divergence(teacher, student, teacher_pairs, student_pairs, top_k)
 
 
 def cross_tokenizer_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
+    teacher_logits: torch.Tensor | SparseTargets | None,
     student_ids: torch.Tensor,
     teacher_ids: torch.Tensor | None,
     student_groups: torch.Tensor,
@@ -330,12 +424,14 @@ def cross_tokenizer_loss(
     scale_by_t2: bool = True,
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
     uld_top_k: int | None = None,
+    teacher_vocab: int | None = None,
 ) -> LossTerms:
     """``alpha * CE + (1 - alpha) * s * sum_groups D``, summed (module docstring).
 
     ``student_logits`` ``[B, Ts, Vs]`` and ``labels`` ``[B, Ts]`` (the student's own next
     tokens, ``IGNORE_INDEX`` where none); the teacher's side may be None when ``alpha == 1``
-    (labels only). ``n_tokens`` counts the student's targets: the caller's normaliser;
+    (labels only), or cached :class:`SparseTargets` with realised tokens over
+    ``teacher_vocab`` ids. ``n_tokens`` counts the student's targets: the caller's normaliser;
     ``uld_top_k`` as ``top_k`` of :func:`uld`."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -350,9 +446,11 @@ def cross_tokenizer_loss(
     divergence_sum = zero
     needs_teacher = alpha < 1.0 and teacher_logits is not None
     if needs_teacher and bool((student_groups >= 0).any()):
+        if isinstance(teacher_logits, torch.Tensor):
+            teacher_logits = teacher_logits.float()
         divergence_sum = group_divergence(
             student_logits.float(),
-            teacher_logits.float(),
+            teacher_logits,
             student_ids,
             teacher_ids,
             student_groups,
@@ -361,6 +459,7 @@ def cross_tokenizer_loss(
             temperature=temperature,
             pairs=pairs,
             top_k=uld_top_k,
+            teacher_vocab=teacher_vocab,
         ).sum()
     soft_weight = (1.0 - alpha) * (temperature**2 if scale_by_t2 else 1.0)
     loss_sum = alpha * ce_sum + soft_weight * divergence_sum

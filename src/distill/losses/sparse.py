@@ -67,33 +67,61 @@ class SparseTargets:
     logprobs: torch.Tensor  # (..., k) float32, log softmax(teacher logits) at T = 1 of those ids
     lognorm: torch.Tensor  # (..., n_T) float32, c_T = logsumexp over the full row of lp / T
     temperatures: tuple[float, ...]  # the T of each lognorm column
+    # (...,) float32, log softmax at T = 1 of the token that follows in the teacher's own row
+    # (a cross-tokenizer cache's chain rule needs it, top-k or not); None when not stored
+    realised: torch.Tensor | None = None
 
     def rows(self) -> SparseTargets:
-        """Leading dims flattened: ``[N, k]`` and ``[N, n_T]``."""
+        """Leading dims flattened: ``[N, k]``, ``[N, n_T]`` and ``[N]``."""
         k, n_t = self.ids.shape[-1], self.lognorm.shape[-1]
         return SparseTargets(
             self.ids.reshape(-1, k),
             self.logprobs.reshape(-1, k),
             self.lognorm.reshape(-1, n_t),
             self.temperatures,
+            None if self.realised is None else self.realised.reshape(-1),
         )
 
     def select(self, keep: torch.Tensor) -> SparseTargets:
         """Rows where the boolean ``keep`` ``[N]`` is true."""
         return SparseTargets(
-            self.ids[keep], self.logprobs[keep], self.lognorm[keep], self.temperatures
+            self.ids[keep],
+            self.logprobs[keep],
+            self.lognorm[keep],
+            self.temperatures,
+            None if self.realised is None else self.realised[keep],
         )
 
-    def teacher_logprobs(self, temperature: float) -> torch.Tensor:
-        """Exact ``log softmax(z / T)`` of the kept ids, ``[..., k]``; T must be a stored one."""
+    def to(self, device: torch.device | str) -> SparseTargets:
+        """The same targets on ``device``."""
+        return SparseTargets(
+            self.ids.to(device),
+            self.logprobs.to(device),
+            self.lognorm.to(device),
+            self.temperatures,
+            None if self.realised is None else self.realised.to(device),
+        )
+
+    def lognorm_at(self, temperature: float) -> torch.Tensor:
+        """``c_T`` ``[...]`` of a stored temperature (a ValueError for any other)."""
         for column, stored in enumerate(self.temperatures):
             if math.isclose(stored, temperature, rel_tol=1e-9, abs_tol=1e-12):
-                return self.logprobs / temperature - self.lognorm[..., column : column + 1]
+                return self.lognorm[..., column]
         raise ValueError(
             f"temperature={temperature}: these sparse targets hold log-normalisers for "
             f"T in {list(self.temperatures)} only (the normaliser at another T is not "
             "determined by the top-k; write the cache with that temperature)"
         )
+
+    def teacher_logprobs(self, temperature: float) -> torch.Tensor:
+        """Exact ``log softmax(z / T)`` of the kept ids, ``[..., k]``; T must be a stored one."""
+        return self.logprobs / temperature - self.lognorm_at(temperature)[..., None]
+
+    def realised_logprobs(self, temperature: float) -> torch.Tensor:
+        """Exact ``log softmax(z / T)`` of each row's next token ``[...]`` (stored T only)."""
+        if self.realised is None:
+            raise ValueError("these sparse targets hold no realised tokens' log-probabilities")
+        return self.realised / temperature - self.lognorm_at(temperature)
 
 
 def _check_rows(student_logits: torch.Tensor, targets: SparseTargets) -> None:

@@ -1,6 +1,7 @@
 """``distill run`` across tokenizers: a student with a tokenizer of its own (a ``student.path``
 model, or one built from the teacher's layers with ``student.tokenizer``), distilled from the
-live teacher on byte-aligned groups (``loss.cross_tokenizer``), or trained on labels alone
+live teacher (or a cross-tokenizer ``teacher.cache`` written by ``distill cache`` for these
+rows) on byte-aligned groups (``loss.cross_tokenizer``), or trained on labels alone
 (``loss.alpha=1``: the sequence-level KD path on ``distill generate`` output).
 
 Phases as in :mod:`distill.pipelines.run`: data in the student's tokenization (packed blocks are
@@ -25,24 +26,26 @@ import torch
 
 from distill.compress.store import model_bytes
 from distill.config import RunConfig
-from distill.data.cross_examples import CrossExamples, encode_cross_examples
+from distill.data.cross_examples import CrossExamples
 from distill.data.cross_tokenizer import TokenizerPair
-from distill.data.examples import Examples, detect_format, encode_examples, read_rows, split_rows
+from distill.data.examples import Examples
 from distill.data.extra import extra_blocks, extra_sources, spread
 from distill.data.sources import WeightedBatches
 from distill.evaluate import heldout_metrics
 from distill.evaluate.bits_per_byte import teacher_bits_per_byte_of_samples, vocabulary_differs
 from distill.evaluate.fidelity import block_prompts
 from distill.io import atomic_directory, atomic_write_json
-from distill.models import count_params
-from distill.pipelines.prepare import Models, prepare_data, prepare_sources
+from distill.models import count_params, load_teacher
+from distill.pipelines.prepare import Models, prepare_cross_data
 from distill.pipelines.run import RunResult, _measure_speed, _print_plan, _score_bits_per_byte
 from distill.report import build_report
-from distill.teacher import LiveTeacher
+from distill.teacher import CachedTeacher, LiveTeacher
+from distill.teacher.cache import open_cross_cache
 from distill.train import CheckpointPlan, train
 from distill.train.cross_tokenizer import (
     CrossTokenizerTask,
     cross_tokenizer_batches,
+    teacher_rows,
     token_pairs,
 )
 from distill.train.distributed import DistContext
@@ -50,23 +53,6 @@ from distill.train.distributed import DistContext
 __all__ = ["run_cross_tokenizer"]
 
 log = logging.getLogger(__name__)
-
-
-def _data(config: RunConfig, pair: TokenizerPair | None, student_tokenizer) -> tuple[Any, Any]:
-    """(training data, held-out data) in the student's tokenization: packed blocks (a list of
-    them per source with ``data.sources``), or chat / prompt-response rows, encoded for both
-    tokenizers when the teacher is used (``pair``), for the student alone otherwise."""
-    if config.data.sources:
-        return prepare_sources(config, student_tokenizer)
-    data_format = detect_format(config.data.path, config.data.format)
-    if data_format == "text" or pair is None:
-        return prepare_data(config, student_tokenizer)
-    rows = read_rows(config.data.path)
-    train_rows, heldout_rows = split_rows(rows, config.data.heldout_fraction)
-    block_size, source = config.data.block_size, str(config.data.path)
-    train = encode_cross_examples(train_rows, data_format, pair, block_size, source)
-    heldout = encode_examples(heldout_rows, data_format, student_tokenizer, block_size, source)
-    return train, heldout.head(config.eval.max_blocks)
 
 
 def _n_rows(train_data: Any) -> int:
@@ -91,9 +77,10 @@ def run_cross_tokenizer(
     loss = config.loss
     uses_teacher = loss.alpha < 1.0 or loss.alpha_schedule != "constant"
     pair = TokenizerPair(models.tokenizer, models.student_tokenizer) if uses_teacher else None
-    models.teacher.to(device)
+    if models.teacher is not None:  # None with teacher.cache: loaded again to evaluate
+        models.teacher.to(device)
     models.student.to(device)
-    train_data, heldout = _data(config, pair, models.student_tokenizer)
+    train_data, heldout = prepare_cross_data(config, pair, models.student_tokenizer)
     size = config.train.batch_size * context.world_size
     if context.is_main:
         log.info(
@@ -116,7 +103,18 @@ def run_cross_tokenizer(
         every, keep = config.checkpoint.every, config.checkpoint.keep
         return CheckpointPlan(run_dir / folder, every, keep, resume)
 
-    teacher = LiveTeacher(models.teacher, models.teacher_rows) if uses_teacher else None
+    teacher: LiveTeacher | CachedTeacher | None = None
+    if uses_teacher and config.teacher.cache:  # refuses a cache of other rows (exit 2)
+        teacher = open_cross_cache(
+            config,
+            teacher_source=models.teacher_source,
+            tokenizer=models.tokenizer,
+            student_tokenizer=models.student_tokenizer,
+            teacher_rows=teacher_rows(train_data, pair),
+            vocab_rows=models.teacher_rows,
+        )
+    elif uses_teacher:
+        teacher = LiveTeacher(models.teacher, models.teacher_rows)
     pairs = None
     if uses_teacher and loss.cross_tokenizer == "hybrid":
         pairs = token_pairs(pair, models.teacher_rows, models.vocab_rows)
@@ -171,6 +169,8 @@ def run_cross_tokenizer(
         compared["student_labels_only"] = labels_only
     if not context.is_main:
         return RunResult(run_dir, {}, models.student)
+    if models.teacher is None:  # trained from a cache: needed to evaluate
+        models.teacher = load_teacher(config.teacher).to(device)
     with atomic_directory(run_dir / "student") as tmp:
         models.student.save_pretrained(tmp, safe_serialization=True)
         models.student_tokenizer.save_pretrained(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -19,6 +20,8 @@ from distill.data import (
 )
 from distill.data.alignment import check_byte_level, check_tokenizer_pair
 from distill.data.corpus import read_routed_documents, split_by_hash, split_documents
+from distill.data.cross_examples import encode_cross_examples
+from distill.data.cross_tokenizer import TokenizerPair
 from distill.data.examples import detect_format, encode_examples, read_rows, split_rows
 from distill.data.routing import pack_routed
 from distill.data.shards import open_run_shards
@@ -50,7 +53,9 @@ __all__ = [
     "Models",
     "TrainingData",
     "cross_tokenizer_mode",
+    "prepare_cross_data",
     "prepare_models",
+    "resolve_student_tokenizer",
     "prepare_data",
     "prepare_sources",
     "prepare_training_data",
@@ -142,7 +147,7 @@ def corpus_training_texts(config: RunConfig) -> list[str]:
     return split_texts(config)[0]
 
 
-def _student_tokenizer(
+def resolve_student_tokenizer(
     config: RunConfig, tokenizer: PreTrainedTokenizerBase, source: str
 ) -> tuple[PreTrainedTokenizerBase, str]:
     """The student's tokenizer and how errors name it, before any weights load:
@@ -191,10 +196,13 @@ def cross_tokenizer_mode(
             "(docs/cross-tokenizer.md), or loss.alpha=1 (labels only, e.g. on `distill "
             "generate` output)"
         )
-    if config.teacher.cache or config.teacher.url:
+    unset = "teacher.url" if config.teacher.url else None
+    if config.teacher.cache and config.loss.cross_tokenizer is None:
+        unset = "teacher.cache"  # a cache across tokenizers holds a cross-tokenizer run's rows
+    if unset:
         raise ModelError(
             f"teacher {teacher_name} and student {student_name} tokenize differently: train "
-            "with the live teacher (unset teacher.cache / teacher.url)"
+            f"with the live teacher (unset {unset})"
         )
     if not _labels_only(config):
         check_tokenizer_pair(tokenizer, student_tokenizer, teacher_name, student_name)
@@ -221,7 +229,7 @@ def prepare_models(config: RunConfig, *, training: bool = True) -> Models:
     evaluation teacher) is kept loaded only when one of them is that very model."""
     source = teacher_source(config.teacher)
     tokenizer = load_teacher_tokenizer(config.teacher)
-    student_tokenizer, student_name = _student_tokenizer(config, tokenizer, source)
+    student_tokenizer, student_name = resolve_student_tokenizer(config, tokenizer, source)
     if cross_tokenizer_mode(config, tokenizer, student_tokenizer, student_name, training):
         return _prepare_cross_models(config, tokenizer, student_tokenizer, student_name)
     remote, served_rows = None, None
@@ -291,22 +299,46 @@ def _prepare_cross_models(
 ) -> Models:
     """A cross-tokenizer run's models: the live teacher, and the student of ``student.path`` or
     one built from the teacher's layers (with ``student.tokenizer``, its embedding and head
-    rows moved onto its own vocabulary, initialised from the teacher's)."""
+    rows moved onto its own vocabulary, initialised from the teacher's). With
+    ``teacher.cache`` the teacher is loaded only to build a student, then freed (loaded again
+    to evaluate); its rows are its tokenizer's (checked against the cache)."""
     source = teacher_source(config.teacher)
-    teacher = load_teacher(config.teacher)
+    cached = bool(config.teacher.cache)
+    teacher = None if cached and config.student.path else load_teacher(config.teacher)
     student, layers = _student_model(config, teacher, tokenizer)
     if config.student.tokenizer.new_vocabulary:
         resize_vocabulary(student, tokenizer, student_tokenizer)
+    teacher_rows = len(tokenizer) if teacher is None else tokenizer_rows(teacher, tokenizer, source)
     return Models(
-        teacher,
+        None if cached else teacher,
         student,
         tokenizer,
         tokenizer_rows(student, student_tokenizer, student_name),
         source,
         layers,
         student_tokenizer=student_tokenizer,
-        teacher_rows=tokenizer_rows(teacher, tokenizer, source),
+        teacher_rows=teacher_rows,
     )
+
+
+def prepare_cross_data(
+    config: RunConfig, pair: TokenizerPair | None, student_tokenizer: PreTrainedTokenizerBase
+) -> tuple[Any, Any]:
+    """A cross-tokenizer run's (training data, held-out data) in the student's tokenization:
+    packed blocks (a list of them per source with ``data.sources``), or chat / prompt-response
+    rows, encoded for both tokenizers when the teacher is used (``pair``), for the student
+    alone otherwise."""
+    if config.data.sources:
+        return prepare_sources(config, student_tokenizer)
+    data_format = detect_format(config.data.path, config.data.format)
+    if data_format == "text" or pair is None:
+        return prepare_data(config, student_tokenizer)
+    rows = read_rows(config.data.path)
+    train_rows, heldout_rows = split_rows(rows, config.data.heldout_fraction)
+    block_size, source = config.data.block_size, str(config.data.path)
+    train = encode_cross_examples(train_rows, data_format, pair, block_size, source)
+    heldout = encode_examples(heldout_rows, data_format, student_tokenizer, block_size, source)
+    return train, heldout.head(config.eval.max_blocks)
 
 
 @dataclass

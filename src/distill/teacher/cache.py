@@ -9,6 +9,9 @@ of ``T`` tokens:
     logprobs  [n, T, k]     float16 / bfloat16 / float32   log softmax(logits) at T = 1 of those ids
     lse       [n, T]        float32   logsumexp of the full logit row (logits = logprobs + lse)
     lognorm   [n, T, n_T]   float32   c_T = logsumexp(log softmax(logits) / T) per stored T
+    realised  [n, T]        float32   log softmax(logits) at T = 1 of the token that follows in
+                                      the block (0 at the last position); manifest key
+                                      ``realised`` (caches written before it lack both)
 
 Log-probabilities rather than raw logits are stored because they are <= 0 with the largest ones
 near 0, where float16 is most precise (absolute error <= |lp| * 2^-11). See
@@ -16,6 +19,14 @@ near 0, where float16 is most precise (absolute error <= |lp| * 2^-11). See
 teacher (source, sha256 of its weight files), the tokenizer (sha256 of its vocabulary), the data
 (sha256 of the packed training blocks), block length, k, dtypes, temperatures and each shard's
 sha256; a run refuses a cache that differs from it in any of these.
+
+**A cross-tokenizer cache** (manifest key ``cross_tokenizer``, written with
+``loss.cross_tokenizer`` set) holds the teacher's side of a cross-tokenizer run's rows instead of
+the teacher's own packed blocks: each student row's text in the teacher's tokens, right-padded
+with the teacher's pad to the longest (``data`` fingerprints those padded rows). It also names
+the student's tokenizer (sha256) and the pad id. A row is looked up with its trailing pads
+stripped: the teacher reads a row padded to any width alike at the row's own positions
+(causal), so one stored row serves every padding of it.
 
 :class:`CachedTeacher` serves a batch by looking each block up by its token content, so the
 training loop draws batches exactly as with a live teacher and never passes block indices.
@@ -42,6 +53,7 @@ __all__ = [
     "CachedTeacher",
     "MANIFEST",
     "FORMAT",
+    "REALISED",
     "shard_name",
     "sha256_file",
     "tokenizer_sha256",
@@ -52,10 +64,13 @@ __all__ = [
     "check_run_matches",
     "inspect_cache",
     "open_run_cache",
+    "open_cross_cache",
 ]
 
 MANIFEST = "manifest.json"
 FORMAT = "distill-topk-cache/1"
+# The manifest's ``realised`` entry: what the shards' ``realised`` tensor holds.
+REALISED = "float32, log softmax at T = 1 of the token that follows in the row"
 
 
 class CacheError(DistillError):
@@ -170,6 +185,8 @@ class CachedTeacher:
             verify_shards(self.directory, self.manifest)
         self.vocab_rows: int = self.manifest["teacher"]["vocab_rows"]
         self.temperatures = tuple(self.manifest["temperatures"])
+        cross = self.manifest.get("cross_tokenizer")
+        self._pad: int | None = None if cross is None else int(cross["teacher_pad"])
         self._handles = [
             safe_open(str(self.directory / shard["file"]), framework="pt")
             for shard in self.manifest["shards"]
@@ -180,9 +197,13 @@ class CachedTeacher:
             for row in range(blocks.shape[0]):
                 self._index.setdefault(self._key(blocks[row]), (shard_index, row))
 
-    @staticmethod
-    def _key(block: torch.Tensor) -> bytes:
-        return block.to(torch.int64).contiguous().numpy().tobytes()
+    def _key(self, block: torch.Tensor) -> bytes:
+        """A block's lookup key: its tokens (a cross-tokenizer cache's without trailing pads)."""
+        block = block.to(torch.int64)
+        if self._pad is not None:
+            kept = (block != self._pad).nonzero()
+            block = block[: int(kept[-1]) + 1 if len(kept) else 0]
+        return block.contiguous().numpy().tobytes()
 
     def _block(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
         found = self._index.get(self._key(input_ids))
@@ -192,17 +213,20 @@ class CachedTeacher:
                 f"{input_ids[:8].tolist()}: was it written for this data?"
             )
         handle = self._handles[found[0]]
-        row = found[1]
-        return [handle.get_slice(name)[row] for name in ("ids", "logprobs", "lognorm")]
+        row, width = found[1], input_ids.shape[0]  # a cross-tokenizer row: its first positions
+        names = ["ids", "logprobs", "lognorm"] + (["realised"] if self._pad is not None else [])
+        return [handle.get_slice(name)[row, :width] for name in names]
 
     def soft_targets(self, input_ids: torch.Tensor) -> SparseTargets:
-        """The cached top-k of each block of ``input_ids`` ``[B, T]``: rows ``[B, T, k]``."""
+        """The cached top-k of each block of ``input_ids`` ``[B, T]``: rows ``[B, T, k]`` (a
+        cross-tokenizer cache's with the realised tokens' log-probabilities ``[B, T]``)."""
         parts = [self._block(block) for block in input_ids]
         return SparseTargets(
             ids=torch.stack([p[0] for p in parts]).to(torch.int64),  # (B, T, k)
             logprobs=torch.stack([p[1] for p in parts]).to(torch.float32),  # (B, T, k)
             lognorm=torch.stack([p[2] for p in parts]),  # (B, T, n_T)
             temperatures=self.temperatures,
+            realised=torch.stack([p[3] for p in parts]) if self._pad is not None else None,
         )
 
     def check_temperature(self, temperature: float) -> None:
@@ -254,6 +278,12 @@ def open_run_cache(
     """
     directory = Path(str((teacher or config.teacher).cache))
     manifest = read_manifest(directory)
+    if "cross_tokenizer" in manifest:
+        raise CacheError(
+            f"teacher cache {directory} holds the teacher's side of a cross-tokenizer run's "
+            "rows (written with loss.cross_tokenizer), not its own packed blocks: write one "
+            "without loss.cross_tokenizer for this run"
+        )
     check_run_matches(
         directory,
         manifest,
@@ -282,4 +312,52 @@ def open_run_cache(
                 "needs a stored log-normaliser for every T; use loss.sparse=renormalized"
             )
         cached.check_temperature(loss.temperature)
+    return cached
+
+
+def open_cross_cache(
+    config: RunConfig,
+    *,
+    teacher_source: str | Path,
+    tokenizer: Any,
+    student_tokenizer: Any,
+    teacher_rows: torch.Tensor,
+    vocab_rows: int,
+) -> CachedTeacher:
+    """The cache at ``teacher.cache`` for a cross-tokenizer run (``loss.cross_tokenizer``),
+    checked before any training: it must hold the realised tokens' log-probabilities (a cache
+    written before them is refused), be a cross-tokenizer cache, and match the run's teacher,
+    both tokenizers, ``teacher_rows`` ``[n, W]`` (the teacher's side of every training row,
+    :func:`~distill.train.cross_tokenizer.teacher_rows`) and the teacher's ``vocab_rows``; the
+    loss temperature must be a stored one. Each refusal: one line."""
+    directory = Path(str(config.teacher.cache))
+    manifest = read_manifest(directory)
+    kind = config.loss.cross_tokenizer
+    if "realised" not in manifest:
+        raise CacheError(
+            f"teacher cache {directory} was written without the realised tokens' "
+            f"log-probabilities (an older distill cache): loss.cross_tokenizer={kind} needs "
+            "them; write it again with `distill cache` and this run's config"
+        )
+    if "cross_tokenizer" not in manifest:
+        raise CacheError(
+            f"teacher cache {directory} holds the teacher's top-k of its own packed blocks; "
+            f"loss.cross_tokenizer={kind} needs it on the teacher's side of this run's rows: "
+            "write it with `distill cache` and this run's config (loss.cross_tokenizer set)"
+        )
+    check_run_matches(
+        directory,
+        manifest,
+        {
+            "tokenizer_sha256": tokenizer_sha256(tokenizer),
+            "cross_tokenizer.student_tokenizer_sha256": tokenizer_sha256(student_tokenizer),
+            "data.block_size": int(teacher_rows.shape[1]),
+            "data.n_blocks": int(teacher_rows.shape[0]),
+            "data.fingerprint": blocks_fingerprint(teacher_rows),
+            "teacher.weights_sha256": weights_sha256(teacher_source),
+            "teacher.vocab_rows": vocab_rows,
+        },
+    )
+    cached = CachedTeacher(directory)
+    cached.check_temperature(config.loss.temperature)  # a schedule is refused by the config
     return cached

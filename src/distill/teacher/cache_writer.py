@@ -30,6 +30,7 @@ from distill.models import count_params
 from distill.teacher.cache import (
     FORMAT,
     MANIFEST,
+    REALISED,
     CacheError,
     blocks_fingerprint,
     read_manifest,
@@ -44,6 +45,7 @@ __all__ = [
     "owned_shards",
     "rank_and_world",
     "teacher_topk",
+    "realised_logprobs",
     "cache_identity",
     "write_cache",
 ]
@@ -90,7 +92,13 @@ def teacher_topk(
     batch_size: int,
 ) -> dict[str, torch.Tensor]:
     """One shard's tensors (see the format in ``distill.teacher.cache``) for ``blocks`` ``[n, T]``."""
-    parts: dict[str, list[torch.Tensor]] = {"ids": [], "logprobs": [], "lse": [], "lognorm": []}
+    parts: dict[str, list[torch.Tensor]] = {
+        "ids": [],
+        "logprobs": [],
+        "lse": [],
+        "lognorm": [],
+        "realised": [],
+    }
     for start in range(0, blocks.shape[0], batch_size):
         batch = blocks[start : start + batch_size]
         logits = model(input_ids=batch, use_cache=False).logits[..., :vocab_rows].float()  # (b,T,V)
@@ -102,9 +110,18 @@ def teacher_topk(
         parts["logprobs"].append((values - lse[..., None]).to(_STORAGE[dtype]))
         parts["lse"].append(lse)
         parts["lognorm"].append(torch.stack(lognorm, dim=-1))  # (b, T, n_T)
+        parts["realised"].append(realised_logprobs(logprobs, batch))
     tensors = {name: torch.cat(chunks).contiguous() for name, chunks in parts.items()}
     tensors["input_ids"] = blocks.to(_id_dtype(vocab_rows)).contiguous()
     return tensors
+
+
+def realised_logprobs(logprobs: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``[b, T]``: at each position the log-probability ``logprobs`` ``[b, T, V]`` gives the
+    token that follows in ``blocks`` ``[b, T]`` (0 at the last position: none follows)."""
+    following = blocks[:, 1:, None].long()  # (b, T - 1, 1)
+    realised = logprobs[:, :-1].gather(-1, following).squeeze(-1)  # (b, T - 1)
+    return torch.nn.functional.pad(realised, (0, 1))
 
 
 def cache_identity(
@@ -208,6 +225,7 @@ def write_cache(
         "k": k,
         "dtypes": {"ids": id_name, "input_ids": id_name, "logprobs": dtype, "lse": "float32"},
         "lognorm": "float32, c_T = logsumexp(logprobs_full / T) per temperature",
+        "realised": REALISED,
         "temperatures": temps,
         "shard_blocks": shard_blocks,
     }

@@ -3,7 +3,8 @@ tokenizer differs from the teacher's, trained on rows in its own tokenization.
 
 Per micro-batch (a :class:`~distill.data.cross_tokenizer.CrossBatch`): the student's full
 logits ``[B, Ts, Vs]`` give the cross-entropy on its own labels; the live teacher (no_grad)
-reads its own tokens of the same bytes ``[B, Tt]``; the divergence is taken per aligned group
+reads its own tokens of the same bytes ``[B, Tt]`` (or a cross-tokenizer teacher cache gives
+its top-k and realised tokens' log-probabilities there); the divergence is taken per aligned group
 (:func:`~distill.losses.cross_tokenizer.cross_tokenizer_loss`). The loop's normaliser is the
 window's count of student target tokens, as for :class:`~distill.train.causal_lm.CausalLMTask`.
 With ``alpha = 1`` the teacher is never run (labels only: the baseline arm, or sequence-level KD
@@ -30,8 +31,9 @@ from distill.errors import ConfigError
 from distill.losses import LossTerms
 from distill.losses.cross_tokenizer import cross_tokenizer_loss
 from distill.losses.schedule import LossSchedule, LossSettings
+from distill.losses.sparse import SparseTargets
 from distill.models import tokenizer_rows
-from distill.teacher import LiveTeacher
+from distill.teacher import CachedTeacher, LiveTeacher
 from distill.train.causal_lm import student_logits
 from distill.train.checkpoint import load_checkpoint
 from distill.train.distributed import DistContext
@@ -43,6 +45,7 @@ __all__ = [
     "CrossTokenizerTask",
     "cross_tokenizer_batches",
     "cross_tokenizer_terms",
+    "teacher_rows",
     "token_pairs",
     "train_cross_tokenizer",
 ]
@@ -52,21 +55,24 @@ CrossBatches = CrossBlockBatches | CrossExampleBatches
 
 def cross_tokenizer_terms(
     student: PreTrainedModel,
-    teacher: LiveTeacher | None,
+    teacher: LiveTeacher | CachedTeacher | None,
     batch: CrossBatch,
     settings: LossSettings,
     student_rows: int,
     pairs: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> LossTerms:
     """Summed loss terms of one micro-batch at one step's ``settings``: the student's logits on
-    its rows, the teacher's on its own (only when ``alpha < 1`` and a group is scored)."""
+    its rows, the teacher's on its own (only when ``alpha < 1`` and a group is scored): its
+    logits (live) or its cached top-k with the realised tokens' log-probabilities."""
     input_ids = batch.student.input_ids
     logits = student_logits(student, input_ids, student_rows).float()  # (B, Ts, Vs)
     needs_teacher = settings.alpha < 1.0 and teacher is not None and batch.n_groups > 0
-    teacher_logits = teacher.logits(batch.teacher_ids) if needs_teacher else None  # (B, Tt, Vt)
+    targets = teacher.soft_targets(batch.teacher_ids) if needs_teacher else None  # (B, Tt, .)
+    if isinstance(targets, SparseTargets):
+        targets = targets.to(logits.device)
     return cross_tokenizer_loss(
         logits,
-        teacher_logits,
+        targets,
         input_ids,
         batch.teacher_ids,
         batch.student_groups,
@@ -78,20 +84,22 @@ def cross_tokenizer_terms(
         scale_by_t2=settings.scale_by_t2,
         pairs=pairs,
         uld_top_k=settings.uld_top_k or None,
+        teacher_vocab=None if teacher is None else teacher.vocab_rows,
     )
 
 
 class CrossTokenizerTask:
-    """A decoder ``student`` distilled from a live ``teacher`` (None: labels only) with another
-    tokenizer, on ``batches`` of aligned rows (module docstring). ``pairs`` (teacher ids,
-    student ids of equal tokens) are needed by ``loss.cross_tokenizer=hybrid``."""
+    """A decoder ``student`` distilled from a ``teacher`` (live, or a cross-tokenizer cache;
+    None: labels only) with another tokenizer, on ``batches`` of aligned rows (module
+    docstring). ``pairs`` (teacher ids, student ids of equal tokens) are needed by
+    ``loss.cross_tokenizer=hybrid``."""
 
     unit = "tokens"
 
     def __init__(
         self,
         student: PreTrainedModel,
-        teacher: LiveTeacher | None,
+        teacher: LiveTeacher | CachedTeacher | None,
         batches: CrossBatches,
         loss: LossConfig,
         *,
@@ -201,6 +209,27 @@ def cross_tokenizer_batches(
     elif isinstance(data, torch.Tensor):
         data = BlockBatches(data, batch_size, seed)
     return CrossBlockBatches(data, pair)
+
+
+def teacher_rows(data: torch.Tensor | CrossExamples, pair: TokenizerPair) -> torch.Tensor:
+    """The teacher's side of every training row, right-padded with the teacher's pad ``[n, W]``
+    (``W`` the longest): what a cross-tokenizer teacher cache holds. ``data``: packed student
+    blocks ``[n, T]``, aligned here as when drawn, or :class:`CrossExamples`, aligned when
+    encoded."""
+    if isinstance(data, CrossExamples):
+        width = max(1, int(data.teacher_lengths.max()))
+        rows = data.teacher_ids[:, :width].clone()  # (n, W)
+        beyond = torch.arange(width)[None, :] >= data.teacher_lengths[:, None]
+        return rows.masked_fill_(beyond, pair.teacher_pad)
+    sides = [
+        row.teacher_ids
+        for start in range(0, data.shape[0], 256)
+        for row in pair.align_rows(data[start : start + 256])
+    ]
+    rows = torch.full((len(sides), max([1, *map(len, sides)])), pair.teacher_pad)
+    for index, ids in enumerate(sides):
+        rows[index, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return rows
 
 
 def train_cross_tokenizer(
