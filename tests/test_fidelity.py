@@ -159,6 +159,8 @@ def test_memorisation_flag_fires_after_many_epochs_not_on_a_fresh_student(
         {**base, "name": "fresh", "train": {**base["train"], "steps": 1, "lr": 1e-6}}
     ).report
     assert "memorisation_warning" not in fresh["plan"]
+    kept = fresh["plan"]["student_layers"]  # the searched teacher layers, recorded for a rerun
+    assert len(kept) == 2 and kept == sorted(set(kept)) and kept[0] >= 0
     assert "fitting the training data" not in fresh["verdict"]
     assert not memorising(fresh["models"]["student_after"], fresh["models"]["teacher"])
     trained = distill.distill(

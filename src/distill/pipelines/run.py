@@ -112,6 +112,7 @@ def _print_plan(
         "tokens_per_step": tokens_per_step,
         "train_blocks": n_train_blocks,
         "epochs": epochs,
+        "student_layers": models.layers,
         "step_seconds_measured": step_seconds,
         "estimated_peak_rss_bytes": warmup["peak_rss_bytes"] + optimizer_bytes,
         "estimated_train_seconds": runs
@@ -135,7 +136,8 @@ def _print_plan(
         "plan:",
         f"  device {device} (train.device={train_cfg.device})",
         where,
-        f"  student {student_params:,} params, {models.student.config.num_hidden_layers} layers",
+        f"  student {student_params:,} params, {models.student.config.num_hidden_layers} layers"
+        + (f" (teacher layers {models.layers})" if models.layers else ""),
         f"  {tokens_per_step} tokens/step = {train_cfg.batch_size} x {config.data.block_size} x "
         f"accumulation {train_cfg.grad_accum}; {n_train_blocks} training blocks",
         f"  measured warm-up: {step_seconds:.2f} s/step, peak RSS "
