@@ -35,7 +35,7 @@ from distill.config import LossConfig, RunConfig, StudentConfig, TrainConfig  # 
 from distill.data import BlockBatches  # noqa: E402
 from distill.evaluate import heldout_metrics  # noqa: E402
 from distill.models import default_teacher_path, load_causal_lm, load_tokenizer  # noqa: E402
-from distill.pipelines.prepare import prepare_data  # noqa: E402
+from distill.pipelines.training_data import prepare_data  # noqa: E402
 from distill.student import build_student, select_layers  # noqa: E402
 from distill.teacher import CachedTeacher, LiveTeacher  # noqa: E402
 from distill.teacher.cache import read_manifest  # noqa: E402

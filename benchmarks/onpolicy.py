@@ -37,7 +37,7 @@ from distill.evaluate import heldout_metrics
 from distill.evaluate.samples import score_student_samples
 from distill.io import atomic_directory
 from distill.pipelines.generate import default_prompts_path, generate_responses
-from distill.pipelines.prepare import prepare_models
+from distill.pipelines.run_models import prepare_models
 from distill.sampling import Sampling
 from distill.teacher import LiveTeacher
 

@@ -40,7 +40,7 @@ from distill.evaluate.generation import (  # noqa: E402
 )
 from distill.evaluate.heldout import heldout_quality  # noqa: E402
 from distill.models import default_teacher_path, load_causal_lm, load_tokenizer  # noqa: E402
-from distill.pipelines.prepare import prepare_data  # noqa: E402
+from distill.pipelines.training_data import prepare_data  # noqa: E402
 from distill.student import build_student, calibration_blocks, select_layers  # noqa: E402
 from distill.teacher import LiveTeacher  # noqa: E402
 

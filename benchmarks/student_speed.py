@@ -41,7 +41,7 @@ from distill.models import (  # noqa: E402
     load_causal_lm,
     load_tokenizer,
 )
-from distill.pipelines.prepare import prepare_data  # noqa: E402
+from distill.pipelines.training_data import prepare_data  # noqa: E402
 from distill.student import build_student, select_layers  # noqa: E402
 from distill.teacher import LiveTeacher  # noqa: E402
 

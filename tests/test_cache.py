@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import distill.models
-import distill.pipelines.prepare
 import distill.pipelines.run
+import distill.pipelines.run_models
 from distill.cli import main as cli_main
 from distill.config import LossConfig, TrainConfig
 from distill.data import BlockBatches, default_documents
@@ -431,7 +431,7 @@ def test_distill_run_trains_from_the_cache_without_the_teacher(
         events.append(("train", type(task.teacher).__name__))
         return real_train(task, *args, **kwargs)
 
-    for module in (distill.models, distill.pipelines.prepare):  # the teacher / student loads
+    for module in (distill.models, distill.pipelines.run_models):  # the teacher / student loads
         monkeypatch.setattr(module, "load_causal_lm", load)
     monkeypatch.setattr(distill.pipelines.run, "train", traced_train)
     report = distill.distill(config).report

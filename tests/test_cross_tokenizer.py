@@ -617,13 +617,13 @@ def test_unsupported_pair_fails_before_any_model_loads(tmp_path, model_dirs, mon
     )
     student = PreTrainedTokenizerFast(tokenizer_object=word_piece, unk_token="[UNK]")
     student_dir = save_model(make_llama(len(student), layers=1), student, tmp_path / "wordpiece")
-    import distill.pipelines.prepare as prepare
+    import distill.pipelines.run_models as run_models
 
     def no_load(*args, **kwargs):
         raise AssertionError("a model was loaded before the tokenizers were checked")
 
-    monkeypatch.setattr(prepare, "load_teacher", no_load)
-    monkeypatch.setattr(prepare, "load_causal_lm", no_load)
+    monkeypatch.setattr(run_models, "load_teacher", no_load)
+    monkeypatch.setattr(run_models, "load_causal_lm", no_load)
     config = _config(tmp_path, (model_dirs[0], student_dir), cross_tokenizer="uld")
     with pytest.raises(ModelError) as error:
         distill.distill(config)

@@ -30,7 +30,7 @@ from distill.evaluate.choice import (
 from distill.evaluate.heldout import heldout_quality
 from distill.models import load_causal_lm
 from distill.pipelines.eval import evaluate_models, format_tables, retention
-from distill.pipelines.prepare import split_texts
+from distill.pipelines.training_data import split_texts
 from distill.teacher import LiveTeacher
 
 

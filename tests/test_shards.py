@@ -21,8 +21,8 @@ from distill.data.corpus import corpus_split, iter_documents, split_by_hash, spl
 from distill.data.shards import MANIFEST, ShardError, TokenBlocks, open_run_shards
 from distill.errors import ConfigError
 from distill.pipelines.data_prepare import prepare_shards
-from distill.pipelines.prepare import prepare_training_data
 from distill.pipelines.run import resume_config
+from distill.pipelines.training_data import prepare_training_data
 
 
 def test_split_matches_the_plain_reference_on_random_items():

@@ -13,7 +13,7 @@ from distill.data import Examples
 from distill.data.examples import encode_examples, split_rows
 from distill.data.sources import WeightedBatches, WeightedExampleBatches
 from distill.errors import ConfigError
-from distill.pipelines.prepare import prepare_data, prepare_sources
+from distill.pipelines.training_data import prepare_data, prepare_sources
 
 # Over 8,000 drawn rows, each source's share is within 0.02 of its weight (about 3.5 standard
 # deviations of a share near 0.5 at this count).

@@ -12,8 +12,8 @@ import pytest
 
 import distill.models
 import distill.pipelines.encoder_run as encoder_run
-import distill.pipelines.prepare
 import distill.pipelines.run
+import distill.pipelines.run_models
 from distill.cli import main
 from distill.config import load_config
 from distill.data import check_data_source, read_documents
@@ -33,8 +33,8 @@ def no_model_loads(monkeypatch):
     for module, name in (
         (distill.models, "load_causal_lm"),
         (distill.models, "load_tokenizer"),
-        (distill.pipelines.prepare, "load_causal_lm"),
-        (distill.pipelines.prepare, "load_tokenizer"),
+        (distill.pipelines.run_models, "load_causal_lm"),
+        (distill.pipelines.run_models, "load_tokenizer"),
         (encoder_run, "load_encoder"),
     ):
         monkeypatch.setattr(module, name, refuse)

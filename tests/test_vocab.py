@@ -25,13 +25,14 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-import distill.pipelines.prepare as prepare
+import distill.pipelines.run_models as run_models
 from distill import distill
 from distill.cli import main
 from distill.config import load_config
 from distill.data import default_documents
 from distill.data.alignment import check_byte_level, check_tokenizer_pair
 from distill.errors import ConfigError, ModelError
+from distill.pipelines.training_data import corpus_training_texts, split_texts
 from distill.student.vocab import build_vocabulary, initial_rows, resize_vocabulary, row_sources
 
 ALPHABET = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte characters
@@ -244,7 +245,7 @@ def test_unsupported_given_tokenizer_fails_before_any_model_loads(
     def refuse(*args, **kwargs):
         raise AssertionError("the teacher's weights were loaded before the tokenizer was refused")
 
-    monkeypatch.setattr(prepare, "load_teacher", refuse)
+    monkeypatch.setattr(run_models, "load_teacher", refuse)
     with pytest.raises(SystemExit) as exit_info:
         main(
             [
@@ -285,8 +286,8 @@ def test_run_with_a_new_vocabulary_needs_a_cross_tokenizer_loss(tmp_path, monkey
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the run was refused")
 
-    monkeypatch.setattr(prepare, "load_teacher", refuse)
-    monkeypatch.setattr(prepare, "load_teacher_tokenizer", refuse)
+    monkeypatch.setattr(run_models, "load_teacher", refuse)
+    monkeypatch.setattr(run_models, "load_teacher_tokenizer", refuse)
     config = {"output_dir": str(tmp_path), "student": {"tokenizer": {"train_vocab": 8192}}}
     load_config(base=config)  # the config itself is valid
     with pytest.raises(ConfigError) as err:
@@ -363,8 +364,8 @@ def test_run_with_a_new_vocabulary_trains_across_tokenizers_and_compares_per_byt
 
 
 def test_vocabulary_is_trained_on_the_training_split_only(tmp_path):
-    train, held = prepare.split_texts(load_config())
-    assert prepare.corpus_training_texts(load_config()) == train
+    train, held = split_texts(load_config())
+    assert corpus_training_texts(load_config()) == train
     assert sorted(train + held) == sorted(default_documents()) and not set(train) & set(held)
     rows = tmp_path / "chat.jsonl"
     chats = [
@@ -372,7 +373,7 @@ def test_vocabulary_is_trained_on_the_training_split_only(tmp_path):
         for i in range(20)
     ]
     rows.write_text("".join(json.dumps(row) + "\n" for row in chats))
-    train, held = prepare.split_texts(load_config(overrides=[f"data.path={rows}"]))
+    train, held = split_texts(load_config(overrides=[f"data.path={rows}"]))
     assert len(train) + len(held) == 20 and held
     assert sorted(train + held) == sorted(f"q{i}\na" for i in range(20))
 

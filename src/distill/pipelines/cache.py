@@ -14,11 +14,8 @@ from distill.data.alignment import check_tokenizer_pair
 from distill.data.cross_tokenizer import TokenizerPair
 from distill.errors import ConfigError
 from distill.models import load_teacher, load_teacher_tokenizer, teacher_source, tokenizer_rows
-from distill.pipelines.prepare import (
-    prepare_cross_data,
-    prepare_training_data,
-    resolve_student_tokenizer,
-)
+from distill.pipelines.run_models import resolve_student_tokenizer
+from distill.pipelines.training_data import prepare_cross_data, prepare_training_data
 from distill.teacher.cache import tokenizer_sha256
 from distill.teacher.cache_writer import cache_identity, write_cache
 from distill.train.cross_tokenizer import teacher_rows

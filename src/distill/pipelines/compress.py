@@ -42,7 +42,7 @@ from distill.models import (
     shared_vocab_rows,
     teacher_source,
 )
-from distill.pipelines.prepare import prepare_data
+from distill.pipelines.training_data import prepare_data
 from distill.teacher import LiveTeacher
 from distill.train import CheckpointPlan
 

@@ -36,8 +36,9 @@ from distill.evaluate.bits_per_byte import teacher_bits_per_byte_of_samples, voc
 from distill.evaluate.fidelity import block_prompts
 from distill.io import atomic_directory, atomic_write_json
 from distill.models import count_params, load_teacher
-from distill.pipelines.prepare import Models, prepare_cross_data
 from distill.pipelines.run import RunResult, _measure_speed, _print_plan, _score_bits_per_byte
+from distill.pipelines.run_models import Models
+from distill.pipelines.training_data import prepare_cross_data
 from distill.report import build_report
 from distill.teacher import CachedTeacher, LiveTeacher
 from distill.teacher.cache import open_cross_cache
@@ -71,7 +72,7 @@ def run_cross_tokenizer(
     resume: bool,
 ) -> RunResult:
     """The cross-tokenizer run of :func:`distill.pipelines.run.distill` (module docstring);
-    ``models`` come from :func:`~distill.pipelines.prepare.prepare_models` in cross-tokenizer
+    ``models`` come from :func:`~distill.pipelines.run_models.prepare_models` in cross-tokenizer
     mode."""
     run_dir = config.run_dir
     loss = config.loss

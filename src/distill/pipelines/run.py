@@ -46,13 +46,9 @@ from distill.models import (
     count_params,
     load_teacher,
 )
-from distill.pipelines.prepare import (
-    Models,
-    prepare_models,
-    prepare_teachers,
-    prepare_training_data,
-    split_texts,
-)
+from distill.pipelines.run_models import Models, prepare_models
+from distill.pipelines.run_teachers import prepare_teachers
+from distill.pipelines.training_data import prepare_training_data, split_texts
 from distill.report import build_report
 from distill.student.intermediate import IntermediateDistiller, is_enabled
 from distill.teacher import LiveTeacher, TeacherSet

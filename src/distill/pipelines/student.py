@@ -10,7 +10,7 @@ from distill.config import RunConfig
 from distill.data import check_data_source
 from distill.errors import ConfigError
 from distill.io import atomic_directory
-from distill.pipelines.prepare import prepare_models
+from distill.pipelines.run_models import prepare_models
 from distill.student.build import model_cost
 
 __all__ = ["write_student", "format_costs"]
