@@ -33,10 +33,11 @@ from distill import distill
 from distill.config import load_config
 from distill.data.chat import render_prompt
 from distill.data.examples import encode_examples, read_rows, split_rows
+from distill.data.prompts import default_prompts_path
 from distill.evaluate import heldout_metrics
 from distill.evaluate.samples import score_student_samples
 from distill.io import atomic_directory
-from distill.pipelines.generate import default_prompts_path, generate_responses
+from distill.pipelines.generate import generate_responses
 from distill.pipelines.run_models import prepare_models
 from distill.sampling import Sampling
 from distill.teacher import LiveTeacher

@@ -63,9 +63,9 @@ from distill.config import (  # noqa: E402
 )
 from distill.data import BlockBatches, default_documents, pack_documents, split_documents  # noqa: E402
 from distill.data.examples import read_rows  # noqa: E402
+from distill.data.prompts import default_prompts_path  # noqa: E402
 from distill.evaluate import heldout_metrics  # noqa: E402
 from distill.models import default_teacher_path, load_causal_lm, load_tokenizer  # noqa: E402
-from distill.pipelines.generate import default_prompts_path  # noqa: E402
 from distill.pipelines.training_data import prepare_data, prepare_training_data  # noqa: E402
 from distill.student import build_student, make_student, select_layers  # noqa: E402
 from distill.teacher import CachedTeacher, LiveTeacher, RemoteTeacher  # noqa: E402

@@ -19,13 +19,9 @@ from transformers import LlamaForCausalLM
 from distill.config import load_config
 from distill.data import read_documents, split_documents
 from distill.data.examples import detect_format, encode_examples, read_rows
+from distill.data.prompts import default_prompts_path, read_prompts
 from distill.errors import ConfigError, DataError
-from distill.pipelines.generate import (
-    _batches,
-    default_prompts_path,
-    generate_responses,
-    read_prompts,
-)
+from distill.pipelines.generate import _batches, generate_responses
 from distill.sampling import Sampling, sample_continuations
 
 

@@ -18,9 +18,9 @@ from distill.cli import main
 from distill.config import load_config
 from distill.data import check_data_source, read_documents
 from distill.data.examples import detect_format, read_rows
+from distill.data.prompts import read_prompts
 from distill.encoders.data import read_labelled
 from distill.errors import ConfigError, DataError
-from distill.pipelines.generate import read_prompts
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -34,82 +33,21 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from distill.config import RunConfig
-from distill.data.chat import check_messages, render_prompt, require_chat_template
+from distill.data.chat import render_prompt, require_chat_template
 from distill.data.continuations import draw_prefixes
 from distill.data.corpus import corpus_split, iter_documents
 from distill.data.examples import detect_format
+from distill.data.generations import check_meta, read_existing, sort_by_id
+from distill.data.prompts import Prompt, default_prompts_path, read_prompts
 from distill.errors import ConfigError, DataError
-from distill.io import (
-    append_jsonl,
-    atomic_write_bytes,
-    atomic_write_json,
-    jsonl_objects,
-    text_lines,
-)
+from distill.io import append_jsonl
 from distill.models import load_teacher, load_teacher_tokenizer, teacher_source
 from distill.sampling import Sampling, sample_continuations
 from distill.train.distributed import resolve_device
 
-__all__ = [
-    "Prompt",
-    "default_prompts_path",
-    "generate_responses",
-    "read_existing",
-    "read_prompts",
-]
+__all__ = ["generate_responses"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One prompt: chat ``messages`` (a .jsonl row with them) or plain ``text``."""
-
-    index: int
-    where: str  # file:line, for errors
-    messages: list[dict[str, str]] | None = None
-    text: str | None = None
-
-
-def default_prompts_path() -> Path:
-    """The shipped prompt set: short instructions of many kinds (``distill/data/files``)."""
-    return Path(str(files("distill.data") / "files" / "prompts.jsonl"))
-
-
-def _prompt_row(row: Any, index: int, where: str) -> Prompt:
-    if not isinstance(row, dict) or ("messages" not in row and "prompt" not in row):
-        raise DataError(f"{where}: expected a JSON object with `messages` or `prompt`")
-    if "messages" in row:
-        messages = check_messages(row["messages"], where)
-        if messages[-1]["role"] != "user":
-            raise DataError(f"{where}: the last message must be the user's (the teacher answers)")
-        return Prompt(index, where, messages=messages)
-    text = row["prompt"]
-    if not isinstance(text, str) or not text.strip():
-        raise DataError(f"{where}: `prompt` must be non-empty text")
-    return Prompt(index, where, text=text)
-
-
-def read_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts of a .txt file (one per non-blank line) or a .jsonl file (``messages`` or
-    ``prompt`` rows, blank lines skipped); a DataError naming file:line for a bad row."""
-    file = Path(path)
-    if file.suffix not in (".txt", ".jsonl"):
-        raise DataError(f"generate.prompts {file}: expected a .txt or .jsonl file")
-    if not file.is_file():
-        raise DataError(f"generate.prompts {file} does not exist")
-    prompts: list[Prompt] = []
-    if file.suffix == ".jsonl":
-        for line_number, row in jsonl_objects(file):
-            prompts.append(_prompt_row(row, len(prompts), f"{file}:{line_number}"))
-    else:
-        for line_number, line in enumerate(text_lines(file), start=1):
-            if line.strip():
-                text = line.rstrip("\r\n")
-                prompts.append(Prompt(len(prompts), f"{file}:{line_number}", text=text))
-    if not prompts:
-        raise DataError(f"generate.prompts {file}: no prompts")
-    return prompts
 
 
 def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool) -> list[int]:
@@ -123,75 +61,6 @@ def _prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool) 
     if not ids:
         raise DataError(f"{prompt.where}: the prompt has no tokens")
     return ids
-
-
-def read_existing(path: Path, n_prompts: int) -> dict[int, dict]:
-    """Records already in ``path`` by id. A truncated or unparsable last line (a write cut off
-    by a kill) is dropped and the file rewritten without it; any other bad line is a DataError."""
-    if not path.is_file():
-        return {}
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    complete, tail = lines[:-1], lines[-1]  # tail: after the last newline (b"" if none)
-    records: dict[int, dict] = {}
-    drop_last = bool(tail)
-    for line_number, raw in enumerate(complete, start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            if line_number == len(complete) and not tail:
-                drop_last = True
-                complete = complete[:-1]
-                break
-            raise DataError(
-                f"{path}:{line_number}: not valid JSON (and not a partial last line)"
-            ) from None
-        index = record.get("id") if isinstance(record, dict) else None
-        if not isinstance(index, int) or not 0 <= index < n_prompts or index in records:
-            raise DataError(
-                f"{path}:{line_number}: record id {index!r} is not a new prompt index "
-                f"in [0, {n_prompts})"
-            )
-        records[index] = record
-    if drop_last:
-        log.warning("%s: dropping a partial last line (an interrupted write)", path)
-        kept = b"".join(raw + b"\n" for raw in complete)
-        atomic_write_bytes(path, kept)
-    return records
-
-
-def _meta_path(output: Path) -> Path:
-    return output.with_name(output.name + ".meta.json")
-
-
-def _check_meta(output: Path, meta: dict[str, Any], has_records: bool) -> None:
-    """Write ``meta`` beside a new output; refuse to resume one written with other settings."""
-    meta_file = _meta_path(output)
-    if has_records:
-        if not meta_file.is_file():
-            raise ConfigError(
-                f"{output} holds records but no {meta_file.name}, so its settings are unknown; "
-                "delete it or write elsewhere (--out)"
-            )
-        try:
-            old = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ConfigError(
-                f"{meta_file}: not valid JSON; delete the output or write elsewhere (--out)"
-            ) from None
-        changed = [
-            f"{key}={old.get(key)!r} (now {value!r})"
-            for key, value in meta.items()
-            if old.get(key) != value
-        ]
-        if changed:
-            raise ConfigError(
-                f"{output} was written with other settings: {', '.join(changed)}; "
-                "resume with the same settings, or write elsewhere (--out)"
-            )
-    atomic_write_json(meta_file, meta)
 
 
 def _record(
@@ -338,7 +207,7 @@ def generate_responses(config: RunConfig) -> Path:
         "top_p": sampling.top_p,
     }
     output.parent.mkdir(parents=True, exist_ok=True)
-    _check_meta(output, meta, has_records=output.is_file() and output.stat().st_size > 0)
+    check_meta(output, meta, has_records=output.is_file() and output.stat().st_size > 0)
     done = set(read_existing(output, len(job.inputs)))
     batches = _batches([len(ids) for ids in job.inputs], settings.batch_size)
     todo = [(b, batch) for b, batch in enumerate(batches) if not done.issuperset(batch)]
@@ -375,14 +244,5 @@ def generate_responses(config: RunConfig) -> Path:
             seconds,
             tokens / max(seconds, 1e-9),
         )
-    _sort_by_id(output)
+    sort_by_id(output)
     return output
-
-
-def _sort_by_id(path: Path) -> None:
-    """Rewrite a finished output in prompt order (records are appended in batch order)."""
-    with path.open(encoding="utf-8") as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
-    ordered = sorted(records, key=lambda record: record["id"])
-    if ordered != records:
-        atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in ordered).encode("utf-8"))
