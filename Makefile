@@ -7,7 +7,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 
 .PHONY: demo demo-onpolicy install dev test test-slow test-gpu test-compat lint format bench clean
 
-demo: install  ## distil the embedded default teacher into a 15-layer student (~12 min on 2 cores)
+demo: install  ## distil the embedded default teacher into a 15-layer student (~13 min on 2 cores)
 	$(VENV)/bin/distill run
 
 demo-onpolicy: install  ## teacher answers to the shipped prompts, then on-policy KD on them
@@ -87,6 +87,9 @@ bench: $(VENV)/.bench-installed $(BENCH_RUN)/student/config.json  ## every bench
 	$(PY) benchmarks/quantize.py --student $(BENCH_RUN)/student
 	$(PY) benchmarks/student_speed.py --student $(BENCH_RUN)/student
 	$(PY) benchmarks/peer_trl.py
+	$(PY) benchmarks/fidelity.py default
+	$(PY) benchmarks/fidelity.py compare
+	$(PY) benchmarks/fidelity.py hour
 	$(PY) benchmarks/table.py
 
 clean:

@@ -1,0 +1,229 @@
+"""Fidelity: how close the student gets to the teacher, on held-out text of the training domain
+and of another domain, for the default run, the one-hour config and the recipe comparison.
+
+Every figure comes from the ``report.json`` of a ``distill run`` started here as a user starts it
+(a subprocess, the embedded teacher, the default corpus), so the numbers are the product's own.
+
+    python benchmarks/fidelity.py default   # plain `distill run`, timed: targets default_*
+    python benchmarks/fidelity.py hour      # configs/hour.yaml (about an hour): hour_top1
+    python benchmarks/fidelity.py compare [--arms default,jsd] [--jobs 1]
+    python benchmarks/fidelity.py table     # the comparison as a Markdown table
+
+``compare`` trains every recipe of ``ARMS`` at the default budget on the same student (the
+teacher layers the default run's search kept, read from this file's ``default`` section, so the
+search is not repeated) with the lean evaluation (no speed test, no curve, no bits per byte);
+``--jobs 2`` runs two arms at once, one thread each (quality, not time, is compared; on 2
+cores one arm at a time with both threads finished sooner). The
+winner is chosen on the training domain's held-out KL, with the other domain's KL beside it.
+Targets: default_top1_agreement >= 0.55, default_kl <= 0.95, other_domain_kl_ratio <= 0.7
+(student after / before on the second held-out set), default_minutes <= 15 (wall clock of the
+default run, 2 cores), hour_top1_agreement >= 0.62.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+from common import RESULTS, merge_results, print_table, target
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "fidelity"
+
+# The recipe comparison: each arm is the default run (pure distillation, T = 1, lr 1e-3) with
+# these overrides; old_default is the recipe before this comparison (0.5 CE + 0.5 KL at T = 2,
+# lr 2e-4).
+ARMS: dict[str, list[str]] = {
+    "old_default": ["loss.alpha=0.5", "loss.temperature=2", "train.lr=2e-4"],
+    "alpha_0.5_T_2": ["loss.alpha=0.5", "loss.temperature=2"],
+    "default": [],
+    "lr_2e-3": ["train.lr=2e-3"],
+    "intermediate": ["intermediate.hidden_weight=1.0", "intermediate.hidden_loss=cosine"],
+    "alpha_0.5": ["loss.alpha=0.5"],
+    "T_2": ["loss.temperature=2"],
+    "jsd": ["loss.divergence=jsd"],
+    "skew_forward_kl": ["loss.divergence=skew_forward_kl"],
+    "reverse_kl": ["loss.divergence=reverse_kl"],
+    "lr_constant": ["train.min_lr_ratio=1.0"],
+    "alpha_0.5_to_0": ["loss.alpha=0.5", "loss.alpha_schedule=linear", "loss.alpha_end=0"],
+}
+# The comparison's budget: the 60 steps of 4 x 256 tokens the default had when it was run.
+COMPARE_STEPS = 60
+LEAN = ["eval.speed=false", "eval.every=0", "eval.bits_per_byte=false"]
+
+
+def distill_run(
+    name: str, overrides: list[str], log: Path, config: Path | None = None
+) -> tuple[dict, float]:
+    """Run ``distill run`` as a subprocess; its report and its wall-clock seconds."""
+    command = [sys.executable, "-m", "distill", "run", "--name", name]
+    command += ["--config", str(config)] if config else []
+    for override in [f"output_dir={RUNS}", *overrides]:
+        command += ["--set", override]
+    shutil.rmtree(RUNS / name, ignore_errors=True)  # an earlier measurement of this arm
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log.open("w") as out:
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"distill run {name} failed (exit {done.returncode}); see {log}")
+    return json.loads((RUNS / name / "report.json").read_text()), seconds
+
+
+def fidelity_row(report: dict, seconds: float) -> dict:
+    """What a run kept of the teacher, on both held-out sets, from its report."""
+    models, other = report["models"], report["extra_sets"]["other_domain"]["models"]
+    after, before = models["student_after"], models["student_before"]
+    return {
+        "kl": after["kl_to_teacher"],
+        "top1": after["top1_agreement"],
+        "top5": after["top5_agreement"],
+        "perplexity": after["perplexity"],
+        "teacher_perplexity": models["teacher"]["perplexity"],
+        "samples_teacher_nll": after.get("teacher_nll"),
+        "kl_before": before["kl_to_teacher"],
+        "other_kl": other["student_after"]["kl_to_teacher"],
+        "other_top1": other["student_after"]["top1_agreement"],
+        "other_kl_before": other["student_before"]["kl_to_teacher"],
+        "other_samples_teacher_nll": other["student_after"].get("teacher_nll"),
+        "epochs": report["plan"]["epochs"],
+        "train_seconds": report["training"]["train_seconds"],
+        "wall_seconds": seconds,
+        "student_layers": report["plan"].get("student_layers"),
+    }
+
+
+def run_default(args: argparse.Namespace) -> None:
+    report, seconds = distill_run("default", [], RUNS / "default.log")
+    row = fidelity_row(report, seconds)
+    row["minutes"] = seconds / 60
+    targets = [
+        target("default_top1_agreement", row["top1"], 0.55, "higher"),
+        target("default_kl", row["kl"], 0.95, "lower"),
+        target("other_domain_kl_ratio", row["other_kl"] / row["other_kl_before"], 0.7, "lower"),
+        target("default_minutes", row["minutes"], 15.0, "lower"),
+    ]
+    # The whole report's tables too: the top-level README's default-run table quotes them.
+    keep = ("models", "extra_sets", "training", "plan", "verdict")
+    report_part = {key: report[key] for key in keep if key in report}
+    path = merge_results("fidelity", "default", {"row": row, "report": report_part}, targets)
+    print_rows({"default": row})
+    print(f"wrote {path}")
+
+
+def run_hour(args: argparse.Namespace) -> None:
+    config = ROOT / "configs" / "hour.yaml"
+    report, seconds = distill_run("hour", [], RUNS / "hour.log", config)
+    row = fidelity_row(report, seconds)
+    row["minutes"] = seconds / 60
+    targets = [target("hour_top1_agreement", row["top1"], 0.62, "higher")]
+    path = merge_results("fidelity", "hour", {"config": "configs/hour.yaml", "row": row}, targets)
+    print_rows({"hour": row})
+    print(f"wrote {path}")
+
+
+def searched_layers(given: str) -> list[int]:
+    """The teacher layers the default run's search kept (``--layers``, else from the
+    ``default`` section: run ``fidelity.py default`` first)."""
+    if given:
+        return [int(layer) for layer in given.split(",")]
+    path = RESULTS / "fidelity.json"
+    section = json.loads(path.read_text()).get("default", {}) if path.is_file() else {}
+    layers = section.get("row", {}).get("student_layers")
+    if not layers:
+        sys.exit("fidelity.py compare: run `fidelity.py default` first (it finds the layers)")
+    return layers
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    names = args.arms.split(",") if args.arms else list(ARMS)
+    unknown = [name for name in names if name not in ARMS]
+    if unknown:
+        sys.exit(f"fidelity.py: unknown arm(s) {unknown}; expected some of {list(ARMS)}")
+    layers = searched_layers(args.layers)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    common = [
+        *LEAN,
+        f"train.steps={COMPARE_STEPS}",
+        f"student.layers={layers}",
+        f"train.threads={threads}",
+    ]
+    path = RESULTS / "fidelity.json"
+    existing = json.loads(path.read_text()).get("compare", {}) if path.is_file() else {}
+    rows = dict(existing.get("rows", {}))
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {
+            pool.submit(
+                distill_run, f"arm-{name}", [*common, *ARMS[name]], RUNS / f"{name}.log"
+            ): name
+            for name in names
+        }
+        for future in as_completed(futures):
+            name = futures[future]
+            rows[name] = {"overrides": ARMS[name], **fidelity_row(*future.result())}
+            payload = {"common_overrides": common, "jobs": args.jobs, "rows": rows}
+            merge_results("fidelity", "compare", payload, [])
+            print(f"{name}: KL {rows[name]['kl']:.3f}, top-1 {rows[name]['top1']:.3f}", flush=True)
+    print_rows(rows)
+
+
+def print_rows(rows: dict[str, dict]) -> None:
+    header = ("recipe", "KL", "top-1", "top-5", "ppl", "other KL", "other top-1", "epochs", "min")
+    print_table(
+        [
+            (
+                name,
+                f"{row['kl']:.3f}",
+                f"{row['top1']:.3f}",
+                f"{row['top5']:.3f}",
+                f"{row['perplexity']:.1f}",
+                f"{row['other_kl']:.3f}",
+                f"{row['other_top1']:.3f}",
+                f"{row['epochs']:.2f}",
+                f"{row['wall_seconds'] / 60:.1f}",
+            )
+            for name, row in sorted(rows.items(), key=lambda item: item[1]["kl"])
+        ],
+        header,
+    )
+
+
+def markdown_table(args: argparse.Namespace) -> None:
+    """The comparison as benchmarks/README.md shows it, from the committed results."""
+    results = json.loads((RESULTS / "fidelity.json").read_text())
+    rows = results.get("compare", {}).get("rows", {})
+    print("| recipe | overrides | KL | top-1 | top-5 | ppl | other KL | other top-1 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, row in sorted(rows.items(), key=lambda item: item[1]["kl"]):
+        overrides = ", ".join(f"`{item}`" for item in row["overrides"]) or "(none)"
+        print(
+            f"| {name} | {overrides} | {row['kl']:.3f} | {row['top1']:.3f} | {row['top5']:.3f} "
+            f"| {row['perplexity']:.1f} | {row['other_kl']:.3f} | {row['other_top1']:.3f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["default", "hour", "compare", "table"])
+    parser.add_argument("--arms", default="", help="compare: comma-separated arm names")
+    parser.add_argument("--layers", default="", help="compare: teacher layers, e.g. 0,1,2,29")
+    parser.add_argument("--jobs", type=int, default=1, help="compare: arms run at once")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="compare: threads per arm (0 = cores / jobs)"
+    )
+    args = parser.parse_args()
+    jobs = {"default": run_default, "hour": run_hour, "compare": run_compare}
+    jobs["table"] = markdown_table
+    jobs[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
