@@ -115,5 +115,5 @@ def test_tokenizer_mismatch_stops_before_work(tmp_path, tiny_teacher_dir):
 def test_config_show_lists_every_section():
     result = run_cli("config", "--show")
     assert result.returncode == 0
-    for key in ("teacher:", "student:", "temperature: 2.0", "alpha: 0.5", "# Softmax temperature"):
+    for key in ("teacher:", "student:", "temperature: 1.0", "alpha: 0.0", "# Softmax temperature"):
         assert key in result.stdout

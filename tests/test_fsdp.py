@@ -76,7 +76,9 @@ def test_fsdp_two_processes_equal_one_process(sharded_runs):
         torch.testing.assert_close(two["weights"][name], value, rtol=1e-5, atol=1e-5, msg=name)
     for a, b in zip(one["records"], two["records"], strict=True):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)  # all shards' norm
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        # The KL is a sum of O(1) terms that nearly cancel on these tiny models (loss ~1e-3),
+        # so float32 summation order moves it by an absolute amount (~1e-8), not a relative one.
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
     # The student's parameters only (no teacher state), indexed as an unsharded optimizer's.
     assert two["optimizer"]["param_groups"] == one["optimizer"]["param_groups"]
     assert two["optimizer"]["state"].keys() == one["optimizer"]["state"].keys()

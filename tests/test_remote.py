@@ -397,7 +397,7 @@ def test_onpolicy_from_the_server_trains(scorer, tiny_tokenizer, divergence):
             "only one of teacher.cache and teacher.url",
         ),
         (["teacher.url=h:1"], "must start with http"),
-        (["teacher.url=http://h:1"], "exact at loss.temperature=1 only"),  # default T = 2
+        (["teacher.url=http://h:1", "loss.temperature=2"], "exact at loss.temperature=1 only"),
         (["teacher.url=http://h:1", "loss.temperature=1", "loss.divergence=tv"], "supports"),
         (
             ["teacher.url=http://h:1", "loss.sparse=renormalized", "intermediate.hidden_weight=1"],

@@ -221,7 +221,10 @@ def test_an_unknown_teacher_name_is_one_line_naming_file_line_value_and_names(
         ({"teachers": [{"name": "a b"}]}, "should match pattern"),
         ({"teachers": [{"name": "a"}], "teacher": {"cache": "c"}}, "unset teacher.cache"),
         (
-            {"teachers": [{"name": "a"}, {"name": "b", "url": "http://h:1"}]},
+            {
+                "teachers": [{"name": "a"}, {"name": "b", "url": "http://h:1"}],
+                "loss": {"temperature": 2.0},
+            },
             r"exact at loss.temperature=1 only.*\(teachers\[1\].url is served\)",
         ),
         (
