@@ -31,14 +31,7 @@ def _live_member(
     if is_reference_teacher(config, entry) and models.teacher is not None:
         model = models.teacher
     else:
-        shared_vocab_rows(
-            load_teacher_tokenizer(entry),
-            models.tokenizer,
-            models.vocab_rows,
-            models.vocab_rows,
-            teacher_name=f"teacher {entry.name} ({source})",
-            student_name="the run's tokenizer",
-        )
+        _check_run_tokenizer(entry, models, source)
         model = load_teacher(entry).to(device)
     rows = model.get_output_embeddings().weight.shape[0]
     if rows < models.vocab_rows:
@@ -50,19 +43,24 @@ def _live_member(
     return NamedTeacher(entry.name, teacher, "live", source, weights_sha256(source))
 
 
+def _check_run_tokenizer(entry: NamedTeacherConfig, models: Models, where: str) -> None:
+    """One line, exit 2, unless the teacher's tokenizer is the run's (same vocabulary rows)."""
+    shared_vocab_rows(
+        load_teacher_tokenizer(entry),
+        models.tokenizer,
+        models.vocab_rows,
+        models.vocab_rows,
+        teacher_name=f"teacher {entry.name} ({where})",
+        student_name="the run's tokenizer",
+    )
+
+
 def _served_member(entry: NamedTeacherConfig, models: Models) -> NamedTeacher:
     """A served teacher, asked what it serves (its vocabulary must cover the run's)."""
     remote = RemoteTeacher.from_config(entry, vocab_rows=models.vocab_rows)
     info = remote.check_server(teacher_rows=None, tokens=len(models.tokenizer))
     if entry.path is not None:  # its tokenizer, when named, must be the run's
-        shared_vocab_rows(
-            load_teacher_tokenizer(entry),
-            models.tokenizer,
-            models.vocab_rows,
-            models.vocab_rows,
-            teacher_name=f"teacher {entry.name} ({entry.path})",
-            student_name="the run's tokenizer",
-        )
+        _check_run_tokenizer(entry, models, entry.path)
     fingerprint = f"{remote.model or ','.join(info.models)}; vocab {info.vocab_size}"
     return NamedTeacher(entry.name, remote, "url", remote.url, fingerprint)
 
