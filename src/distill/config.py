@@ -449,6 +449,10 @@ class LossConfig(_Section):
         "more means bigger chunks (faster matmuls), e.g. 682 tokens at vocab 49152.",
     )
 
+    def labels_only(self) -> LossConfig:
+        """This loss with the labels' CE alone (alpha 1, unscheduled): the --baseline run's."""
+        return self.model_copy(update={"alpha": 1.0, "alpha_schedule": "constant"})
+
     @model_validator(mode="after")
     def _schedules_have_ends(self) -> LossConfig:
         for name in ("temperature", "alpha"):

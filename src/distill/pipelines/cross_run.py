@@ -150,7 +150,7 @@ def run_cross_tokenizer(
     compared = {"student_before": student_before, "student_after": models.student}
     if config.baseline:
         labels_only = copy.deepcopy(student_before).train()
-        labels_loss = loss.model_copy(update={"alpha": 1.0, "alpha_schedule": "constant"})
+        labels_loss = loss.labels_only()
         baseline = CrossTokenizerTask(
             labels_only,
             None,

@@ -502,7 +502,7 @@ def distill(
     compared = {"student_before": student_before, "student_after": models.student}
     if config.baseline:
         labels_only = copy.deepcopy(student_before).train()
-        labels_loss = config.loss.model_copy(update={"alpha": 1.0, "alpha_schedule": "constant"})
+        labels_loss = config.loss.labels_only()
         baseline = CausalLMTask(
             labels_only,
             None,

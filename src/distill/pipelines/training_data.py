@@ -124,7 +124,7 @@ class TrainingData:
     routes: torch.Tensor | None = None
 
 
-def _pack_train(
+def _pack_split(
     documents: list[str], routes: list[int] | None, routing: Routing | None, tokenizer, size: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Training blocks (and routes): one teacher's as :func:`pack_documents`, several's per
@@ -150,7 +150,7 @@ def _read_split_pack(
         documents, routes = read_routed_documents(path, text_field, routing)
     train, held = split_by_hash(documents, fraction, [len(doc) for doc in documents])
     train_routes = None if routes is None else [routes[i] for i in train]
-    train_blocks, block_routes = _pack_train(
+    train_blocks, block_routes = _pack_split(
         [documents[i] for i in train], train_routes, routing, tokenizer, size
     )
     heldout_blocks = pack_documents([documents[i] for i in held], tokenizer, size)
