@@ -12,6 +12,9 @@ Every figure comes from the ``report.json`` of a ``distill run`` started here as
 ``compare`` trains every recipe of ``ARMS`` at the default budget on the same student (the
 teacher layers the default run's search kept, read from this file's ``default`` section, so the
 search is not repeated) with the lean evaluation (no speed test, no curve, no bits per byte);
+The ``mix_*`` arms add the teacher's answers to the shipped prompts (``distill generate``,
+written once to ``runs/fidelity/teacher_answers.jsonl`` and reused) as a second source that
+only trains (``heldout: false``), so every arm is scored on the same held-out sets.
 ``--jobs 2`` runs two arms at once, one thread each (quality, not time, is compared; on 2
 cores one arm at a time with both threads finished sooner). The
 winner is chosen on the training domain's held-out KL, with the other domain's KL beside it.
@@ -54,6 +57,22 @@ ARMS: dict[str, list[str]] = {
     "lr_constant": ["train.min_lr_ratio=1.0"],
     "alpha_0.5_to_0": ["loss.alpha=0.5", "loss.alpha_schedule=linear", "loss.alpha_end=0"],
 }
+# Teacher-written text for the data-mix arms: the teacher's answers to the shipped prompts
+# (`distill generate`, these settings), every row trained, none held out, so the run is still
+# scored on the corpus's held-out blocks and on the other domain's set.
+TEACHER_ANSWERS = RUNS / "teacher_answers.jsonl"
+GENERATE = ["generate.max_new_tokens=256", "generate.batch_size=16", "seed=0"]
+
+
+def mix(weight: float) -> list[str]:
+    """Overrides: the default corpus and the teacher's answers, drawn ``1 : weight`` by row."""
+    answers = f"{{path: '{TEACHER_ANSWERS}', format: chat, heldout: false, weight: {weight}}}"
+    return [f"data.sources=[{{}}, {answers}]"]
+
+
+ARMS["mix_answers"] = mix(1.0)
+ARMS["mix_answers_0.25"] = mix(1 / 3)
+
 # The comparison's budget: the 60 steps of 4 x 256 tokens the default had when it was run.
 COMPARE_STEPS = 60
 LEAN = ["eval.speed=false", "eval.every=0", "eval.bits_per_byte=false"]
@@ -143,11 +162,27 @@ def searched_layers(given: str) -> list[int]:
     return layers
 
 
+def teacher_answers() -> Path:
+    """The data-mix arms' teacher-written rows, generated once (resumable) and kept."""
+    log = RUNS / "teacher_answers.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "distill", "generate", "--out", str(TEACHER_ANSWERS)]
+    command += [item for override in GENERATE for item in ("--set", override)]
+    command += ["--set", f"output_dir={RUNS}", "--name", "teacher-answers"]
+    with log.open("a") as out:
+        done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    if done.returncode != 0:
+        sys.exit(f"distill generate failed (exit {done.returncode}); see {log}")
+    return TEACHER_ANSWERS
+
+
 def run_compare(args: argparse.Namespace) -> None:
     names = args.arms.split(",") if args.arms else list(ARMS)
     unknown = [name for name in names if name not in ARMS]
     if unknown:
         sys.exit(f"fidelity.py: unknown arm(s) {unknown}; expected some of {list(ARMS)}")
+    if any(name.startswith("mix_") for name in names):
+        teacher_answers()
     layers = searched_layers(args.layers)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     common = [

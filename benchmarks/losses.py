@@ -7,9 +7,11 @@ Student hidden states ``[N, H]`` and head ``[V, H]``, ``N`` in {2048, 8192, 1638
   ``loss.fused=false`` runs); teacher logits ``[N, V]`` given.
 - ``fused``: ``fused_distillation_loss`` (chunk from the default 512 MB budget); same inputs.
 - ``liger``: Liger-Kernel's pure-PyTorch chunked ``LigerFusedLinearJSDLoss`` (beta = 0 is its
-  forward KL), eager and ``torch.compile``-d, its default chunk of 1024; it takes the teacher as
-  hidden states ``[N, H]`` + head ``[V, H]``, so it is compared with ``fused_th``, our fused loss
-  given the same teacher inputs (and, like Liger, no T^2 factor: the two losses must agree).
+  forward KL), eager and ``torch.compile``-d, its default chunk of 1024 rows; it takes the
+  teacher as hidden states ``[N, H]`` + head ``[V, H]``, so it is compared with ``fused_th``,
+  our fused loss given the same teacher inputs (and, like Liger, no T^2 factor), at our default
+  chunk (682 rows: 4 buffers of ``[c, V]`` in 512 MB) and at Liger's (``fused_th_1024``). The
+  losses and gradient norms must agree to 1e-5 (relative), or the script stops.
 
 Each case runs in a fresh process: one warm-up call at N = 1024 (the compiled Liger's is at
 full size: it recompiles for each new N, and its compilation is not timed), inputs built in
@@ -43,6 +45,8 @@ TEMPERATURE, ALPHA = 2.0, 0.5
 SIZES = (2048, 8192, 16384)
 LIGER_MODES = ("liger_eager", "liger_compiled")
 COMPARE_AT = 8192
+LIGER_CHUNK = 1024  # LigerFusedLinearJSDLoss's default chunk_size (rows)
+AGREEMENT = 1e-5  # relative: our fused loss and Liger's, same inputs, float32
 
 
 # --- one case, in a fresh process --------------------------------------------------------------
@@ -69,6 +73,23 @@ def _inputs(rows: int, teacher_as_hidden: bool, seed: int = 0) -> dict[str, torc
     return inputs
 
 
+def _chunk_rows(method: str) -> int:
+    """Rows per chunk of a method: ours automatic (0 here, :func:`_effective_chunk` says how
+    many), Liger's its default, ``fused_th_1024`` ours at Liger's."""
+    return LIGER_CHUNK if method.startswith("liger") or method == "fused_th_1024" else 0
+
+
+def _effective_chunk(method: str) -> int | None:
+    """The rows per chunk a case actually used (None: the unfused loss has no chunks)."""
+    from distill.losses.fused import DEFAULT_MEMORY_BUDGET_MB, auto_chunk_size, chunk_buffers
+
+    if method == "seed":
+        return None
+    return _chunk_rows(method) or auto_chunk_size(
+        V, DEFAULT_MEMORY_BUDGET_MB, chunk_buffers("forward_kl", True)
+    )
+
+
 def _loss_fn(method: str):
     """``fn(inputs) -> scalar loss`` (mean over unmasked tokens) for one method."""
     from distill.losses import distillation_loss, fused_distillation_loss
@@ -83,7 +104,7 @@ def _loss_fn(method: str):
             return terms.loss_sum / terms.n_tokens
 
         return seed
-    if method in ("fused", "fused_th"):
+    if method in ("fused", "fused_th", "fused_th_1024"):
 
         def fused(x):
             terms = fused_distillation_loss(
@@ -96,6 +117,7 @@ def _loss_fn(method: str):
                 temperature=TEMPERATURE,
                 alpha=ALPHA,
                 scale_by_t2=method == "fused",  # fused_th: no T^2, like Liger
+                chunk_size=_chunk_rows(method),
             )
             return terms.loss_sum / terms.n_tokens
 
@@ -108,6 +130,7 @@ def _loss_fn(method: str):
         beta=0.0,  # Liger's beta = 0: KL(teacher || student), the forward KL
         temperature=TEMPERATURE,
         compiled=method == "liger_compiled",
+        chunk_size=LIGER_CHUNK,
     )
 
     def liger(x):
@@ -138,6 +161,7 @@ def run_case(method: str, rows: int) -> dict:
     return {
         "method": method,
         "rows": rows,
+        "chunk_rows": _effective_chunk(method),
         "seconds": seconds,
         "peak_extra_mb": (peak_kb - baseline_kb) / 1024,
         "inputs_mb": baseline_kb / 1024,
@@ -183,6 +207,25 @@ def _liger_available() -> str | None:
     return None
 
 
+def relative_differences(cases: list[dict]) -> dict[str, float]:
+    """The largest relative difference from the first case, per compared quantity."""
+    first = cases[0]
+    keys = ("loss", "grad_hidden_norm", "grad_weight_norm")
+    return {
+        key: max(abs(case[key] - first[key]) / abs(first[key]) for case in cases) for key in keys
+    }
+
+
+def check_agreement(cases: list[dict]) -> None:
+    """Stop unless every case computed the same loss and gradients (same inputs)."""
+    differences = relative_differences(cases)
+    worst = max(differences.values())
+    names = ", ".join(case["method"] for case in cases)
+    print(f"agreement of {names}: largest relative difference {worst:.2e} ({differences})")
+    if worst > AGREEMENT:
+        sys.exit(f"benchmarks/losses.py: the losses disagree ({differences}, limit {AGREEMENT})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
@@ -212,7 +255,7 @@ def main() -> None:
     for rows in sorted(set(args.sizes) | set(args.liger_sizes)):
         methods = ["seed", "fused"] if rows in args.sizes else []
         if rows in args.liger_sizes and not args.no_liger:
-            methods += ["fused_th", *LIGER_MODES]
+            methods += ["fused_th", "fused_th_1024", *LIGER_MODES]
         for method in methods:
             if method == "seed" and seed_mb_per_row is not None:
                 need = seed_mb_per_row * rows + rows * V * 4 / 2**20  # extra + teacher logits
@@ -239,19 +282,21 @@ def main() -> None:
     for r in results:
         if "seconds" not in r:
             note = r.get("skipped") or r["error"]
-            rows_out.append((r["method"], str(r["rows"]), "-", "-", "-", note[:70]))
+            rows_out.append((r["method"], str(r["rows"]), "-", "-", "-", "-", note[:70]))
             continue
         rows_out.append(
             (
                 r["method"],
                 str(r["rows"]),
+                str(r["chunk_rows"] or "-"),
                 f"{r['peak_extra_mb']:.0f}",
                 f"{r['seconds']:.2f}",
                 f"{r['loss']:.6f}",
                 "",
             )
         )
-    print_table(rows_out, ("method", "N", "peak extra MB", "fwd+bwd s", "loss", "note"))
+    header = ("method", "N", "chunk rows", "peak extra MB", "fwd+bwd s", "loss", "note")
+    print_table(rows_out, header)
 
     targets = []
     seed, fused = get("seed", COMPARE_AT), get("fused", COMPARE_AT)
@@ -298,6 +343,18 @@ def main() -> None:
             )
             | {"against": best_time["method"]}
         )
+        matched = get("fused_th_1024", COMPARE_AT)
+        if matched:
+            targets.append(
+                target(
+                    "fused_vs_liger_time_ratio_matched_chunk",
+                    matched["seconds"] / best_time["seconds"],
+                    1.0,
+                    "lower",
+                )
+                | {"against": best_time["method"], "chunk_rows": LIGER_CHUNK}
+            )
+        check_agreement([r for r in (ours, matched, *ligers) if r])
         liger_note = "measured: liger-kernel chunked loss ran on CPU (eager and compiled)"
     elif not args.no_liger:
         sys.exit("benchmarks/losses.py: the Liger cases at N=8192 failed; see the results above")
@@ -321,6 +378,8 @@ def main() -> None:
                 "masked": "last position of each 256-token block",
                 "memory": "VmHWM - VmRSS before the call, fresh process per case, after warm-up",
                 "liger": liger_note,
+                "chunk_rows": {m: _effective_chunk(m) for m in ("fused", "fused_th_1024", "liger")},
+                "agreement_limit": AGREEMENT,
             },
             "results": results,
             "targets": targets,

@@ -177,6 +177,23 @@ def test_digits_example_reduced():
         assert 0.3 < results[key] <= 1.0 and not math.isnan(results[key])
 
 
+def test_digits_validation_part_is_cut_from_the_training_split_only():
+    """Settings chosen on the validation part never see the test part they are reported on."""
+    spec = importlib.util.spec_from_file_location("digits", ROOT / "examples" / "digits.py")
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    train, test = digits.digits_data(3)
+    fit, validation = digits.digits_data(3, validation=True)
+
+    def rows(dataset) -> set[bytes]:
+        return {row.numpy().tobytes() for row in dataset.tensors[0]}
+
+    assert rows(fit) | rows(validation) == rows(train)
+    assert not rows(fit) & rows(validation)
+    assert not (rows(fit) | rows(validation)) & rows(test)
+    assert len(validation) == pytest.approx(len(train) / 4, abs=2)
+
+
 # ---------------------------------------------------------------- checkpoint / resume
 
 

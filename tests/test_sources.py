@@ -212,3 +212,26 @@ def test_run_trains_from_text_and_prompt_response_sources(tmp_path, tiny_run_con
     report = distill.distill(config).report
     assert report["models"]["student_after"]["kl_to_teacher"] > 0
     assert report["training"]["steps"] == 3
+
+
+def test_a_source_without_heldout_only_trains(tmp_path, tiny_chat_tokenizer, tiny_run_config):
+    """heldout=false: all of a source's rows train and the held-out rows are the other
+    sources' alone (teacher-written text mixed in, the corpus still scored); no path = the
+    default corpus."""
+    chat, chat_rows = _rows(tmp_path / "chat.jsonl", 30, chat=True)
+    sources = [{}, {"path": chat, "format": "chat", "heldout": False}]
+    config = load_config(
+        base={**tiny_run_config, "data": {"block_size": 64, "sources": sources}},
+    )
+    parts, heldout = prepare_sources(config, tiny_chat_tokenizer)
+    expected = encode_examples(chat_rows, "chat", tiny_chat_tokenizer, 64, chat)
+    assert torch.equal(parts[1].input_ids, expected.input_ids)  # every row trains
+    corpus_only = load_config(base={**tiny_run_config, "data": {"block_size": 64}})
+    corpus_train, corpus_held = prepare_data(corpus_only, tiny_chat_tokenizer)
+    assert torch.equal(parts[0].input_ids, corpus_train)
+    assert torch.equal(heldout.input_ids, corpus_held)  # the default corpus's held-out alone
+
+    with pytest.raises(ConfigError, match="every source has heldout=false"):
+        load_config(base={"data": {"sources": [{"path": chat, "heldout": False}]}})
+    with pytest.raises(ConfigError, match=r"format=chat needs a .jsonl file, got the default"):
+        load_config(base={"data": {"sources": [{"format": "chat"}]}})

@@ -303,7 +303,11 @@ class IntermediateConfig(_Section):
 
 
 class SourceConfig(_Section):
-    path: str = Field(description="A .txt / .jsonl / .parquet file or a directory of them.")
+    path: str | None = Field(
+        None,
+        description="A .txt / .jsonl / .parquet file or a directory of them; empty = the "
+        "default corpus (CPython's pydoc_data.topics, format text).",
+    )
     weight: float = Field(
         1.0, gt=0.0, description="Share of training rows drawn from this source (normalised)."
     )
@@ -313,6 +317,12 @@ class SourceConfig(_Section):
         "as data.format reads them (targets: the assistant's / the response's tokens).",
     )
     text_field: str = Field("text", description="Field holding the text in .jsonl/.parquet rows.")
+    heldout: bool = Field(
+        True,
+        description="Split off data.heldout_fraction of this source for evaluation; false = all "
+        "of it trains, so the held-out set is the other sources' (teacher-written text mixed "
+        "into a corpus: the run is still scored on the corpus).",
+    )
 
 
 class DataConfig(_Section):
@@ -337,9 +347,10 @@ class DataConfig(_Section):
     sources: list[SourceConfig] | None = Field(
         None,
         min_length=1,
-        description="Several sources instead of data.path: [{path, weight, format, text_field}];"
-        " each is split into train / held-out on its own (data.heldout_fraction), training rows "
-        "are drawn from them by weight, the held-out rows come from every source in turn.",
+        description="Several sources instead of data.path: [{path, weight, format, text_field, "
+        "heldout}]; each is split into train / held-out on its own (data.heldout_fraction), "
+        "training rows are drawn from them by weight, the held-out rows come from every source "
+        "with heldout=true in turn.",
     )
     shards: str | None = Field(
         None,
@@ -1140,11 +1151,13 @@ def _sources_fit_together(config: RunConfig) -> str | None:
             "source its own format"
         )
     for index, source in enumerate(config.data.sources):
-        if source.format != "text" and Path(source.path).suffix != ".jsonl":
+        if source.format != "text" and Path(source.path or "").suffix != ".jsonl":
             return (
                 f"data.sources[{index}].format={source.format} needs a .jsonl file, got "
-                f"{source.path}"
+                f"{source.path or 'the default corpus (no path)'}"
             )
+    if not any(source.heldout for source in config.data.sources):
+        return "data.sources: every source has heldout=false; keep one held-out split to score on"
     cached = _cached_teacher(config)
     if cached:
         return f"data.sources: a {cached}.cache holds one corpus's blocks; unset {cached}.cache"

@@ -43,6 +43,8 @@ def check_data_source(config: RunConfig) -> None:
                 _check_utf8(file)
     routing = Routing.from_config(config)
     for source in config.data.sources or []:
+        if source.path is None:  # the default corpus
+            continue
         files = data_files(source.path, DOCUMENT_SUFFIXES)
         for file in files:
             _check_utf8(file)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from distill.config import RunConfig
+from distill.config import RunConfig, SourceConfig
 from distill.data import (
     Examples,
     Routing,
@@ -38,12 +38,15 @@ __all__ = [
 
 
 def _split_file_texts(
-    path: str, data_format: str, text_field: str, heldout_fraction: float
+    path: str | None, data_format: str, text_field: str, heldout_fraction: float
 ) -> tuple[list[str], list[str]]:
-    """(train, held-out) text of one file in ``data_format``: documents, or each chat /
-    prompt-response row's messages joined by newlines, split as its blocks are."""
+    """(train, held-out) text of one file (None: the default corpus) in ``data_format``:
+    documents, or each chat / prompt-response row's messages joined by newlines, split as its
+    blocks are."""
     if data_format == "text":
-        return split_documents(read_documents(path, text_field), heldout_fraction)
+        documents = default_documents() if path is None else read_documents(path, text_field)
+        return split_documents(documents, heldout_fraction)
+    assert path is not None  # the config requires a .jsonl file for rows
     parts = split_rows(read_rows(path), heldout_fraction)
     if data_format == "chat":
         joined = [
@@ -61,6 +64,11 @@ def _split_file_texts(
     return joined[0], joined[1]
 
 
+def _fraction(source: SourceConfig, config: RunConfig) -> float:
+    """The share of ``source`` held out: none for a source that only trains."""
+    return config.data.heldout_fraction if source.heldout else 0.0
+
+
 def split_texts(config: RunConfig) -> tuple[list[str], list[str]]:
     """(train, held-out) text of ``data``, split as the blocks are. With ``data.sources``, each
     source is split on its own (in its own format); the held-out documents take every source's
@@ -68,7 +76,9 @@ def split_texts(config: RunConfig) -> tuple[list[str], list[str]]:
     fraction = config.data.heldout_fraction
     if config.data.sources:
         splits = [
-            _split_file_texts(source.path, source.format, source.text_field, fraction)
+            _split_file_texts(
+                source.path, source.format, source.text_field, _fraction(source, config)
+            )
             for source in config.data.sources
         ]
         held = [
@@ -135,11 +145,18 @@ def _pack_split(
 
 
 def _read_split_pack(
-    path: str | None, text_field: str, config: RunConfig, tokenizer, routing: Routing | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    path: str | None,
+    text_field: str,
+    config: RunConfig,
+    tokenizer,
+    routing: Routing | None,
+    fraction: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(train blocks, held-out blocks, train routes) of one text source (None: the default
-    corpus); whole documents held out by content hash, as :func:`split_documents`."""
-    size, fraction = config.data.block_size, config.data.heldout_fraction
+    corpus); whole documents held out by content hash, as :func:`split_documents`. ``fraction``
+    (default data.heldout_fraction) 0: nothing held out (held-out blocks None)."""
+    size = config.data.block_size
+    fraction = config.data.heldout_fraction if fraction is None else fraction
     if routing is None:
         documents = default_documents() if path is None else read_documents(path, text_field)
         routes = None
@@ -153,6 +170,8 @@ def _read_split_pack(
     train_blocks, block_routes = _pack_split(
         [documents[i] for i in train], train_routes, routing, tokenizer, size
     )
+    if fraction == 0:
+        return train_blocks, None, block_routes
     heldout_blocks = pack_documents([documents[i] for i in held], tokenizer, size)
     return train_blocks, heldout_blocks, block_routes
 
@@ -171,22 +190,32 @@ def prepare_training_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase)
         train, heldout = _read_split_examples(
             config.data.path, data_format, config, tokenizer, routing
         )
+        assert heldout is not None  # data.heldout_fraction > 0
         return TrainingData(train, heldout.head(config.eval.max_blocks), routes=train.teachers)
     train, heldout, routes = _read_split_pack(
         config.data.path, config.data.text_field, config, tokenizer, routing
     )
+    assert heldout is not None  # data.heldout_fraction > 0 holds out at least one document
     return TrainingData(train, heldout[: config.eval.max_blocks], routes=routes)
 
 
 def _read_split_examples(
-    path: str, data_format: str, config: RunConfig, tokenizer, routing: Routing | None
-) -> tuple[Examples, Examples]:
+    path: str,
+    data_format: str,
+    config: RunConfig,
+    tokenizer,
+    routing: Routing | None,
+    fraction: float | None = None,
+) -> tuple[Examples, Examples | None]:
     """(train, held-out) examples of one chat / prompt-response .jsonl file; whole rows held
-    out by content hash (:func:`split_rows`)."""
+    out by content hash (:func:`split_rows`). ``fraction`` as :func:`_read_split_pack`."""
     rows = read_rows(path)
-    train_rows, heldout_rows = split_rows(rows, config.data.heldout_fraction)
+    fraction = config.data.heldout_fraction if fraction is None else fraction
+    train_rows, heldout_rows = split_rows(rows, fraction)
     block_size = config.data.block_size
     train = encode_examples(train_rows, data_format, tokenizer, block_size, str(path), routing)
+    if fraction == 0:
+        return train, None
     heldout = encode_examples(heldout_rows, data_format, tokenizer, block_size, str(path))
     return train, heldout
 
@@ -195,18 +224,23 @@ def _prepare_sources(
     config: RunConfig, tokenizer: PreTrainedTokenizerBase, routing: Routing | None
 ) -> TrainingData:
     """``data.sources``: each source read in its own format and split on its own; the held-out
-    rows take every source's in turn, up to ``eval.max_blocks``. All text: packed blocks; with
-    a chat / prompt-response source, every source as :class:`Examples` (text blocks as rows
-    whose every next token is a target), so one batch can hold rows of every format."""
-    splits = []
+    rows take every source's in turn (those with ``heldout: true``), up to ``eval.max_blocks``.
+    All text: packed blocks; with a chat / prompt-response source, every source as
+    :class:`Examples` (text blocks as rows whose every next token is a target), so one batch
+    can hold rows of every format."""
+    splits: list[tuple[Any, Any, torch.Tensor | None]] = []
     for source in config.data.sources or []:
+        fraction = _fraction(source, config)
         if source.format == "text":
             splits.append(
-                _read_split_pack(source.path, source.text_field, config, tokenizer, routing)
+                _read_split_pack(
+                    source.path, source.text_field, config, tokenizer, routing, fraction
+                )
             )
         else:
+            assert source.path is not None  # the config requires a .jsonl file for rows
             train, heldout = _read_split_examples(
-                source.path, source.format, config, tokenizer, routing
+                source.path, source.format, config, tokenizer, routing, fraction
             )
             splits.append((train, heldout, train.teachers))
     examples = any(isinstance(train, Examples) for train, _, _ in splits)
@@ -218,13 +252,13 @@ def _prepare_sources(
             if isinstance(train, Examples)
             else (
                 Examples.from_blocks(train, train_prompt, routes),
-                Examples.from_blocks(heldout, heldout_prompt),
+                None if heldout is None else Examples.from_blocks(heldout, heldout_prompt),
                 routes,
             )
             for train, heldout, routes in splits
         ]
     parts = [train for train, _, _ in splits]
-    held = [heldout for _, heldout, _ in splits]
+    held = [heldout for _, heldout, _ in splits if heldout is not None]
     offsets = [sum(len(h) for h in held[:p]) for p in range(len(held))]
     in_turn = [
         offsets[p] + i
