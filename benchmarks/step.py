@@ -9,7 +9,7 @@ forward, 6 x (student matmul params) for the student forward + backward, plus at
 (4 x T x d per layer forward, counted in full). ``step_roofline_fraction`` = achieved FLOP/s /
 best float32 square-matmul FLOP/s measured in the same run.
 
-    python benchmarks/step.py [--steps 3] [--batch 8] [--block 256] [--device cpu|cuda|cuda:N]
+    python benchmarks/step.py [--steps 5] [--batch 8] [--block 256] [--device cpu|cuda|cuda:N]
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def attention_flops_per_token(config, block: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--block", type=int, default=256)
     parser.add_argument(
