@@ -231,6 +231,13 @@ def test_resume_refuses_changed_settings(tmp_path, tiny_chat_teacher_dir, one_th
     message = str(err.value)
     assert "temperature=0.7 (now 1.0)" in message and str(output) in message
     assert "\n" not in message
+    # the same prompts moved elsewhere (another checkout): their content decides, it resumes
+    moved = tmp_path / "moved" / "p.txt"
+    moved.parent.mkdir()
+    moved.write_bytes(prompts.read_bytes())
+    before = output.read_bytes()
+    generate_responses(_config(tiny_chat_teacher_dir, moved, output, "generate.max_new_tokens=4"))
+    assert output.read_bytes() == before
     prompts.write_text("another prompt set\n")
     with pytest.raises(ConfigError, match="prompts_sha256"):
         generate_responses(

@@ -60,6 +60,16 @@ def meta_path(output: Path) -> Path:
     return output.with_name(output.name + ".meta.json")
 
 
+# A file's location and the key that identifies its content: a moved file with the same content
+# (another checkout, a copied run folder) resumes.
+_CONTENT_OF = {"prompts": "prompts_sha256", "corpus": "corpus_fingerprint"}
+
+
+def _same_content(key: str, old: dict[str, Any], new: dict[str, Any]) -> bool:
+    content = _CONTENT_OF.get(key)
+    return content is not None and new.get(content) is not None and old.get(content) == new[content]
+
+
 def check_meta(output: Path, meta: dict[str, Any], has_records: bool) -> None:
     """Write ``meta`` beside a new output; refuse to resume one written with other settings."""
     meta_file = meta_path(output)
@@ -78,7 +88,7 @@ def check_meta(output: Path, meta: dict[str, Any], has_records: bool) -> None:
         changed = [
             f"{key}={old.get(key)!r} (now {value!r})"
             for key, value in meta.items()
-            if old.get(key) != value
+            if old.get(key) != value and not _same_content(key, old, meta)
         ]
         if changed:
             raise ConfigError(
