@@ -7,6 +7,7 @@ Every figure comes from the ``report.json`` of a ``distill run`` started here as
     python benchmarks/fidelity.py default   # plain `distill run`, timed: targets default_*
     python benchmarks/fidelity.py hour      # configs/hour.yaml (about an hour): hour_top1
     python benchmarks/fidelity.py compare [--arms default,jsd] [--jobs 1]
+    python benchmarks/fidelity.py shape     # batch-1 decoding: depth vs width-pruned students
     python benchmarks/fidelity.py table     # the comparison as a Markdown table
 
 ``compare`` trains every recipe of ``ARMS`` at the default budget on the same student (the
@@ -72,6 +73,15 @@ def mix(weight: float) -> list[str]:
 
 ARMS["mix_answers"] = mix(1.0)
 ARMS["mix_answers_0.25"] = mix(1 / 3)
+
+# The student's shape: the default depth-searched student against width-pruned ones (all 30
+# teacher layers, a narrower MLP): one at equal parameters (MLP 512), one at equal batch-1
+# decoding speed (the widest MLP of WIDTH_CANDIDATES that decodes at least as fast as the depth
+# student, measured by `fidelity.py shape` and read from its section).
+WIDTH_CANDIDATES = (512, 384, 256, 192, 128, 64)
+ALL_LAYERS = list(range(30))
+ARMS["width_ffn_512"] = [f"student.layers={ALL_LAYERS}", "student.ffn=512"]
+ARMS["width_equal_speed"] = [f"student.layers={ALL_LAYERS}"]  # + student.ffn from `shape`
 
 # The comparison's budget: the 60 steps of 4 x 256 tokens the default had when it was run.
 COMPARE_STEPS = 60
@@ -183,6 +193,8 @@ def run_compare(args: argparse.Namespace) -> None:
         sys.exit(f"fidelity.py: unknown arm(s) {unknown}; expected some of {list(ARMS)}")
     if any(name.startswith("mix_") for name in names):
         teacher_answers()
+    if "width_equal_speed" in names:
+        ARMS["width_equal_speed"] = [*ARMS["width_equal_speed"], f"student.ffn={equal_speed_ffn()}"]
     layers = searched_layers(args.layers)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     common = [
@@ -208,6 +220,70 @@ def run_compare(args: argparse.Namespace) -> None:
             merge_results("fidelity", "compare", payload, [])
             print(f"{name}: KL {rows[name]['kl']:.3f}, top-1 {rows[name]['top1']:.3f}", flush=True)
     print_rows(rows)
+
+
+def decode_seconds(model, tokenizer, runs: int) -> list[float]:
+    """Batch-1 greedy decoding of 32 tokens, ``runs`` times (after one warm-up)."""
+    from distill.evaluate.generation import timed_generate
+
+    prompt = ["The history of the lighthouse on the island begins"]
+    timed_generate(model, tokenizer, prompt, 32)
+    return [timed_generate(model, tokenizer, prompt, 32) for _ in range(runs)]
+
+
+def run_shape(args: argparse.Namespace) -> None:
+    """Batch-1 decoding speed of the depth student and of width-pruned students (untrained:
+    speed depends on the shape alone), taking turns run by run; writes section ``shape`` with
+    the MLP width the ``width_equal_speed`` arm uses."""
+    import statistics
+
+    import torch
+
+    from distill.models import count_params, default_teacher_path, load_causal_lm, load_tokenizer
+    from distill.student import WidthTargets, build_student, measure_importance, prune_width
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    source = default_teacher_path()
+    teacher, tokenizer = load_causal_lm(source).eval(), load_tokenizer(source)
+    full = build_student(teacher, ALL_LAYERS)
+    calibration = torch.randint(0, tokenizer.vocab_size, (2, 64))  # (2, 64): shape, not quality
+    importance = measure_importance(full, calibration)
+    models = {"depth": build_student(teacher, searched_layers(args.layers)).eval()}
+    for ffn in WIDTH_CANDIDATES:
+        models[f"width_ffn_{ffn}"] = prune_width(full, importance, WidthTargets(ffn=ffn)).eval()
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    with torch.inference_mode():
+        for _ in range(args.runs):  # turns: load changes hit every shape alike
+            for name, model in models.items():
+                seconds[name] += decode_seconds(model, tokenizer, 1)
+    speed = {name: 32 / statistics.median(values) for name, values in seconds.items()}
+    fast_enough = [f for f in WIDTH_CANDIDATES if speed[f"width_ffn_{f}"] >= speed["depth"]]
+    equal_speed_ffn = max(fast_enough) if fast_enough else None
+    print_table(
+        [
+            (name, f"{count_params(m) / 1e6:.1f}", f"{speed[name]:.1f}")
+            for name, m in models.items()
+        ],
+        ("student", "params (M)", "batch-1 tokens/s (median)"),
+    )
+    print(f"widest MLP decoding at least as fast as the depth student: {equal_speed_ffn}")
+    payload = {
+        "runs": args.runs,
+        "params": {name: count_params(model) for name, model in models.items()},
+        "decode_seconds_32_tokens": seconds,
+        "tokens_per_s": speed,
+        "equal_speed_ffn": equal_speed_ffn,
+    }
+    print(f"wrote {merge_results('fidelity', 'shape', payload, [])}")
+
+
+def equal_speed_ffn() -> int:
+    """The MLP width of the ``width_equal_speed`` arm (``fidelity.py shape`` finds it)."""
+    path = RESULTS / "fidelity.json"
+    section = json.loads(path.read_text()).get("shape", {}) if path.is_file() else {}
+    if not section.get("equal_speed_ffn"):
+        sys.exit("fidelity.py compare width_equal_speed: run `fidelity.py shape` first")
+    return int(section["equal_speed_ffn"])
 
 
 def print_rows(rows: dict[str, dict]) -> None:
@@ -247,16 +323,18 @@ def markdown_table(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["default", "hour", "compare", "table"])
+    parser.add_argument("what", choices=["default", "hour", "compare", "shape", "table"])
     parser.add_argument("--arms", default="", help="compare: comma-separated arm names")
     parser.add_argument("--layers", default="", help="compare: teacher layers, e.g. 0,1,2,29")
     parser.add_argument("--jobs", type=int, default=1, help="compare: arms run at once")
+    parser.add_argument("--runs", type=int, default=5, help="shape: timed decodes per student")
     parser.add_argument(
         "--threads", type=int, default=0, help="compare: threads per arm (0 = cores / jobs)"
     )
     args = parser.parse_args()
     jobs = {"default": run_default, "hour": run_hour, "compare": run_compare}
     jobs["table"] = markdown_table
+    jobs["shape"] = run_shape
     jobs[args.what](args)
 
 
