@@ -16,7 +16,9 @@ Student hidden states ``[N, H]`` and head ``[V, H]``, ``N`` in {2048, 8192, 1638
 Each case runs in a fresh process: one warm-up call at N = 1024 (the compiled Liger's is at
 full size: it recompiles for each new N, and its compilation is not timed), inputs built in
 place, the peak-RSS mark reset (``/proc/self/clear_refs``); peak extra memory = VmHWM during
-one forward + backward minus VmRSS just before it (the inputs). Time = that call's wall time.
+one forward + backward minus VmRSS just before it (the inputs). Time = the median of ``--reps``
+(5) calls on the same inputs, the first included; every call's time is kept. The cases run one
+after another, each in its own process (memory needs a fresh one), not interleaved.
 Needs ``pip install liger-kernel`` (the ``bench`` extra) for the Liger cases; without it the
 script stops with that line (``--no-liger`` runs the rest and writes no Liger targets).
 
@@ -32,6 +34,7 @@ import gc
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -141,8 +144,9 @@ def _loss_fn(method: str):
     return liger
 
 
-def run_case(method: str, rows: int) -> dict:
-    """Warm up, then measure one forward + backward; returns the measurements."""
+def run_case(method: str, rows: int, reps: int) -> dict:
+    """Warm up, then measure ``reps`` forward + backward calls on the same inputs: the peak
+    memory of the first, the median time of all."""
     teacher_as_hidden = method not in ("seed", "fused")
     fn = _loss_fn(method)
     # The compiled Liger guards on N (it recompiles for a new N), so it warms up at full size.
@@ -156,18 +160,25 @@ def run_case(method: str, rows: int) -> dict:
     start = time.perf_counter()
     loss = fn(inputs)
     loss.backward()
-    seconds = time.perf_counter() - start
+    seconds = [time.perf_counter() - start]
     peak_kb = _proc_kb("VmHWM")
+    gradients = (float(inputs["hidden"].grad.norm()), float(inputs["weight"].grad.norm()))
+    for _ in range(reps - 1):  # the same call again: time only (the memory is the first's)
+        inputs["hidden"].grad = inputs["weight"].grad = None
+        start = time.perf_counter()
+        fn(inputs).backward()
+        seconds.append(time.perf_counter() - start)
     return {
         "method": method,
         "rows": rows,
         "chunk_rows": _effective_chunk(method),
-        "seconds": seconds,
+        "seconds": statistics.median(seconds),
+        "seconds_all": seconds,
         "peak_extra_mb": (peak_kb - baseline_kb) / 1024,
         "inputs_mb": baseline_kb / 1024,
         "loss": float(loss.detach()),
-        "grad_hidden_norm": float(inputs["hidden"].grad.norm()),
-        "grad_weight_norm": float(inputs["weight"].grad.norm()),
+        "grad_hidden_norm": gradients[0],
+        "grad_weight_norm": gradients[1],
     }
 
 
@@ -179,9 +190,10 @@ def _available_mb() -> float:
     return int(re.search(r"MemAvailable:\s+(\d+) kB", text).group(1)) / 1024
 
 
-def _spawn(method: str, rows: int, threads: int) -> dict:
+def _spawn(method: str, rows: int, threads: int, reps: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TORCHINDUCTOR_COMPILE_THREADS": "1"}
     command = [sys.executable, __file__, "--case", method, str(rows), "--threads", str(threads)]
+    command += ["--reps", str(reps)]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
@@ -238,11 +250,12 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-liger", action="store_true", help="skip the Liger-Kernel cases")
+    parser.add_argument("--reps", type=int, default=5, help="timed calls per case (median)")
     parser.add_argument("--case", nargs=2, metavar=("METHOD", "ROWS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:
-        print(json.dumps(run_case(args.case[0], int(args.case[1]))))
+        print(json.dumps(run_case(args.case[0], int(args.case[1]), args.reps)))
         return
 
     liger_problem = None if args.no_liger else _liger_available()
@@ -268,7 +281,7 @@ def main() -> None:
                         }
                     )
                     continue
-            result = _spawn(method, rows, args.threads)
+            result = _spawn(method, rows, args.threads, args.reps)
             results.append(result)
             if method == "seed" and "seconds" in result:
                 seed_mb_per_row = result["peak_extra_mb"] / rows
@@ -290,12 +303,12 @@ def main() -> None:
                 str(r["rows"]),
                 str(r["chunk_rows"] or "-"),
                 f"{r['peak_extra_mb']:.0f}",
-                f"{r['seconds']:.2f}",
+                f"{r['seconds']:.2f} ({min(r['seconds_all']):.2f}-{max(r['seconds_all']):.2f})",
                 f"{r['loss']:.6f}",
                 "",
             )
         )
-    header = ("method", "N", "chunk rows", "peak extra MB", "fwd+bwd s", "loss", "note")
+    header = ("method", "N", "chunk rows", "peak extra MB", "fwd+bwd s (min-max)", "loss", "note")
     print_table(rows_out, header)
 
     targets = []
@@ -380,6 +393,7 @@ def main() -> None:
                 "liger": liger_note,
                 "chunk_rows": {m: _effective_chunk(m) for m in ("fused", "fused_th_1024", "liger")},
                 "agreement_limit": AGREEMENT,
+                "timed_calls_per_case": args.reps,
             },
             "results": results,
             "targets": targets,
