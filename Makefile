@@ -88,6 +88,7 @@ bench: $(VENV)/.bench-installed $(BENCH_RUN)/student/config.json  ## every bench
 	$(PY) benchmarks/student_speed.py --student $(BENCH_RUN)/student
 	$(PY) benchmarks/peer_trl.py
 	$(PY) benchmarks/fidelity.py default
+	$(PY) benchmarks/fidelity.py shape
 	$(PY) benchmarks/fidelity.py compare
 	$(PY) benchmarks/fidelity.py hour
 	$(PY) benchmarks/table.py
