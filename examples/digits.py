@@ -5,7 +5,8 @@
 1. train a teacher MLP (64 -> 256 -> 256 -> 10) on all training labels;
 2. distil a much smaller student (64 -> 32 -> 10, 35x fewer parameters) from it with
    ``distill.distill_module`` on only ``labelled`` (100) training examples: the
-   teacher's soft targets at T = 4 (alpha 0.1) tell the student how alike the digits look;
+   teacher's soft targets at T = 4 (alpha 0.5, chosen on validation parts by
+   benchmarks/encoders.py) tell the student how alike the digits look;
 3. train the same student (same init, same 100 examples, same data order, same steps) on the
    labels alone.
 Prints held-out accuracy of all three: does distillation beat plain training at equal steps?
@@ -77,7 +78,7 @@ def main(
     run_dir: str | None = None,
     labelled: int | None = 100,
     temperature: float = 4.0,
-    alpha: float = 0.1,
+    alpha: float = 0.5,
     validation: bool = False,
 ) -> dict[str, Any]:
     """Train teacher, distilled student and labels-only student; return their test metrics.
