@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -307,6 +308,13 @@ def print_rows(rows: dict[str, dict]) -> None:
     )
 
 
+def short(override: str) -> str:
+    """An override as the table shows it: all 30 layers named so, a run path made relative."""
+    if override == f"student.layers={ALL_LAYERS}":
+        return "student.layers=(all 30)"
+    return re.sub(r"'[^']*/(runs/fidelity/[^']*)'", r"\1", override)
+
+
 def markdown_table(args: argparse.Namespace) -> None:
     """The comparison as benchmarks/README.md shows it, from the committed results."""
     results = json.loads((RESULTS / "fidelity.json").read_text())
@@ -314,7 +322,7 @@ def markdown_table(args: argparse.Namespace) -> None:
     print("| recipe | overrides | KL | top-1 | top-5 | ppl | other KL | other top-1 |")
     print("|---|---|---|---|---|---|---|---|")
     for name, row in sorted(rows.items(), key=lambda item: item[1]["kl"]):
-        overrides = ", ".join(f"`{item}`" for item in row["overrides"]) or "(none)"
+        overrides = ", ".join(f"`{short(item)}`" for item in row["overrides"]) or "(none)"
         print(
             f"| {name} | {overrides} | {row['kl']:.3f} | {row['top1']:.3f} | {row['top5']:.3f} "
             f"| {row['perplexity']:.1f} | {row['other_kl']:.3f} | {row['other_top1']:.3f} |"
