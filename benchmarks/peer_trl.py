@@ -41,8 +41,8 @@ from distill.models import default_teacher_path, load_causal_lm, load_tokenizer 
 from distill.student import build_student, select_layers  # noqa: E402
 from distill.teacher import LiveTeacher  # noqa: E402
 from distill.train import build_optimizer  # noqa: E402
+from distill.train.causal_lm import micro_batch_terms  # noqa: E402
 from distill.train.distributed import resolve_device  # noqa: E402
-from distill.train.loop import micro_batch_terms  # noqa: E402
 
 
 def import_trl():
