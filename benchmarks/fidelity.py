@@ -223,13 +223,14 @@ def run_compare(args: argparse.Namespace) -> None:
     print_rows(rows)
 
 
-def decode_seconds(model, tokenizer, runs: int) -> list[float]:
-    """Batch-1 greedy decoding of 32 tokens, ``runs`` times (after one warm-up)."""
+DECODE_PROMPT = ["The history of the lighthouse on the island begins"]
+
+
+def decode_seconds(model, tokenizer) -> float:
+    """Seconds of one batch-1 greedy decoding of 32 tokens."""
     from distill.evaluate.generation import timed_generate
 
-    prompt = ["The history of the lighthouse on the island begins"]
-    timed_generate(model, tokenizer, prompt, 32)
-    return [timed_generate(model, tokenizer, prompt, 32) for _ in range(runs)]
+    return timed_generate(model, tokenizer, DECODE_PROMPT, 32)
 
 
 def run_shape(args: argparse.Namespace) -> None:
@@ -254,9 +255,11 @@ def run_shape(args: argparse.Namespace) -> None:
         models[f"width_ffn_{ffn}"] = prune_width(full, importance, WidthTargets(ffn=ffn)).eval()
     seconds: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
+        for model in models.values():  # one untimed warm-up each
+            decode_seconds(model, tokenizer)
         for _ in range(args.runs):  # turns: load changes hit every shape alike
             for name, model in models.items():
-                seconds[name] += decode_seconds(model, tokenizer, 1)
+                seconds[name].append(decode_seconds(model, tokenizer))
     speed = {name: 32 / statistics.median(values) for name, values in seconds.items()}
     fast_enough = [f for f in WIDTH_CANDIDATES if speed[f"width_ffn_{f}"] >= speed["depth"]]
     equal_speed_ffn = max(fast_enough) if fast_enough else None

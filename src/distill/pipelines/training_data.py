@@ -44,8 +44,7 @@ def _split_file_texts(
     documents, or each chat / prompt-response row's messages joined by newlines, split as its
     blocks are."""
     if data_format == "text":
-        documents = default_documents() if path is None else read_documents(path, text_field)
-        return split_documents(documents, heldout_fraction)
+        return split_documents(_documents(path, text_field), heldout_fraction)
     assert path is not None  # the config requires a .jsonl file for rows
     parts = split_rows(read_rows(path), heldout_fraction)
     if data_format == "chat":
@@ -62,6 +61,11 @@ def _split_file_texts(
             for rows in parts
         ]
     return joined[0], joined[1]
+
+
+def _documents(path: str | None, text_field: str) -> list[str]:
+    """The documents of a text source (None: the default corpus)."""
+    return default_documents() if path is None else read_documents(path, text_field)
 
 
 def _fraction(source: SourceConfig, config: RunConfig) -> float:
@@ -88,8 +92,6 @@ def split_texts(config: RunConfig) -> tuple[list[str], list[str]]:
             if i < len(part)
         ]
         return [document for train, _ in splits for document in train], held
-    if config.data.path is None:
-        return split_documents(default_documents(), fraction)
     data_format = detect_format(config.data.path, config.data.format)
     return _split_file_texts(config.data.path, data_format, config.data.text_field, fraction)
 
@@ -150,15 +152,14 @@ def _read_split_pack(
     config: RunConfig,
     tokenizer,
     routing: Routing | None,
-    fraction: float | None = None,
+    fraction: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(train blocks, held-out blocks, train routes) of one text source (None: the default
     corpus); whole documents held out by content hash, as :func:`split_documents`. ``fraction``
-    (default data.heldout_fraction) 0: nothing held out (held-out blocks None)."""
+    0: nothing held out (held-out blocks None)."""
     size = config.data.block_size
-    fraction = config.data.heldout_fraction if fraction is None else fraction
     if routing is None:
-        documents = default_documents() if path is None else read_documents(path, text_field)
+        documents = _documents(path, text_field)
         routes = None
     elif path is None:
         documents = default_documents()
@@ -188,12 +189,17 @@ def prepare_training_data(config: RunConfig, tokenizer: PreTrainedTokenizerBase)
     if data_format != "text":
         assert config.data.path is not None  # detect_format finds rows only in a file
         train, heldout = _read_split_examples(
-            config.data.path, data_format, config, tokenizer, routing
+            config.data.path, data_format, config, tokenizer, routing, config.data.heldout_fraction
         )
         assert heldout is not None  # data.heldout_fraction > 0
         return TrainingData(train, heldout.head(config.eval.max_blocks), routes=train.teachers)
     train, heldout, routes = _read_split_pack(
-        config.data.path, config.data.text_field, config, tokenizer, routing
+        config.data.path,
+        config.data.text_field,
+        config,
+        tokenizer,
+        routing,
+        config.data.heldout_fraction,
     )
     assert heldout is not None  # data.heldout_fraction > 0 holds out at least one document
     return TrainingData(train, heldout[: config.eval.max_blocks], routes=routes)
@@ -205,12 +211,11 @@ def _read_split_examples(
     config: RunConfig,
     tokenizer,
     routing: Routing | None,
-    fraction: float | None = None,
+    fraction: float,
 ) -> tuple[Examples, Examples | None]:
     """(train, held-out) examples of one chat / prompt-response .jsonl file; whole rows held
     out by content hash (:func:`split_rows`). ``fraction`` as :func:`_read_split_pack`."""
     rows = read_rows(path)
-    fraction = config.data.heldout_fraction if fraction is None else fraction
     train_rows, heldout_rows = split_rows(rows, fraction)
     block_size = config.data.block_size
     train = encode_examples(train_rows, data_format, tokenizer, block_size, str(path), routing)
