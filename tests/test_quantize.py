@@ -28,7 +28,7 @@ from distill.compress import (
     quantize_groups,
     save_model,
 )
-from distill.compress.calibrate import plan_int8
+from distill.compress.calibrate import _captured_inputs, plan_int8
 from distill.compress.qad import (
     attach_fake_quantize,
     detach_fake_quantize,
@@ -40,6 +40,7 @@ from distill.compress.quantize import (
     dequantize_rows,
     fake_quantize_groups,
     fake_quantize_rows,
+    linear_names,
     pack_int4,
     quantize_rows,
     split_outliers,
@@ -335,6 +336,32 @@ def test_int8_plan_picks_the_outlier_channel_and_saves_it(tmp_path, tiny_tokeniz
     with torch.no_grad():
         reference = model(ids).logits
         assert (loaded(ids).logits - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_int8_outlier_threshold_keeps_only_channels_far_above_the_median(tiny_tokenizer):
+    model = make_llama(len(tiny_tokenizer), layers=2, hidden=64)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.up_proj.weight[5] *= 60.0  # down_proj input channel 5 is large
+    blocks = torch.randint(0, len(tiny_tokenizer), (4, 32))
+    threshold = 8.0
+    plan = plan_int8(
+        model, blocks, alpha=0.0, float_layers=0, outlier_channels=16, outlier_threshold=threshold
+    )
+    inputs = _captured_inputs(model, blocks, linear_names(model), 1024)
+    for name in linear_names(model):
+        channel_max = inputs[name].abs().amax(dim=0)  # (in,)
+        above = (channel_max > threshold * channel_max.median()).nonzero().squeeze(1)
+        want = above if len(above) <= 16 else torch.topk(channel_max, 16).indices.sort().values
+        got = plan.outliers.get(name, torch.zeros(0, dtype=torch.long))
+        assert torch.equal(got, want), name
+    down = "model.layers.0.mlp.down_proj"
+    assert 5 in plan.outliers[down].tolist()
+    # a threshold no channel reaches leaves every layer without float columns
+    none = plan_int8(
+        model, blocks, alpha=0.0, float_layers=0, outlier_channels=16, outlier_threshold=1e9
+    )
+    assert none.outliers == {}
 
 
 # --- the job: resume after SIGKILL, refusals ---------------------------------------------------

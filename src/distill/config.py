@@ -756,6 +756,13 @@ class CompressConfig(_Section):
         "activations on the calibration blocks) multiplied in float outside the int8 product; "
         "0 = none.",
     )
+    outlier_threshold: float = Field(
+        6.0,
+        ge=0.0,
+        description="distill compress, int8: only input channels whose calibration max exceeds "
+        "this multiple of the median channel's are outliers (at most outlier_channels); each "
+        "float channel costs a float column at every token; 0 = always outlier_channels.",
+    )
     smooth_alpha: float = Field(
         0.0,
         ge=0.0,

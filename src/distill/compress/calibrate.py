@@ -62,11 +62,11 @@ class Int8Plan:
         """Lines for the plan: the kept layers and the largest remaining errors."""
         lines = [f"kept float: {name} ({why})" for name, why in self.keep_float.items()]
         if self.outliers:
-            widths = sorted({len(index) for index in self.outliers.values()})
+            widths = [len(index) for index in self.outliers.values()]
             lines.insert(
                 0,
-                f"float outlier input channels (largest calibration max): {widths[-1]} per "
-                f"layer in {len(self.outliers)} layers",
+                f"float outlier input channels (largest calibration max): {sum(widths)} in "
+                f"{len(widths)} layers, at most {max(widths)} per layer",
             )
         ranked = sorted(self.errors.items(), key=lambda item: -item[1])
         rest = [(n, e) for n, e in ranked if n not in self.keep_float][:top]
@@ -110,10 +110,12 @@ def plan_int8(
     alpha: float,
     float_layers: int,
     outlier_channels: int = 0,
+    outlier_threshold: float = 0.0,
     max_rows: int = 1024,
 ) -> Int8Plan:
-    """For every Linear (head included): the ``outlier_channels`` input channels kept float,
-    smoothing factors (``alpha`` 0 = none; never the head, whose weight is the embedding's),
+    """For every Linear (head included): the input channels kept float (the largest calibration
+    maxima, at most ``outlier_channels``, only those above ``outlier_threshold`` x the median
+    channel's when that is set), smoothing factors (``alpha`` 0 = none; never the head, whose weight is the embedding's),
     and the ``float_layers`` Linears whose int8 output error is largest."""
     head = model.get_output_embeddings()
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -128,6 +130,8 @@ def plan_int8(
             smooth = plan.smooth[name] = smooth_factors(x.abs().amax(dim=0), weight, alpha)
         channel_max = (x if smooth is None else x / smooth).abs().amax(dim=0)  # (in,)
         k = min(outlier_channels, channel_max.numel())
+        if outlier_threshold > 0:  # only the channels that would coarsen the others' step
+            k = min(k, int((channel_max > outlier_threshold * channel_max.median()).sum()))
         index = torch.topk(channel_max, k).indices.sort().values
         if k:
             plan.outliers[name] = index
@@ -158,6 +162,7 @@ def quantize_spec(
         alpha=recipe.smooth_alpha,
         float_layers=recipe.float_layers,
         outlier_channels=recipe.outlier_channels,
+        outlier_threshold=recipe.outlier_threshold,
     )
     spec.smooth, spec.outliers, spec.keep_float = plan.smooth, plan.outliers, plan.keep_float
     return spec, plan
