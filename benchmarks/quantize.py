@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from common import print_table, target, write_results  # noqa: E402
 
 from distill.compress import QuantizeSpec, load_model, model_bytes, save_model  # noqa: E402
-from distill.compress.calibrate import plan_int8  # noqa: E402
+from distill.compress.calibrate import quantize_spec  # noqa: E402
 from distill.compress.heal import heal  # noqa: E402
 from distill.compress.qad import quantization_aware_distill  # noqa: E402
 from distill.config import CompressConfig, EvalConfig, StudentConfig, load_config  # noqa: E402
@@ -41,14 +41,28 @@ from distill.evaluate.generation import (  # noqa: E402
 from distill.evaluate.heldout import heldout_quality  # noqa: E402
 from distill.models import default_teacher_path, load_causal_lm, load_tokenizer  # noqa: E402
 from distill.pipelines.training_data import prepare_data  # noqa: E402
-from distill.student import build_student, calibration_blocks, select_layers  # noqa: E402
+from distill.student import build_student, select_layers  # noqa: E402
 from distill.teacher import LiveTeacher  # noqa: E402
 
-# other int8 recipes, quality only: (smooth_alpha, float_layers, outlier_channels); (0.5, 4, 0)
-# was the default before per-token steps and outlier channels
-VARIANTS = ((0.0, 0, 16), (0.5, 0, 64), (0.5, 4, 0))
+# other int8 recipes (compress.* overrides of the int8 default): "every64" was the default
+# before outlier_threshold (64 float channels in every Linear), "smooth_f4" the one before
+# per-token steps and outlier channels
+VARIANTS = {
+    "every64": {"outlier_threshold": 0.0},
+    "every16": {"outlier_threshold": 0.0, "outlier_channels": 16},
+    "threshold4": {"outlier_threshold": 4.0},
+    "smooth": {"smooth_alpha": 0.5},
+    "smooth_f4": {"smooth_alpha": 0.5, "float_layers": 4, "outlier_channels": 0},
+}
 # timed models (int8_plain and int4 before QAD run the same kernels as their siblings)
-TIMED = ("teacher", "student", "student_int8", "student_int8_weight_only", "student_int4_qad")
+TIMED = (
+    "teacher",
+    "student",
+    "student_int8",
+    "student_int8_every64",
+    "student_int8_weight_only",
+    "student_int4_qad",
+)
 
 
 def main() -> None:
@@ -105,32 +119,21 @@ def main() -> None:
     student.eval()
     print(f"student: {source}", flush=True)
 
-    recipe = CompressConfig()  # the defaults of distill compress
-    calib = calibration_blocks(train_blocks, recipe.calibration_blocks, config.seed)
-    plan = plan_int8(
-        student,
-        calib,
-        alpha=recipe.smooth_alpha,
-        float_layers=recipe.float_layers,
-        outlier_channels=recipe.outlier_channels,
-    )
+    recipe = CompressConfig(quantize="int8")  # the defaults of distill compress --quantize int8
+    int8_spec, plan = quantize_spec(student, train_blocks, recipe, config.seed)
     for line in plan.describe(top=8):
         print("int8 plan:", line, flush=True)
     specs = {
-        "student_int8": QuantizeSpec(
-            "int8", smooth=plan.smooth, outliers=plan.outliers, keep_float=plan.keep_float
-        ),
+        "student_int8": int8_spec,
         "student_int8_plain": QuantizeSpec("int8"),  # per-token steps only
         "student_int8_weight_only": QuantizeSpec("int8-weight-only"),
         "student_int4": QuantizeSpec("int4", recipe.group_size),
     }
-    for alpha, keep, outliers in VARIANTS:
-        variant = plan_int8(
-            student, calib, alpha=alpha, float_layers=keep, outlier_channels=outliers
-        )
-        specs[f"student_int8_a{alpha}_f{keep}_o{outliers}"] = QuantizeSpec(
-            "int8", smooth=variant.smooth, outliers=variant.outliers, keep_float=variant.keep_float
-        )
+    for label, overrides in VARIANTS.items():
+        variant = recipe.model_copy(update=overrides)
+        specs[f"student_int8_{label}"] = quantize_spec(student, train_blocks, variant, config.seed)[
+            0
+        ]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         dirs = {
@@ -225,6 +228,8 @@ def main() -> None:
                 "group_size": recipe.group_size,
                 "smooth_alpha": recipe.smooth_alpha,
                 "outlier_channels": recipe.outlier_channels,
+                "outlier_threshold": recipe.outlier_threshold,
+                "int8_variants": VARIANTS,
                 "float_layers": dict(plan.keep_float),
                 "heldout_blocks": int(heldout.shape[0]),
                 "block_size": int(heldout.shape[1]),
