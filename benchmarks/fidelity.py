@@ -194,8 +194,9 @@ def run_compare(args: argparse.Namespace) -> None:
         sys.exit(f"fidelity.py: unknown arm(s) {unknown}; expected some of {list(ARMS)}")
     if any(name.startswith("mix_") for name in names):
         teacher_answers()
-    if "width_equal_speed" in names:
-        ARMS["width_equal_speed"] = [*ARMS["width_equal_speed"], f"student.ffn={equal_speed_ffn()}"]
+    arms = {name: list(ARMS[name]) for name in names}
+    if "width_equal_speed" in arms:  # its MLP width comes from the `shape` results
+        arms["width_equal_speed"].append(f"student.ffn={equal_speed_ffn()}")
     layers = searched_layers(args.layers)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     common = [
@@ -210,13 +211,13 @@ def run_compare(args: argparse.Namespace) -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {
             pool.submit(
-                distill_run, f"arm-{name}", [*common, *ARMS[name]], RUNS / f"{name}.log"
+                distill_run, f"arm-{name}", [*common, *overrides], RUNS / f"{name}.log"
             ): name
-            for name in names
+            for name, overrides in arms.items()
         }
         for future in as_completed(futures):
             name = futures[future]
-            rows[name] = {"overrides": ARMS[name], **fidelity_row(*future.result())}
+            rows[name] = {"overrides": arms[name], **fidelity_row(*future.result())}
             payload = {"common_overrides": common, "jobs": args.jobs, "rows": rows}
             merge_results("fidelity", "compare", payload, [])
             print(f"{name}: KL {rows[name]['kl']:.3f}, top-1 {rows[name]['top1']:.3f}", flush=True)
