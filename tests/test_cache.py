@@ -453,6 +453,14 @@ def test_distill_run_trains_from_the_cache_without_the_teacher(
         (Path(config["output_dir"]) / "live" / "metrics.jsonl").read_text().split("\n")[0]
     )
     assert 0 < records[0]["divergence"] < live["divergence"]
+    # the plan warns when the cached top k is renormalised with no labels, not otherwise
+    assert "sparse_loss_warning" not in report["plan"]
+    renormalized = copy.deepcopy(config)
+    renormalized["name"] = "renormalized"
+    renormalized["loss"] = {**renormalized.get("loss", {}), "alpha": 0.0, "sparse": "renormalized"}
+    renormalized["train"] = {**renormalized["train"], "steps": 1}
+    plan = distill.distill(renormalized).report["plan"]
+    assert "loss.sparse=renormalized with loss.alpha=0" in plan["sparse_loss_warning"]
 
 
 @pytest.mark.parametrize(

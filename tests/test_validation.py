@@ -15,7 +15,7 @@ import distill.pipelines.encoder_run as encoder_run
 import distill.pipelines.run
 import distill.pipelines.run_models
 from distill.cli import main
-from distill.config import load_config
+from distill.config import load_config, renormalized_top_k_without_labels
 from distill.data import check_data_source, read_documents
 from distill.data.examples import detect_format, read_rows
 from distill.data.prompts import read_prompts
@@ -240,3 +240,29 @@ def test_check_data_source_refuses_detected_chat_with_a_cache(tmp_path):
     text = tmp_path / "text.jsonl"
     text.write_text('{"text": "plain"}\n')
     check_data_source(load_config(overrides=[f"data.path={text}", "teacher.cache=c"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "warned"),
+    [
+        (["teacher.cache=c", "loss.sparse=renormalized"], True),  # the default alpha is 0
+        (["teacher.url=http://127.0.0.1:8000", "loss.sparse=renormalized"], True),
+        (["teacher.cache=c", "loss.sparse=renormalized", "loss.alpha=0.2"], False),
+        (["teacher.cache=c"], False),  # the tail bucket pushes the rest down
+        (["loss.sparse=renormalized"], False),  # the live teacher's full logits
+        (
+            [
+                "teacher.cache=c",
+                "loss.sparse=renormalized",
+                "loss.alpha_schedule=linear",
+                "loss.alpha_end=0.5",
+            ],
+            False,
+        ),
+    ],
+)
+def test_plan_warns_of_a_renormalised_top_k_loss_without_labels(overrides, warned):
+    advice = renormalized_top_k_without_labels(load_config(overrides=overrides))
+    assert (advice is not None) == warned
+    if warned:
+        assert "loss.sparse=renormalized" in advice and "loss.alpha" in advice

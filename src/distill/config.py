@@ -49,6 +49,7 @@ __all__ = [
     "apply_overrides",
     "describe_defaults",
     "teacher_sections",
+    "renormalized_top_k_without_labels",
 ]
 
 
@@ -1021,6 +1022,22 @@ def _served_teacher_loss_is_exact(config: RunConfig) -> str | None:
             + which
         )
     return None
+
+
+def renormalized_top_k_without_labels(config: RunConfig) -> str | None:
+    """Advice for the plan, not an error: from a cached or served teacher's top k, the
+    renormalised loss with no labels in it never pushes down the tokens outside the top k (on
+    the default run it lost most of what training bought; see benchmarks/README.md, cache.py)."""
+    loss = config.loss
+    top_k = [key for key, section in teacher_sections(config) if section.cache or section.url]
+    no_labels = loss.alpha == 0.0 and (loss.alpha_schedule == "constant" or loss.alpha_end == 0.0)
+    if not top_k or loss.sparse != "renormalized" or not no_labels or loss.cross_tokenizer:
+        return None
+    return (
+        f"loss.sparse=renormalized with loss.alpha=0 ({top_k[0]} gives the top k only): nothing "
+        "pushes down the tokens outside the teacher's top k; loss.sparse=tail_bucket (exact at "
+        "T=1) or loss.alpha > 0 does"
+    )
 
 
 def _examples_need_live_teacher(config: RunConfig) -> str | None:

@@ -23,7 +23,12 @@ import yaml
 from transformers import PreTrainedModel
 
 from distill.compress.store import model_bytes
-from distill.config import RunConfig, check_trainable, load_config
+from distill.config import (
+    RunConfig,
+    check_trainable,
+    load_config,
+    renormalized_top_k_without_labels,
+)
 from distill.data import (
     BlockBatches,
     ExampleBatches,
@@ -152,6 +157,10 @@ def _print_plan(
             "teacher (memorise the corpus); more data or fewer steps keep it on the teacher"
         )
         lines.append(f"  warning: {plan['memorisation_warning']}")
+    sparse_advice = renormalized_top_k_without_labels(config)
+    if sparse_advice:
+        plan["sparse_loss_warning"] = sparse_advice
+        lines.append(f"  warning: {sparse_advice}")
     print("\n".join(lines), flush=True)
     return plan
 
