@@ -30,7 +30,14 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
-from common import print_table, step_timing, target, timed, write_results  # noqa: E402
+from common import (  # noqa: E402
+    paired_ratio,
+    print_table,
+    step_timing,
+    target,
+    timed,
+    write_results,
+)
 
 from distill.config import LossConfig, RunConfig, StudentConfig, TrainConfig  # noqa: E402
 from distill.data import BlockBatches  # noqa: E402
@@ -116,10 +123,10 @@ def main() -> None:
         student, {"online": live, "cache_k64": cache}, used[:batch], args.timing_reps, vocab
     )
     median = {name: statistics.median(values) for name, values in timing.items()}
-    pair_ratios = [a / b for a, b in zip(timing["online"], timing["cache_k64"], strict=True)]
+    pairs = paired_ratio(timing["online"], timing["cache_k64"])
 
     kl = {name: quality[name]["kl_to_teacher"] for name in students}
-    speedup = statistics.median(pair_ratios)
+    speedup = pairs["median"]
     kl_ratio = kl["cache_k64_tail_bucket"] / kl["online_full_logits"]
     bytes_per_token = {k: m["bytes_per_token"] for k, m in manifests.items()}
     rows = [
@@ -132,8 +139,8 @@ def main() -> None:
     step_rows = [(name, f"{seconds:.2f}") for name, seconds in median.items()]
     print_table(step_rows, ("KD step (4 x 256)", "seconds (median, alternated)"))
     print(
-        f"online / cache per pair: {', '.join(f'{r:.2f}' for r in pair_ratios)} "
-        f"(median {speedup:.2f}, {min(pair_ratios):.2f} to {max(pair_ratios):.2f})"
+        f"online / cache per pair: {', '.join(f'{r:.2f}' for r in pairs['per_round'])} "
+        f"(median {speedup:.2f}, {pairs['spread'][0]:.2f} to {pairs['spread'][1]:.2f})"
     )
     print()
     print_table(
@@ -166,8 +173,8 @@ def main() -> None:
             "kept_mass_k64": {"T1": kept[1.0], "T2": kept[2.0]},
             "step_seconds_alternated": timing,
             "step_seconds_median": median,
-            "step_speedup_per_pair": pair_ratios,
-            "step_speedup_spread": [min(pair_ratios), max(pair_ratios)],
+            "step_speedup_per_pair": pairs["per_round"],
+            "step_speedup_spread": pairs["spread"],
             "training_step_seconds": {
                 name: [r["tokens"] / r["tokens_per_s"] for r in history]
                 for name, history in histories.items()

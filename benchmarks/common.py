@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -112,6 +113,18 @@ def provenance() -> dict[str, Any]:
 def target(name: str, value: float, goal: float, better: str) -> dict[str, Any]:
     met = value <= goal if better == "lower" else value >= goal
     return {"name": name, "value": value, "target": goal, "better": better, "met": met}
+
+
+def paired_ratio(numerators: list[float], denominators: list[float]) -> dict[str, Any]:
+    """The median of per-round ratios of two things measured side by side in each round, with
+    every ratio and their spread: a machine whose speed drifts between rounds moves both sides
+    of a round alike, which a ratio of the two medians does not see."""
+    ratios = [a / b for a, b in zip(numerators, denominators, strict=True)]
+    return {
+        "median": statistics.median(ratios),
+        "per_round": ratios,
+        "spread": [min(ratios), max(ratios)],
+    }
 
 
 def write_results(name: str, payload: dict[str, Any]) -> Path:
