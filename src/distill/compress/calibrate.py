@@ -4,8 +4,11 @@ in float, chosen on calibration blocks of the training data.
 The int8 layer (:class:`~distill.compress.quantize.DynamicInt8Linear`) quantizes each token's
 input row with its own step, so a token with massive activations no longer hurts the others;
 within a row, a few input channels (the MLP ``down_proj`` inputs of SmolLM2 have some 1000x
-the median) would still set the step for all the rest. The ``outlier_channels`` channels with
-the largest calibration max are taken out of the int8 product and multiplied in float.
+the median) would still set the step for all the rest. The channels whose calibration max
+exceeds ``outlier_threshold`` times the median channel's (at most ``outlier_channels``, the
+largest first) are taken out of the int8 product and multiplied in float; each costs a float
+weight column read at every token, so only the channels that would coarsen the others' step
+get one.
 SmoothQuant (Xiao et al. 2023) is the other remedy, off by default: it divides input channel
 ``j`` by ``s_j = max|x_j|^a / max|W_:,j|^(1-a)`` and multiplies the weight's column by it, so
 the outliers move into the weight, which is quantized per row. What is still too wrong
@@ -115,8 +118,9 @@ def plan_int8(
 ) -> Int8Plan:
     """For every Linear (head included): the input channels kept float (the largest calibration
     maxima, at most ``outlier_channels``, only those above ``outlier_threshold`` x the median
-    channel's when that is set), smoothing factors (``alpha`` 0 = none; never the head, whose weight is the embedding's),
-    and the ``float_layers`` Linears whose int8 output error is largest."""
+    channel's when that is set), smoothing factors (``alpha`` 0 = none; never the head, whose
+    weight is the embedding's), and the ``float_layers`` Linears whose int8 output error is
+    largest."""
     head = model.get_output_embeddings()
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     inputs = _captured_inputs(model.eval(), blocks, names, max_rows)
