@@ -133,9 +133,8 @@ def main() -> None:
     }
     for label, overrides in VARIANTS.items():
         variant = recipe.model_copy(update=overrides)
-        specs[f"student_int8_{label}"] = quantize_spec(student, train_blocks, variant, config.seed)[
-            0
-        ]
+        variant_spec, _ = quantize_spec(student, train_blocks, variant, config.seed)
+        specs[f"student_int8_{label}"] = variant_spec
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
         dirs = {

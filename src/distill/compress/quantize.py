@@ -351,7 +351,7 @@ class DynamicInt8Linear(nn.Module):
         self.register_buffer("outlier_index", index.long().contiguous())
         columns = torch.zeros(self.out_features, 0) if outlier_weight is None else outlier_weight
         # stored transposed: a row per outlier channel, so the small product per token reads
-        # the columns in memory order (twice as fast as through a transposed view at batch 1)
+        # the columns in memory order rather than through a transposed view
         self.register_buffer("outlier_rows", columns.float().T.contiguous())  # (k, out)
         keep = torch.ones(self.in_features)
         keep[self.outlier_index] = 0.0
