@@ -16,9 +16,14 @@ from the teacher's, ``resize_vocabulary``). Every arm starts from that same stud
   Cost: ``steps x batch`` continuations of at most ``ceil(1.15 x r x (block - prefix)) + 4``
   teacher tokens, ``r`` the teacher's tokens per student token on the training text; the
   seconds are reported;
-- ``uld`` and ``hybrid``: ``loss.cross_tokenizer`` with the live teacher, alpha 0.5, T 2,
-  ``uld_top_k`` 256 (the loss these arms were first measured with, pinned here since the
-  default became pure distillation at T = 1).
+- ``uld`` and ``hybrid``: ``loss.cross_tokenizer`` with the live teacher, T 1, ``uld_top_k``
+  256, and the alpha of ``--alphas`` (0.25, 0.5, 0.75) whose student scores the lowest bits per
+  byte on the validation text: each alpha trains its own copy, every score is reported.
+
+The KD settings and the best KD arm are chosen on a **validation** part of the training split
+(``--validation-fraction`` of its documents by content hash, never trained on, its own vocabulary
+not trained on it either; ``--validation-bytes`` of pieces scored), never on the held-out text
+the targets are computed from.
 
 Measured on text no arm trained on: bits per UTF-8 byte (``distill.evaluate.bits_per_byte``) of
 the held-out documents (``--bpb-bytes`` of pieces, evenly spread) for the teacher, the initial
@@ -32,11 +37,13 @@ Targets (benchmarks/results/cross_tokenizer.json):
 - ``best_kd_vs_labels_only_bits_per_byte``: the best KD arm's held-out bits per byte / the
   labels-only arm's, below 0.95;
 - ``hybrid_vs_uld_bits_per_byte``: hybrid / ULD held-out bits per byte, at most 1.0;
-- ``numerals_kd_vs_labels_only_bits_per_byte``: the same best KD arm (chosen on the held-out
-  text) / labels only, on the numeral slice, at most 1.0.
+- ``numerals_kd_vs_labels_only_bits_per_byte``: the same best KD arm / labels only, on the
+  numeral slice, at most 1.0.
+
+The best KD arm is the one of lowest validation bits per byte.
 
     python benchmarks/cross_tokenizer.py [--steps 40] [--batch 4] [--block 128] [--vocab 8192]
-        [--threads 0]
+        [--alphas 0.25,0.5,0.75] [--threads 0]
     python benchmarks/cross_tokenizer.py --tiny   # a self-check on tiny random models, no write
 """
 
@@ -74,7 +81,7 @@ from distill.train.cross_tokenizer import train_cross_tokenizer  # noqa: E402
 
 ARMS = ("labels_only", "sequence_kd", "uld", "hybrid")
 KD_ARMS = ("sequence_kd", "uld", "hybrid")
-CROSS_LOSS = {"alpha": 0.5, "temperature": 2.0}  # the uld / hybrid arms' loss, as first measured
+CROSS_ARMS = ("uld", "hybrid")  # their alpha is chosen on the validation text
 HELDOUT_FRACTION = 0.05  # data.heldout_fraction's default
 GENERATION_BATCH = 32  # teacher continuations per generate call (fewer calls: less overhead)
 
@@ -265,6 +272,24 @@ def sample_prompts(pieces: list[str], count: int, chars: int = 96) -> list[str]:
 # --- the benchmark ---------------------------------------------------------------------------------
 
 
+def train_arm(initial, name: str, loss: LossConfig, teacher, data, context: dict) -> tuple:
+    """A copy of ``initial`` trained on ``data`` with ``loss`` (``teacher`` None: labels only):
+    the student, its loss history and seconds."""
+    start = time.perf_counter()
+    student = copy.deepcopy(initial).train()
+    state = train_cross_tokenizer(
+        student, context["student_tokenizer"], teacher, context["teacher_tokenizer"], data, loss,
+        context["schedule"], seed=context["seed"], description=name,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    history = [
+        {key: record[key] for key in ("step", "loss", "ce", "divergence")}
+        for record in state.history
+    ]
+    print(f"{name}: {seconds:.0f} s, final loss {history[-1]['loss']:.4f}", flush=True)
+    return student.eval(), history, seconds
+
+
 def run(args: argparse.Namespace, root: Path) -> dict:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -273,6 +298,7 @@ def run(args: argparse.Namespace, root: Path) -> dict:
     teacher = load_causal_lm(source).eval()
     documents = default_documents()
     train_texts, held_texts = split_documents(documents, HELDOUT_FRACTION)
+    train_texts, validation_texts = split_documents(train_texts, args.validation_fraction)
     student_tokenizer = build_vocabulary(train_texts, args.vocab, teacher_tokenizer)
     layers = {"search": "none"} | ({"keep_first": 1, "keep_last": 1} if args.tiny else {})
     built = make_student(teacher, StudentConfig(**layers))
@@ -282,6 +308,13 @@ def run(args: argparse.Namespace, root: Path) -> dict:
     blocks = pack_documents(train_texts, student_tokenizer, args.block)
     rows = draw_training_rows(blocks, args.steps * args.batch, args.seed)
     ratio = tokens_per_token(train_texts[:200], teacher_tokenizer, student_tokenizer)
+    validation = text_pieces(validation_texts, args.validation_bytes, 4 * args.block)
+    validation_bpb = {
+        name: bits_per_byte(model, tokenizer, validation)["bits_per_byte"]
+        for name, model, tokenizer in (
+            ("teacher", teacher, teacher_tokenizer), ("initial", initial, student_tokenizer)
+        )
+    }  # fmt: skip
     seconds["setup"] = time.perf_counter() - start
     print(f"student layers {built.layers}, vocabulary {len(student_tokenizer)} "
           f"({rows_from}); {ratio:.3f} teacher tokens per student token", flush=True)  # fmt: skip
@@ -298,28 +331,39 @@ def run(args: argparse.Namespace, root: Path) -> dict:
         warmup_steps=max(1, args.steps // 10),
         device="cpu",
     )
+    context = {
+        "student_tokenizer": student_tokenizer,
+        "teacher_tokenizer": teacher_tokenizer,
+        "schedule": schedule,
+        "seed": args.seed,
+    }
     setups = {
         "labels_only": (LossConfig(alpha=1.0), None, rows),
         "sequence_kd": (LossConfig(alpha=1.0), None, written),
-        "uld": (LossConfig(cross_tokenizer="uld", **CROSS_LOSS), teacher, rows),
-        "hybrid": (LossConfig(cross_tokenizer="hybrid", **CROSS_LOSS), teacher, rows),
     }
+    for kind in CROSS_ARMS:
+        for alpha in args.alphas:
+            loss = LossConfig(cross_tokenizer=kind, alpha=alpha, temperature=1.0)
+            setups[f"{kind}_alpha_{alpha:g}"] = (loss, teacher, rows)
     students, history = {}, {}
-    for arm, (loss, arm_teacher, data) in setups.items():
-        start = time.perf_counter()
-        student = copy.deepcopy(initial).train()
-        state = train_cross_tokenizer(
-            student, student_tokenizer, arm_teacher, teacher_tokenizer, data, loss, schedule,
-            seed=args.seed, description=arm,
-        )  # fmt: skip
-        seconds[f"train_{arm}"] = time.perf_counter() - start
-        students[arm] = student.eval()
-        history[arm] = [
-            {key: record[key] for key in ("step", "loss", "ce", "divergence")}
-            for record in state.history
+    for name, (loss, arm_teacher, data) in setups.items():
+        student, history[name], seconds[f"train_{name}"] = train_arm(
+            initial, name, loss, arm_teacher, data, context
+        )
+        validation_bpb[name] = bits_per_byte(student, student_tokenizer, validation)[
+            "bits_per_byte"
         ]
-        print(f"{arm}: {seconds[f'train_{arm}']:.0f} s, final loss {history[arm][-1]['loss']:.4f}",
-              flush=True)  # fmt: skip
+        print(f"{name}: validation {validation_bpb[name]:.4f} bits/byte", flush=True)
+        students[name] = student
+    chosen = {}
+    for kind in CROSS_ARMS:  # the alpha of lowest validation bits per byte becomes the arm
+        candidates = [name for name in setups if name.startswith(f"{kind}_alpha_")]
+        best = min(candidates, key=validation_bpb.__getitem__)
+        chosen[kind] = {"candidate": best, "alpha": setups[best][0].alpha}
+        students[kind], history[kind] = students[best], history[best]
+        for name in candidates:
+            del students[name]
+    losses = {arm: setups[chosen[arm]["candidate"] if arm in chosen else arm][0] for arm in ARMS}
 
     start = time.perf_counter()
     piece_chars = 4 * args.block
@@ -359,11 +403,14 @@ def run(args: argparse.Namespace, root: Path) -> dict:
             "block": args.block,
             "train": schedule.model_dump(include={"lr", "warmup_steps", "min_lr_ratio"}),
             "losses": {
-                arm: setups[arm][0].model_dump(
+                arm: losses[arm].model_dump(
                     include={"alpha", "temperature", "cross_tokenizer", "uld_top_k"}
                 )
                 for arm in ARMS
             },  # fmt: skip
+            "alphas": list(args.alphas),
+            "validation": f"{args.validation_fraction:.0%} of the training documents (by content "
+            f"hash), never trained on; {args.validation_bytes} bytes scored",
             "rows": "steps x batch training blocks (the student's tokens) drawn once by seed; "
             "every arm one pass over them in the same batch order",
             "heldout": f"{HELDOUT_FRACTION:.0%} of the default corpus' documents (by content "
@@ -375,6 +422,8 @@ def run(args: argparse.Namespace, root: Path) -> dict:
             "threads": torch.get_num_threads(),
         },
         "sequence_kd_generation": generation,
+        "validation_bpb": validation_bpb,
+        "chosen_alpha": chosen,
         "models": scores,
         "history": history,
         "seconds": seconds,
@@ -400,7 +449,12 @@ def report(results: dict) -> list[dict]:
          "(numeral prompts)"),
     )  # fmt: skip
     labels = scores["labels_only"]
-    best = min(KD_ARMS, key=lambda arm: scores[arm]["heldout_bpb"])
+    chosen = results["chosen_alpha"]
+    validation = {  # each KD arm's validation bits per byte (uld / hybrid: at the chosen alpha)
+        arm: results["validation_bpb"][chosen[arm]["candidate"] if arm in chosen else arm]
+        for arm in KD_ARMS
+    }
+    best = min(KD_ARMS, key=validation.__getitem__)
     targets = [
         target(
             "best_kd_vs_labels_only_bits_per_byte",
@@ -430,7 +484,9 @@ def report(results: dict) -> list[dict]:
         }
         for arm in KD_ARMS
     }
-    print(f"\nbest KD arm (held-out bits/byte): {best}")
+    print("\nvalidation bits/byte: " + ", ".join(
+        f"{name} {value:.4f}" for name, value in results["validation_bpb"].items()))  # fmt: skip
+    print(f"best KD arm (validation bits/byte): {best}")
     for entry in targets:
         print(f"{entry['name']}: {entry['value']:.4f} (target {entry['target']}): "
               f"{'met' if entry['met'] else 'MISSED'}")  # fmt: skip
@@ -447,13 +503,24 @@ def main() -> None:
     parser.add_argument("--numeral-documents", type=int, default=48)
     parser.add_argument("--samples", type=int, help="sampling prompts per set (16; tiny 2)")
     parser.add_argument("--sample-tokens", type=int, default=48)
+    parser.add_argument(
+        "--alphas",
+        type=lambda text: tuple(float(value) for value in text.split(",")),
+        help="alpha grid of the uld / hybrid arms, chosen on validation (0.25,0.5,0.75; tiny "
+        "0.25,0.75)",
+    )
+    parser.add_argument("--validation-fraction", type=float, default=0.05)
+    parser.add_argument(
+        "--validation-bytes", type=int, help="validation bytes scored (8192; tiny 1024)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = all cores")
     parser.add_argument("--tiny", action="store_true", help="tiny random models, nothing written")
     args = parser.parse_args()
     for key, full, tiny in (("steps", 40, 3), ("batch", 4, 2), ("block", 128, 32),
                             ("vocab", 8192, 300), ("bpb_bytes", 16384, 1024),
-                            ("samples", 16, 2)):  # fmt: skip
+                            ("samples", 16, 2), ("alphas", (0.25, 0.5, 0.75), (0.25, 0.75)),
+                            ("validation_bytes", 8192, 1024)):  # fmt: skip
         if getattr(args, key) is None:
             setattr(args, key, tiny if args.tiny else full)
     if args.threads:
