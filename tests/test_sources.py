@@ -11,7 +11,7 @@ import distill
 from distill.config import load_config
 from distill.data import Examples
 from distill.data.examples import encode_examples, split_rows
-from distill.data.sources import WeightedBatches, WeightedExampleBatches
+from distill.data.sources import WeightedBatches, WeightedExampleBatches, passes_per_source
 from distill.errors import ConfigError
 from distill.pipelines.training_data import prepare_data, prepare_sources
 
@@ -41,6 +41,22 @@ def test_weights_are_honoured_over_a_long_draw():
     small = rows[batches.source_of(rows) == 2]
     counts = torch.bincount(small - 25, minlength=3)
     assert counts.max() - counts.min() <= 1
+
+
+def test_passes_per_source_match_a_long_weighted_draw():
+    """The plan's passes per source against the rows a long draw really repeats: a small source
+    of large weight passes over its rows far more often than the total count suggests."""
+    parts, weights = _parts(), [6.0, 3.0, 1.0]
+    batches = WeightedBatches(parts, weights, batch_size=4, seed=5)
+    rows = torch.cat([batches.next_batch()[:, 0] for _ in range(2000)])  # 8,000 rows
+    drawn = torch.bincount(batches.source_of(rows), minlength=3).double()
+    sizes = [part.shape[0] for part in parts]
+    expected = passes_per_source(rows.numel(), sizes, weights)
+    for count, size, passes in zip(drawn.tolist(), sizes, expected, strict=True):
+        # a share within TOLERANCE of its weight is within rows * TOLERANCE / size passes
+        assert abs(count / size - passes) <= rows.numel() * TOLERANCE / size
+    # the 5-row source of weight 6 is repeated ~960 times, not the ~286 of 8,000 / 28 rows
+    assert expected[0] > 3 * rows.numel() / sum(sizes)
 
 
 def test_position_restores_exactly():
@@ -96,6 +112,14 @@ def test_run_trains_from_weighted_sources(tmp_path, tiny_run_config):
     report = distill.distill(config).report
     assert report["models"]["student_after"]["kl_to_teacher"] > 0
     assert report["training"]["steps"] == 3
+    # drawn 2 : 1, the passes over each source's rows follow its weight over its size, and the
+    # plan's passes (its memorisation warning) are the most repeated source's
+    plan = report["plan"]
+    first_blocks, second_blocks = plan["train_blocks_per_source"]
+    assert first_blocks + second_blocks == plan["train_blocks"]
+    first_passes, second_passes = plan["epochs_per_source"]
+    assert first_passes / second_passes == pytest.approx(2 * second_blocks / first_blocks)
+    assert plan["epochs"] == max(first_passes, second_passes)
 
 
 # --- sources of several formats --------------------------------------------------------------

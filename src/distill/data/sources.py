@@ -13,7 +13,20 @@ from distill.data.blocks import BlockBatches, batch_order
 from distill.data.examples import Batch, Examples
 from distill.errors import DataError
 
-__all__ = ["WeightedBatches", "WeightedExampleBatches"]
+__all__ = ["WeightedBatches", "WeightedExampleBatches", "passes_per_source"]
+
+
+def passes_per_source(rows_drawn: int, source_rows: list[int], weights: list[float]) -> list[float]:
+    """Expected passes over each source's training rows when ``rows_drawn`` rows are drawn by
+    ``weights`` (as :class:`WeightedBatches` draws them): a small source of large weight is
+    repeated far more often than the total row count suggests."""
+    if len(source_rows) != len(weights) or not weights:
+        raise DataError("data.sources: one weight per source, at least one source")
+    total = sum(weights)
+    return [
+        rows_drawn * weight / total / max(rows, 1)
+        for rows, weight in zip(source_rows, weights, strict=True)
+    ]
 
 
 class WeightedBatches(BlockBatches):

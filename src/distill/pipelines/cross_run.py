@@ -127,7 +127,13 @@ def run_cross_tokenizer(
     def on_warmup(warmup: dict[str, float]) -> None:
         if context.is_main:
             n_rows = _n_rows(train_data)
-            plan.update(_print_plan(config, models, warmup, n_rows, device, context.world_size))
+            parts = [part.shape[0] for part in train_data] if isinstance(train_data, list) else None
+            plan.update(
+                _print_plan(
+                    config, models, warmup, n_rows, device, context.world_size,
+                    source_rows=parts,
+                )
+            )  # fmt: skip
 
     task = CrossTokenizerTask(
         models.student,

@@ -37,7 +37,7 @@ from distill.data import (
     read_documents,
 )
 from distill.data.extra import extra_blocks, extra_sources, spread
-from distill.data.sources import WeightedBatches, WeightedExampleBatches
+from distill.data.sources import WeightedBatches, WeightedExampleBatches, passes_per_source
 from distill.errors import ConfigError
 from distill.evaluate import heldout_metrics
 from distill.evaluate.bits_per_byte import (
@@ -90,7 +90,10 @@ def _print_plan(
     world_size: int = 1,
     teachers: TeacherSet | None = None,
     round_trips: dict[str, float] | None = None,
+    source_rows: list[int] | None = None,
 ) -> dict:
+    """Print the run's plan (what it will cost and repeat) and return it for the report.
+    ``source_rows``: each of ``data.sources``' training rows, whose passes are counted by weight."""
     train_cfg = config.train
     tokens_per_step = train_cfg.batch_size * config.data.block_size * train_cfg.grad_accum
     step_seconds = warmup["micro_batch_seconds"] * train_cfg.grad_accum
@@ -103,9 +106,15 @@ def _print_plan(
         teacher_params = read_manifest(config.teacher.cache)["teacher"]["params"]
     else:
         teacher_params = None  # served: the server does not say
-    epochs = (train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum * world_size) / max(
-        n_train_blocks, 1
-    )
+    rows_drawn = train_cfg.steps * train_cfg.batch_size * train_cfg.grad_accum * world_size
+    epochs, per_source = rows_drawn / max(n_train_blocks, 1), None
+    repeated = f"its {n_train_blocks} training blocks"
+    if source_rows and config.data.sources:  # the most repeated source decides memorisation
+        weights = [source.weight for source in config.data.sources]
+        per_source = passes_per_source(rows_drawn, source_rows, weights)
+        most = max(range(len(per_source)), key=per_source.__getitem__)
+        epochs = per_source[most]
+        repeated = f"the {source_rows[most]} training blocks of data.sources[{most}]"
     plan = {
         "device": str(device),
         "teacher_params": teacher_params,
@@ -113,6 +122,8 @@ def _print_plan(
         "tokens_per_step": tokens_per_step,
         "train_blocks": n_train_blocks,
         "epochs": epochs,
+        "epochs_per_source": per_source,
+        "train_blocks_per_source": source_rows if per_source else None,
         "student_layers": models.layers,
         "step_seconds_measured": step_seconds,
         "estimated_peak_rss_bytes": warmup["peak_rss_bytes"] + optimizer_bytes,
@@ -148,11 +159,16 @@ def _print_plan(
         + (f" (budget {train_cfg.max_seconds:.0f} s each)" if train_cfg.max_seconds else "")
         + f": ~{plan['estimated_train_seconds'] / 60:.1f} min"
         " of training, plus evaluation",
-        f"  {epochs:.1f} passes over the training blocks",
+        f"  {epochs:.1f} passes over the training blocks"
+        + (
+            f" of the most repeated source (per source: {', '.join(f'{p:.1f}' for p in per_source)})"
+            if per_source
+            else ""
+        ),
     ]
     if epochs > MANY_EPOCHS:
         plan["memorisation_warning"] = (
-            f"this run passes over its {n_train_blocks} training blocks {epochs:.1f} times "
+            f"this run passes over {repeated} {epochs:.1f} times "
             f"(more than {MANY_EPOCHS:.0f}): the student may fit the data rather than the "
             "teacher (memorise the corpus); more data or fewer steps keep it on the teacher"
         )
@@ -410,6 +426,7 @@ def distill(
                     context.world_size,
                     teacher_set,
                     round_trips,
+                    [len(part) for part in source_parts] if source_parts is not None else None,
                 )
             )
 
