@@ -6,6 +6,7 @@ Every figure comes from the ``report.json`` of a ``distill run`` started here as
 
     python benchmarks/fidelity.py default   # plain `distill run`, timed: targets default_*
     python benchmarks/fidelity.py hour      # configs/hour.yaml (about an hour): hour_top1
+    python benchmarks/fidelity.py hour --arms mix_answers   # arms at the hour budget, an hour each
     python benchmarks/fidelity.py compare [--arms default,jsd] [--jobs 1]
     python benchmarks/fidelity.py shape     # batch-1 decoding: depth vs width-pruned students
     python benchmarks/fidelity.py table     # the comparison as a Markdown table
@@ -151,6 +152,9 @@ def run_default(args: argparse.Namespace) -> None:
 
 def run_hour(args: argparse.Namespace) -> None:
     config = ROOT / "configs" / "hour.yaml"
+    if args.arms:
+        run_hour_arms(args, config)
+        return
     report, seconds = distill_run("hour", [], RUNS / "hour.log", config)
     row = fidelity_row(report, seconds)
     row["minutes"] = seconds / 60
@@ -187,8 +191,10 @@ def teacher_answers() -> Path:
     return TEACHER_ANSWERS
 
 
-def run_compare(args: argparse.Namespace) -> None:
-    names = args.arms.split(",") if args.arms else list(ARMS)
+def arm_overrides(given: str) -> dict[str, list[str]]:
+    """The overrides of the arms named in ``given`` (comma-separated; empty: every arm), with
+    what they need made ready: the teacher's answers for a mix, the MLP width of equal speed."""
+    names = given.split(",") if given else list(ARMS)
     unknown = [name for name in names if name not in ARMS]
     if unknown:
         sys.exit(f"fidelity.py: unknown arm(s) {unknown}; expected some of {list(ARMS)}")
@@ -197,6 +203,29 @@ def run_compare(args: argparse.Namespace) -> None:
     arms = {name: list(ARMS[name]) for name in names}
     if "width_equal_speed" in arms:  # its MLP width comes from the `shape` results
         arms["width_equal_speed"].append(f"student.ffn={equal_speed_ffn()}")
+    return arms
+
+
+def run_hour_arms(args: argparse.Namespace, config: Path) -> None:
+    """Arms of ``ARMS`` at the one-hour budget: configs/hour.yaml with each arm's overrides, on
+    the default's searched layers, one after another; section ``hour_compare`` (no target)."""
+    arms = arm_overrides(args.arms)
+    common = [f"student.layers={searched_layers(args.layers)}"]
+    path = RESULTS / "fidelity.json"
+    existing = json.loads(path.read_text()).get("hour_compare", {}) if path.is_file() else {}
+    rows = dict(existing.get("rows", {}))
+    for name, overrides in arms.items():
+        report, seconds = distill_run(
+            f"hour-{name}", [*common, *overrides], RUNS / f"hour-{name}.log", config
+        )
+        rows[name] = {"overrides": overrides, **fidelity_row(report, seconds)}
+        payload = {"config": "configs/hour.yaml", "common_overrides": common, "rows": rows}
+        merge_results("fidelity", "hour_compare", payload, [])
+    print_rows(rows)
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    arms = arm_overrides(args.arms)
     layers = searched_layers(args.layers)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     common = [
@@ -336,7 +365,7 @@ def markdown_table(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["default", "hour", "compare", "shape", "table"])
-    parser.add_argument("--arms", default="", help="compare: comma-separated arm names")
+    parser.add_argument("--arms", default="", help="compare, hour: comma-separated arm names")
     parser.add_argument("--layers", default="", help="compare: teacher layers, e.g. 0,1,2,29")
     parser.add_argument("--jobs", type=int, default=1, help="compare: arms run at once")
     parser.add_argument("--runs", type=int, default=5, help="shape: timed decodes per student")
