@@ -7,7 +7,7 @@ Every figure comes from the ``report.json`` of a ``distill run`` started here as
     python benchmarks/fidelity.py default   # plain `distill run`, timed: targets default_*
     python benchmarks/fidelity.py hour      # configs/hour.yaml (about an hour): hour_top1
     python benchmarks/fidelity.py hour --arms mix_answers   # arms at the hour budget, an hour each
-    python benchmarks/fidelity.py compare [--arms default,jsd] [--jobs 1]
+    python benchmarks/fidelity.py compare [--arms default,jsd] [--jobs 1] [--seed 0]
     python benchmarks/fidelity.py shape     # batch-1 decoding: depth vs width-pruned students
     python benchmarks/fidelity.py table     # the comparison as a Markdown table
 
@@ -226,6 +226,8 @@ def run_hour_arms(args: argparse.Namespace, config: Path) -> None:
 
 def run_compare(args: argparse.Namespace) -> None:
     arms = arm_overrides(args.arms)
+    if args.seed:  # another data order: rows named NAME_seedN beside the seed-0 ones
+        arms = {f"{name}_seed{args.seed}": [*o, f"seed={args.seed}"] for name, o in arms.items()}
     layers = searched_layers(args.layers)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     common = [
@@ -368,6 +370,7 @@ def main() -> None:
     parser.add_argument("--arms", default="", help="compare, hour: comma-separated arm names")
     parser.add_argument("--layers", default="", help="compare: teacher layers, e.g. 0,1,2,29")
     parser.add_argument("--jobs", type=int, default=1, help="compare: arms run at once")
+    parser.add_argument("--seed", type=int, default=0, help="compare: the runs' seed (data order)")
     parser.add_argument("--runs", type=int, default=5, help="shape: timed decodes per student")
     parser.add_argument(
         "--threads", type=int, default=0, help="compare: threads per arm (0 = cores / jobs)"
