@@ -164,13 +164,18 @@ def run_hour(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def saved_section(name: str) -> dict:
+    """Section ``name`` of the committed ``results/fidelity.json`` ({} when it has none)."""
+    path = RESULTS / "fidelity.json"
+    return json.loads(path.read_text()).get(name, {}) if path.is_file() else {}
+
+
 def searched_layers(given: str) -> list[int]:
     """The teacher layers the default run's search kept (``--layers``, else from the
     ``default`` section: run ``fidelity.py default`` first)."""
     if given:
         return [int(layer) for layer in given.split(",")]
-    path = RESULTS / "fidelity.json"
-    section = json.loads(path.read_text()).get("default", {}) if path.is_file() else {}
+    section = saved_section("default")
     layers = section.get("row", {}).get("student_layers")
     if not layers:
         sys.exit("fidelity.py compare: run `fidelity.py default` first (it finds the layers)")
@@ -211,8 +216,7 @@ def run_hour_arms(args: argparse.Namespace, config: Path) -> None:
     the default's searched layers, one after another; section ``hour_compare`` (no target)."""
     arms = arm_overrides(args.arms)
     common = [f"student.layers={searched_layers(args.layers)}"]
-    path = RESULTS / "fidelity.json"
-    existing = json.loads(path.read_text()).get("hour_compare", {}) if path.is_file() else {}
+    existing = saved_section("hour_compare")
     rows = dict(existing.get("rows", {}))
     for name, overrides in arms.items():
         report, seconds = distill_run(
@@ -236,8 +240,7 @@ def run_compare(args: argparse.Namespace) -> None:
         f"student.layers={layers}",
         f"train.threads={threads}",
     ]
-    path = RESULTS / "fidelity.json"
-    existing = json.loads(path.read_text()).get("compare", {}) if path.is_file() else {}
+    existing = saved_section("compare")
     rows = dict(existing.get("rows", {}))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {
@@ -315,8 +318,7 @@ def run_shape(args: argparse.Namespace) -> None:
 
 def equal_speed_ffn() -> int:
     """The MLP width of the ``width_equal_speed`` arm (``fidelity.py shape`` finds it)."""
-    path = RESULTS / "fidelity.json"
-    section = json.loads(path.read_text()).get("shape", {}) if path.is_file() else {}
+    section = saved_section("shape")
     if not section.get("equal_speed_ffn"):
         sys.exit("fidelity.py compare width_equal_speed: run `fidelity.py shape` first")
     return int(section["equal_speed_ffn"])
