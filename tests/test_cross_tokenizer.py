@@ -15,7 +15,7 @@ from references import (
     reference_uld,
 )
 from test_checkpoint import distill_cli, steps_logged, student_weights, torchrun
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 import distill
@@ -120,21 +120,36 @@ def teacher_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-@pytest.fixture(scope="module")
-def student_tokenizer() -> PreTrainedTokenizerFast:
-    """~300 tokens of other text, another chat format (EOS = </s>, a BOS it does not add)."""
+def _student_tokenizer(adds_bos: bool) -> PreTrainedTokenizerFast:
+    """~300 tokens of other text, another chat format (EOS = </s>); its BOS <s>, which the
+    teacher lacks, starts every encoded text and chat rendering when ``adds_bos``."""
     specials = ["</s>", "<s>", "<|system|>", "<|user|>", "<|assistant|>"]
     backend = _tokenizer(STUDENT_LINES, 300, specials)
+    if adds_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", backend.token_to_id("<s>"))]
+        )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="</s>", bos_token="<s>", pad_token="</s>"
     )
-    tokenizer.chat_template = TAGGED_TEMPLATE
+    tokenizer.chat_template = ("{{ bos_token }}" if adds_bos else "") + TAGGED_TEMPLATE
     return tokenizer
+
+
+@pytest.fixture(scope="module")
+def student_tokenizer() -> PreTrainedTokenizerFast:
+    return _student_tokenizer(adds_bos=False)
 
 
 @pytest.fixture(scope="module")
 def pair(teacher_tokenizer, student_tokenizer) -> TokenizerPair:
     return TokenizerPair(teacher_tokenizer, student_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def bos_pair(teacher_tokenizer) -> TokenizerPair:
+    """The teacher with a student that adds a BOS the teacher has no partner for."""
+    return TokenizerPair(teacher_tokenizer, _student_tokenizer(adds_bos=True))
 
 
 def _spans(vocab: ByteVocab, ids: list[int]) -> list[tuple[int, int]]:
@@ -223,6 +238,50 @@ def test_a_bos_on_one_side_joins_the_first_group(pair):
     )
 
 
+def test_a_bos_the_teacher_lacks_joins_the_group_it_starts_in_a_block(bos_pair, monkeypatch):
+    """Through :meth:`TokenizerPair.align_block`: a student BOS with no teacher partner is width
+    zero and joins the group that starts where it sits (the row's first; after an EOS, the next
+    document's first, scored there), and every byte is in exactly one group on both sides."""
+    student, bos = bos_pair.student, bos_pair.student.bos_token_id
+    assert bos_pair.partner(bos) is None
+    found = []  # what align_block groups, before only the scored groups are kept
+
+    def grouped(*sides):
+        found.append(align_spans(*sides))
+        return found[-1]
+
+    monkeypatch.setattr("distill.data.cross_tokenizer.align_spans", grouped)
+    text = TEXTS[1]
+    ids = student(text)["input_ids"]
+    assert ids[0] == bos and bos not in ids[1:]
+    row = bos_pair.align_block(ids)
+    student_groups, teacher_groups, groups = found[-1]
+    assert student_groups[0] == student_groups[1] == 0 == teacher_groups[0]
+    _assert_tiles(
+        text.encode(),
+        [
+            (bos_pair.student_vocab, ids, student_groups),
+            (bos_pair.teacher_vocab, row.teacher_ids, teacher_groups),
+        ],
+        groups,
+    )
+    second = len(ids) + 1  # the next document's BOS, after the EOS
+    block = [*ids, student.eos_token_id, *student(TEXTS[0])["input_ids"]]
+    row = bos_pair.align_block(block)
+    student_groups, teacher_groups, _ = found[-1]
+    assert min(student_groups + teacher_groups) == 0  # every token in a group
+    assert student_groups[second] == student_groups[second + 1]
+    assert bos_pair.teacher_vocab.text_bytes(row.teacher_ids) == (text + TEXTS[0]).encode()
+    number = row.student_groups[second]
+    assert number >= 0 and row.student_groups[second + 1] == number
+    s_tokens = [t for t, g in zip(block, row.student_groups, strict=True) if g == number]
+    t_tokens = [t for t, g in zip(row.teacher_ids, row.teacher_groups, strict=True) if g == number]
+    assert s_tokens[0] == bos and not any(map(bos_pair.teacher_vocab.is_special, t_tokens))
+    assert bos_pair.student_vocab.text_bytes(s_tokens) == bos_pair.teacher_vocab.text_bytes(
+        t_tokens
+    )
+
+
 def test_packed_blocks_align_on_bytes_with_documents_ends(pair):
     """Blocks cut anywhere (inside a character too): every scored group spells the same bytes
     on both sides, the EOS between documents pairs with the teacher's EOS, and a group is
@@ -269,12 +328,16 @@ def test_identical_tokenizers_give_one_token_groups(teacher_tokenizer):
     assert teacher_ids == student_ids == list(range(len(teacher_tokenizer)))
 
 
-def test_chat_rows_align_the_assistant_content_across_templates(pair):
+@pytest.mark.parametrize("pair_name", ["pair", "bos_pair"])
+def test_chat_rows_align_the_assistant_content_across_templates(pair_name, request):
     """Each side renders the conversation in its own template; the scored groups are the
-    assistant's content bytes and its end of turn (<|im_end|> with </s>), nothing else."""
+    assistant's content bytes and its end of turn (<|im_end|> with </s>), nothing else (not
+    the BOS that only the student's template starts with, in ``bos_pair``)."""
+    pair = request.getfixturevalue(pair_name)
     examples = encode_cross_examples(CHAT_ROWS, "chat", pair, 128, "chat.jsonl")
     for row in range(len(examples)):
         s_ids = examples.student.input_ids[row].tolist()
+        assert (s_ids[0] == pair.student.bos_token_id) == (pair_name == "bos_pair")
         t_ids = examples.teacher_ids[row].tolist()
         s_groups = examples.student_groups[row].tolist()
         t_groups = examples.teacher_groups[row].tolist()
@@ -287,6 +350,8 @@ def test_chat_rows_align_the_assistant_content_across_templates(pair):
                 assert t_tokens == [pair.teacher.eos_token_id]
                 ends += 1
                 continue
+            assert not any(map(pair.student_vocab.is_special, s_tokens))
+            assert not any(map(pair.teacher_vocab.is_special, t_tokens))
             assert pair.student_vocab.text_bytes(s_tokens) == pair.teacher_vocab.text_bytes(
                 t_tokens
             )
@@ -602,6 +667,28 @@ def test_cross_tokenizer_run_writes_a_student_with_its_own_tokenizer(tmp_path, m
         assert report["models"][name]["bits_per_byte"] > 0
     assert "another vocabulary" in report["models"]["student_after"]["token_metrics_absent"]
     assert "its own vocabulary" in report["verdict"]
+
+
+def test_a_student_of_the_teachers_vocabulary_gets_token_level_metrics(
+    tmp_path, model_dirs, teacher_tokenizer
+):
+    """A cross-tokenizer run whose student kept the teacher's vocabulary: its report has KL and
+    agreement (rows of one vocabulary), beside bits per byte (docs/cross-tokenizer.md)."""
+    student = make_llama(len(teacher_tokenizer), layers=1, seed=3)
+    student_dir = save_model(student, teacher_tokenizer, tmp_path / "student")
+    config = _config(tmp_path, (model_dirs[0], student_dir), cross_tokenizer="uld")
+    result = distill.distill(config)
+    records = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert all(json.loads(line)["divergence"] > 0 for line in records)  # the ULD loss ran
+    models = result.report["models"]
+    assert models["student_after"]["teacher_sample_bpb"] > 0  # the cross-tokenizer evaluation
+    for name in ("student_before", "student_after", "student_labels_only"):
+        assert "token_metrics_absent" not in models[name], name
+        assert models[name]["kl_to_teacher"] > 0 and 0 <= models[name]["top1_agreement"] <= 1
+        assert models[name]["bits_per_byte"] > 0
+    markdown = (result.run_dir / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| model |"))
+    assert "KL(" in header and "top-1 agreement" in header and "n/a for" not in markdown
 
 
 def test_different_tokenizers_need_a_cross_tokenizer_loss(tmp_path, model_dirs):
