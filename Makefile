@@ -69,11 +69,12 @@ format: dev
 
 # make bench: every benchmark with the settings of its committed results JSON (hours on 2 cores).
 # The trained student that quantize.py and student_speed.py measure is the default run's, made
-# here first; the peers (Liger-Kernel, TRL) and the extras come from the bench/examples/compress
-# extras, and a script whose peer is missing fails instead of dropping its targets.
+# here first; the peers (Liger-Kernel, TRL, torchao) and the extras come from the bench/examples
+# extras, and a script whose peer is missing fails instead of dropping its targets. fidelity.json's
+# `compare` section holds both compare commands' rows; its argv records the second.
 BENCH_RUN := runs/bench-default
 $(VENV)/.bench-installed: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[bench,examples,compress]"
+	$(PY) -m pip install -q -e ".[bench,examples]"
 	touch $@
 
 $(BENCH_RUN)/student/config.json: $(VENV)/.bench-installed
@@ -85,11 +86,12 @@ bench: $(VENV)/.bench-installed $(BENCH_RUN)/student/config.json  ## every bench
 	$(PY) benchmarks/served_teacher.py --arm served
 	$(PY) benchmarks/served_teacher.py --arm multi
 	$(PY) benchmarks/quantize.py --student $(BENCH_RUN)/student
-	$(PY) benchmarks/student_speed.py --student $(BENCH_RUN)/student
+	$(PY) benchmarks/student_speed.py --student $(BENCH_RUN)/student --threads 1
 	$(PY) benchmarks/peer_trl.py
 	$(PY) benchmarks/fidelity.py default
 	$(PY) benchmarks/fidelity.py shape
 	$(PY) benchmarks/fidelity.py compare
+	$(PY) benchmarks/fidelity.py compare --arms default,intermediate --seed 1
 	$(PY) benchmarks/fidelity.py hour
 	$(PY) benchmarks/table.py
 

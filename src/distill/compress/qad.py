@@ -1,12 +1,13 @@
 """Quantization-aware distillation (QAD): the student trains with fake-quantized weights against
-the float teacher, then is quantized for real on exactly the grid it trained on.
+the float teacher, then is quantized for real on the grid recomputed from its final weights.
 
 Every quantized weight gets a :class:`~distill.compress.quantize.FakeQuantize` parametrization:
 the forward sees the int8-row or int4-group grid (scales recomputed from the current weight each
 step), the backward passes the gradient straight through to the float weight inside the grid's
 range (zero outside). Training is the ordinary distillation of :func:`distill.compress.heal.heal`
 (the one loop, a ``CausalLMTask``, checkpoints and exact resume). :func:`detach_fake_quantize`
-then leaves the float weights, whose real quantization gives the grid the last step used.
+then leaves the float weights after the last update; their real quantization is the grid the
+fake quantization gives those weights (the last step's forward saw the grid before the update).
 """
 
 from __future__ import annotations

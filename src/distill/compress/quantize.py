@@ -27,8 +27,10 @@ Runtime modules (``install_quantized_linears``):
   weights, through PyTorch's own CPU kernels ``torch._weight_int8pack_mm`` and
   ``torch._weight_int4pack_mm_for_cpu`` (float32 inputs), or de-quantize + matmul where those
   do not run. torchao 0.18's ``Int8WeightOnlyConfig`` and ``IntxWeightOnlyConfig`` do run on
-  CPU in float32 but were 10-25x slower than the float layer at batch 1 here, and its
-  ``Int4WeightOnlyConfig`` needs the ``mslk`` package, so neither is used at runtime.
+  CPU in float32 but were slower than the float layer at batch 1 here, and its
+  ``Int4WeightOnlyConfig`` needs the ``mslk`` package, so none is used at runtime; the
+  comparison is measured by ``benchmarks/weight_only_kernels.py``
+  (``benchmarks/results/weight_only_kernels.json``).
 """
 
 from __future__ import annotations
