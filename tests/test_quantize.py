@@ -53,31 +53,39 @@ from distill.teacher import LiveTeacher
 
 
 def _reference_groups(w: torch.Tensor, g: int):
-    """float64 int4 groups: float16-rounded scale and minimum, codes in [0, 15]."""
+    """float64 int4 groups: the range widened to hold 0, a float16 scale, the minimum a whole
+    number of steps below 0 (float16), codes in [0, 15]."""
     groups = w.double().reshape(w.shape[0], -1, g)
-    low, high = groups.amin(-1), groups.amax(-1)
+    low, high = groups.amin(-1).clamp(max=0), groups.amax(-1).clamp(min=0)
     scale = ((high - low) / 15).half().double()
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    low16 = low.half().double()
+    zero_code = torch.clamp(torch.round(-low / scale), 0, 15)
+    low16 = (-zero_code * scale).half().double()
     codes = torch.clamp(torch.round((groups - low16[..., None]) / scale[..., None]), 0, 15)
-    return codes.reshape(w.shape), scale, low16, low
+    return codes.reshape(w.shape), scale, low16, zero_code
 
 
 @pytest.mark.parametrize("shape, g", [((7, 96), 32), ((5, 192), 64), ((3, 256), 128)])
 def test_int4_groups_match_float64_reference(shape, g):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 0.05
-    w[1, :g] = 0.01  # a constant group stays exact
+    w[1, :g] = 0.01  # a constant group: 0 joins its range
+    w[2, g : 2 * g] += 0.2  # a group far from 0 on one side
+    w[0, ::5] = 0.0  # exact zeros in every group
     q, scale, low = quantize_groups(w, g)
-    ref_q, ref_scale, ref_low, true_low = _reference_groups(w, g)
+    ref_q, ref_scale, ref_low, zero_code = _reference_groups(w, g)
     assert q.dtype == torch.uint8 and int(q.max()) <= 15
     assert (q.double() - ref_q).abs().max() <= 1  # float32 rounding at exact .5 ties
     assert torch.equal(scale.double(), ref_scale) and torch.equal(low.double(), ref_low)
-    error = (dequantize_groups(q, scale, low, g).double() - w.double()).reshape(shape[0], -1, g)
-    bound = ref_scale / 2 + (ref_low - true_low).abs()  # half a step, plus the float16 minimum
-    assert torch.all(error.abs().amax(-1) <= bound * (1 + 1e-5) + 1e-7)
-    assert torch.equal(
-        dequantize_groups(q, scale, low, g)[1, :g], torch.full((g,), 0.01).half().float()
-    )
+    restored = dequantize_groups(q, scale, low, g).double()
+    # 0 is a grid point up to the float16 rounding of the minimum (2^-11 of it, relative)
+    zero_error = (ref_low + zero_code * ref_scale).abs()  # [out, in/g]
+    assert torch.all(zero_error <= ref_low.abs() * 2**-11 + 1e-12)
+    zeros = restored[0, ::5].reshape(-1)
+    assert torch.all(zeros.abs() <= zero_error[0].repeat_interleave(g)[::5] + 1e-12)
+    # half a step everywhere; the minimum's rounding moves the grid, and the float16 scale
+    # can leave the top of the range up to 15 x its rounding (2^-11) above the grid
+    error = (restored - w.double()).reshape(shape[0], -1, g).abs().amax(-1)
+    assert torch.all(error <= ref_scale * (0.5 + 15 * 2**-11) + zero_error + 1e-7)
     assert torch.equal(unpack_int4(pack_int4(q)), q)
     assert pack_int4(q).shape == (shape[0], shape[1] // 2)
 
@@ -178,12 +186,14 @@ def test_straight_through_gradient_is_float_inside_and_zero_when_clipped():
     step = (groups.amax(-1) - low) / 15 * 0.6
     leaf = w.clone().requires_grad_(True)
     (fake_quantize_groups(leaf, g, step, low) * upstream).sum().backward()
-    high = (low + 15 * step).repeat_interleave(g, dim=1)
-    inside = (w >= low.repeat_interleave(g, dim=1)) & (w <= high)
+    # rounded (within half a step of the grid's ends) or clipped (beyond)
+    bottom = (low - step / 2).repeat_interleave(g, dim=1)
+    top = (low + 15.5 * step).repeat_interleave(g, dim=1)
+    inside = (w >= bottom) & (w <= top)
     assert (~inside).any() and inside.any()
     assert torch.equal(leaf.grad[inside], upstream[inside])
     assert torch.all(leaf.grad[~inside] == 0)
-    # with its own scales only a group's extremes can fall outside (the float16-rounded range)
+    # with its own scales only a group's ends can fall outside (by float16 rounding)
     leaf = w.clone().requires_grad_(True)
     (fake_quantize_groups(leaf, g) * upstream).sum().backward()
     changed = (leaf.grad != upstream).reshape(4, -1, g).sum(-1)

@@ -112,12 +112,20 @@ def _check_groups(weight: torch.Tensor, group_size: int) -> None:
 
 
 def _group_params(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float16-rounded ``(scale, minimum)`` ``[out, in/g]`` of float ``w`` ``[out, in]``."""
+    """float16-rounded ``(scale, minimum)`` ``[out, in/g]`` of float ``w`` ``[out, in]``.
+
+    The grid spans the group's range widened to hold 0, and its minimum is a whole number of
+    steps below 0, so 0 is a grid point (up to the float16 rounding of the minimum). A
+    min-to-max grid moves zero weights by up to half a step, which a trained student does not
+    survive at group 32 (``benchmarks/gguf_round_trip.py`` measures both grids).
+    """
     groups = w.reshape(w.shape[0], -1, group_size)  # (out, in/g, g)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    low = groups.amin(dim=-1).clamp(max=0.0)
+    high = groups.amax(dim=-1).clamp(min=0.0)
     scale = ((high - low) / 15.0).half().float()
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # constant groups: q = 0
-    return scale, low.half().float()
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # all-zero groups: q = 0
+    zero_code = torch.clamp(torch.round(-low / scale), 0, 15)  # the code that stands for 0
+    return scale, (-zero_code * scale).half().float()
 
 
 def _group_codes(
@@ -196,8 +204,9 @@ def fake_quantize_groups(
     if scale is None or low is None:
         scale, low = _group_params(weight.detach().float(), group_size)
     shape = weight.shape
-    lo = low.repeat_interleave(group_size, dim=1)  # (out, in)
-    hi = (low + 15.0 * scale).repeat_interleave(group_size, dim=1)
+    # a weight within half a step of the grid's ends is rounded, not clipped: its gradient passes
+    lo = (low - 0.5 * scale).repeat_interleave(group_size, dim=1)  # (out, in)
+    hi = (low + 15.5 * scale).repeat_interleave(group_size, dim=1)
 
     def grid(w: torch.Tensor) -> torch.Tensor:
         codes = _group_codes(w, scale, low, group_size)

@@ -1,5 +1,5 @@
 """Export: Hugging Face directories (always) and GGUF files (F16, Q8_0) for llama.cpp."""
 
-from distill.export.gguf import GGUF_TYPES, TOLERANCES, export_gguf, verify_gguf
+from distill.export.gguf import FILE_TOLERANCE, GGUF_TYPES, export_gguf, verify_gguf
 
-__all__ = ["GGUF_TYPES", "TOLERANCES", "export_gguf", "verify_gguf"]
+__all__ = ["GGUF_TYPES", "FILE_TOLERANCE", "export_gguf", "verify_gguf"]

@@ -29,7 +29,7 @@ def export_model(
 ) -> dict[str, dict]:
     """Write ``out_dir/hf/`` and ``out_dir/<name>-<type>.gguf`` per type; verify each GGUF.
 
-    Returns ``{artifact: {"path", "bytes", "relative_logit_error"?}}``.
+    Returns ``{artifact: {"path", "bytes", "relative_logit_error"?, "file_logit_error"?}}``.
     """
     source = Path(model_path)
     manifest = read_manifest(source) if source.is_dir() else None
@@ -53,11 +53,13 @@ def export_model(
     probe = torch.tensor([tokenizer("def f(x): return x", add_special_tokens=False)["input_ids"]])
     for kind in gguf_types:
         path = export_gguf(model, tokenizer, out / f"{base}-{kind}.gguf", kind, name=base)
-        error = verify_gguf(model, path, probe, kind)
-        log.info("%s: relative logit error after the round trip %.2e", path, error)
-        artifacts[kind] = {
-            "path": str(path),
-            "bytes": path.stat().st_size,
-            "relative_logit_error": error,
-        }
+        errors = verify_gguf(model, path, probe, kind)
+        log.info(
+            "%s: relative logit error %.2e against the model (the quantization), %.2e against "
+            "its weights on the file's grid (the file)",
+            path,
+            errors["relative_logit_error"],
+            errors["file_logit_error"],
+        )
+        artifacts[kind] = {"path": str(path), "bytes": path.stat().st_size, **errors}
     return artifacts
