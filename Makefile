@@ -87,6 +87,8 @@ bench: $(VENV)/.bench-installed $(BENCH_RUN)/student/config.json  ## every bench
 	$(PY) benchmarks/served_teacher.py --arm multi
 	$(PY) benchmarks/quantize.py --student $(BENCH_RUN)/student
 	$(PY) benchmarks/student_speed.py --student $(BENCH_RUN)/student --threads 1
+	$(PY) benchmarks/gguf_round_trip.py --student $(BENCH_RUN)/student
+	$(PY) benchmarks/weight_only_kernels.py
 	$(PY) benchmarks/peer_trl.py
 	$(PY) benchmarks/fidelity.py default
 	$(PY) benchmarks/fidelity.py shape

@@ -106,7 +106,19 @@ def distill_run(
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"distill run {name} failed (exit {done.returncode}); see {log}")
-    return json.loads((RUNS / name / "report.json").read_text()), seconds
+    report = json.loads((RUNS / name / "report.json").read_text())
+    return {**report, "probes": probe_curve(RUNS / name / "metrics.jsonl")}, seconds
+
+
+def probe_curve(metrics: Path) -> list[dict]:
+    """The run's fidelity probes (every ``eval.every`` steps): step, then KL and top-1 agreement
+    per held-out set, from its metrics log."""
+    curve = []
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if "fidelity" in record:
+            curve.append({"step": record["step"], **record["fidelity"]})
+    return curve
 
 
 def fidelity_row(report: dict, seconds: float) -> dict:
@@ -129,6 +141,7 @@ def fidelity_row(report: dict, seconds: float) -> dict:
         "train_seconds": report["training"]["train_seconds"],
         "wall_seconds": seconds,
         "student_layers": report["plan"].get("student_layers"),
+        "probes": report.get("probes", []),
     }
 
 

@@ -24,6 +24,8 @@ ORDER = [
     "scale",
     "student_speed",
     "quantize",
+    "gguf_round_trip",
+    "weight_only_kernels",
     "encoders",
     "onpolicy",
 ]
