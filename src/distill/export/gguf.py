@@ -9,7 +9,8 @@ minimum per 32), quantized by the ``gguf`` package, except Q4_1: its blocks are 
 from :func:`~distill.compress.quantize.quantize_groups` at group 32, the grid of ``distill
 compress --quantize int4 --group-size 32``, which keeps 0 on the grid (the ``gguf`` package's
 min-to-max Q4_1 does not, and a trained student does not survive that). With the 4-bit types
-the embedding and output head are Q8_0 (``distill compress`` keeps them int8 too). A byte-level BPE tokenizer is written as ``gpt2``.
+the embedding and output head are Q8_0 (``distill compress`` keeps them int8 too). A byte-level
+BPE tokenizer is written as ``gpt2``.
 :func:`verify_gguf` loads the file back through ``transformers``' GGUF loader and compares its
 logits with the model's own weights put on the file's grid in memory (:func:`on_file_grid`), to
 :data:`FILE_TOLERANCE`, and reports how far both are from the original model.
