@@ -60,8 +60,10 @@ def reference_bucket_kl(teacher: torch.Tensor, student: torch.Tensor, k: int, t:
         q = torch.softmax(student[row].double() / t, dim=0)
         p_s, q_s = p[kept], q[kept]
         if tail and k < teacher.shape[1]:
-            p_s = torch.cat([p_s, (1 - p_s.sum()).clamp_min(0)[None]])
-            q_s = torch.cat([q_s, (1 - q_s.sum())[None]])
+            # the tails summed over the other ids: 1 - sum(kept) loses a tiny tail to cancellation
+            rest = torch.ones_like(p, dtype=torch.bool).index_fill(0, kept, False)
+            p_s = torch.cat([p_s, p[rest].sum()[None]])
+            q_s = torch.cat([q_s, q[rest].sum()[None]])
         elif not tail:
             p_s, q_s = p_s / p_s.sum(), q_s / q_s.sum()
         terms = torch.where(p_s > 0, p_s * (torch.log(p_s) - torch.log(q_s)), 0.0)
