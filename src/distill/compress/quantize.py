@@ -26,11 +26,11 @@ Runtime modules (``install_quantized_linears``):
 - ``int8-weight-only`` and ``int4``: :class:`WeightOnlyLinear`, float activations, integer
   weights, through PyTorch's own CPU kernels ``torch._weight_int8pack_mm`` and
   ``torch._weight_int4pack_mm_for_cpu`` (float32 inputs), or de-quantize + matmul where those
-  do not run. torchao 0.18's ``Int8WeightOnlyConfig`` and ``IntxWeightOnlyConfig`` do run on
-  CPU in float32 but were slower than the float layer at batch 1 here, and its
-  ``Int4WeightOnlyConfig`` needs the ``mslk`` package, so none is used at runtime; the
-  comparison is measured by ``benchmarks/weight_only_kernels.py``
-  (``benchmarks/results/weight_only_kernels.json``).
+  do not run. torchao 0.18's ``Int8WeightOnlyConfig`` and ``IntxWeightOnlyConfig`` run on CPU
+  in float32, faster than these layers in the decoder's shapes but slower at the head and,
+  like these, slower than the float layer at batch 1 (``benchmarks/weight_only_kernels.py``);
+  its ``Int4WeightOnlyConfig`` needs the ``mslk`` package. None is used at runtime: the grids
+  here are stored in safetensors and load without torchao.
 """
 
 from __future__ import annotations
