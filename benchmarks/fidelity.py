@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-from common import RESULTS, merge_results, print_table, target
+from common import RESULTS, merge_results, print_table, provenance, target
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "fidelity"
@@ -235,7 +235,9 @@ def run_hour_arms(args: argparse.Namespace, config: Path) -> None:
         report, seconds = distill_run(
             f"hour-{name}", [*common, *overrides], RUNS / f"hour-{name}.log", config
         )
-        rows[name] = {"overrides": overrides, **fidelity_row(report, seconds)}
+        # rows of earlier runs keep their own commit; the section's is the latest run's
+        commit = provenance()["commit"]
+        rows[name] = {"overrides": overrides, "commit": commit, **fidelity_row(report, seconds)}
         payload = {"config": "configs/hour.yaml", "common_overrides": common, "rows": rows}
         merge_results("fidelity", "hour_compare", payload, [])
     print_rows(rows)
