@@ -29,6 +29,7 @@ from distill.compress import (
     save_model,
     torchao_weights,
 )
+from distill.compress import quantize as quantize_module
 from distill.compress.calibrate import _captured_inputs, plan_int8
 from distill.compress.qad import (
     attach_fake_quantize,
@@ -144,6 +145,15 @@ def test_weight_only_linear_without_torchao_uses_the_kernel(monkeypatch):
     assert layer.path == "kernel"
     with pytest.raises(ValueError, match="does not run here"):
         WeightOnlyLinear(*quantize_rows(torch.randn(8, 32)), path="torchao")
+
+
+def test_weight_only_linear_falls_back_when_torchao_builds_no_tensor(monkeypatch):
+    def changed_api(*args, **kwargs):
+        raise TypeError("__init__() got an unexpected keyword argument")
+
+    monkeypatch.setattr(quantize_module, "torchao_weight", changed_api)
+    q, scale, low = quantize_groups(torch.randn(48, 128), 32)  # a shape the int4 kernel takes
+    assert WeightOnlyLinear(q, scale, low=low, group_size=32).path == "kernel"
 
 
 @pytest.mark.parametrize("method", ["int8-weight-only", "int4"])

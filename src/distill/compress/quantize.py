@@ -333,10 +333,13 @@ class WeightOnlyLinear(nn.Module):
     def _try_path(self, path: str) -> bool:
         """Set up ``path``'s weight; keep it only if it runs and agrees."""
         if path == "torchao":
-            if self.bits == 8:
-                weight = torchao_weight(self.weight_int8, self.scale)
-            else:
-                weight = torchao_weight(self.codes, self.scale, self.low, self.group_size)
+            try:  # another torchao version may build its tensors differently: then no torchao
+                if self.bits == 8:
+                    weight = torchao_weight(self.weight_int8, self.scale)
+                else:
+                    weight = torchao_weight(self.codes, self.scale, self.low, self.group_size)
+            except (TypeError, AssertionError, RuntimeError, AttributeError):
+                weight = None
             if weight is None:
                 return False
             self.torchao_weight = weight  # shares the codes' memory; not in the state dict
@@ -360,7 +363,7 @@ class WeightOnlyLinear(nn.Module):
         try:
             probe = torch.linspace(-1, 1, 2 * self.in_features).reshape(2, -1)
             got = self._fast_matmul(probe, path)
-        except (RuntimeError, AttributeError, NotImplementedError, AssertionError):
+        except (RuntimeError, AttributeError, NotImplementedError, AssertionError, TypeError):
             return False
         want = probe @ self.dequantized().T
         return torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-6)
