@@ -136,6 +136,26 @@ def test_weight_only_linear_runs_small_weights_on_torchao_and_large_on_the_kerne
     assert layer(rows).path == "kernel"  # wants whole blocks of output rows
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("path", ["torchao", "kernel"])
+def test_weight_only_linear_computes_with_a_state_dict_loaded_into_it(tmp_path, bits, path):
+    def layer(seed):
+        w = torch.randn(48, 128, generator=torch.Generator().manual_seed(seed))
+        if bits == 8:
+            return WeightOnlyLinear(*quantize_rows(w), path=path)
+        q, scale, low = quantize_groups(w, 32)
+        return WeightOnlyLinear(q, scale, low=low, group_size=32, path=path)
+
+    target, source = layer(0), layer(1)
+    torch.save(source.state_dict(), tmp_path / "layer.pt")
+    target.load_state_dict(torch.load(tmp_path / "layer.pt", weights_only=True))
+    x = torch.randn(3, 128)
+    reference = x.double() @ source.dequantized().double().T
+    # the derived tensors (torchao's zero points, the packed int4 weight) follow the new buffers
+    assert target.path == path
+    assert (target(x).double() - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
 def test_weight_only_linear_without_torchao_uses_the_kernel(monkeypatch):
     monkeypatch.setattr(torchao_weights, "_quantization", False)  # as if not installed
     assert (

@@ -27,10 +27,11 @@ Runtime modules (``install_quantized_linears``):
 - ``int8-weight-only`` and ``int4``: :class:`WeightOnlyLinear`, float activations, integer
   weights. On CPU in float32 a decoder-sized weight runs on torchao's weight-only tensors (the
   ``quantize`` extra; :mod:`distill.compress.torchao_weights`), built from the grids here: torchao
-  de-quantizes the weight on each call and uses the float matmul, about twice as fast at batch 1
-  as PyTorch's packed CPU kernels ``torch._weight_int8pack_mm`` and
-  ``torch._weight_int4pack_mm_for_cpu``, which run a vocabulary-sized head (there they are the
-  faster) and everything when torchao is absent; elsewhere the layer de-quantizes + matmuls.
+  de-quantizes the weight on each call and uses the float matmul, faster at batch 1 than
+  PyTorch's packed CPU kernels ``torch._weight_int8pack_mm`` and
+  ``torch._weight_int4pack_mm_for_cpu`` in the decoder's shapes (2x int8, 1.4x int4); those run
+  a vocabulary-sized head (there they are 2.5x faster) and everything when torchao is absent;
+  elsewhere the layer de-quantizes + matmuls.
   Every weight-only layer is still slower than the float layer at batch 1 on CPU
   (``benchmarks/weight_only_kernels.py``): these grids save memory and disk, not time.
   torchao's ``Int4WeightOnlyConfig`` needs the ``mslk`` package. The grids are stored in
@@ -299,16 +300,30 @@ class WeightOnlyLinear(nn.Module):
             self.register_buffer("weight_int8", q.to(torch.int8).contiguous())
             self.register_buffer("scale", scale.float().contiguous())
         else:
-            # torch's int4 kernel: w = (q - 8) * scale + zero, so zero = minimum + 8 * scale
-            s, m = scale.float(), low.float()  # (out, in/g)
-            self.register_buffer("codes", q.to(torch.uint8).contiguous())
-            self.register_buffer("scale", s.contiguous())
-            self.register_buffer("low", m.contiguous())
-            self.register_buffer(
-                "scales_zeros", torch.stack([s, m + 8 * s], dim=-1).transpose(0, 1).contiguous()
-            )  # (in/g, out, 2)
+            # codes 0..15 held as int8: torchao's tensor reads these very bytes
+            self.register_buffer("codes", q.to(torch.int8).contiguous())
+            self.register_buffer("scale", scale.float().contiguous())  # (out, in/g)
+            self.register_buffer("low", low.float().contiguous())  # (out, in/g)
         if path not in (None, "torchao", "kernel", "dequantize"):
             raise ValueError(f"unknown weight-only path {path!r}")
+        self.forced_path = path
+        self._set_up_path()
+        # torchao's zero points and the packed kernel's weight derive from the buffers: build
+        # them again when a state dict replaces those
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._set_up_path())
+
+    def _set_up_path(self) -> None:
+        """Choose (or set up the forced) path and build what it derives from the buffers."""
+        for derived in ("torchao_weight", "packed"):
+            if hasattr(self, derived):
+                delattr(self, derived)
+        if self.bits == 4:
+            # torch's int4 kernel: w = (q - 8) * scale + zero, so zero = minimum + 8 * scale
+            scales_zeros = torch.stack([self.scale, self.low + 8 * self.scale], dim=-1)
+            self.register_buffer(
+                "scales_zeros", scales_zeros.transpose(0, 1).contiguous(), persistent=False
+            )  # (in/g, out, 2)
+        path = self.forced_path
         if path is None:
             self.path = self._choose_path()
         elif path == "dequantize" or self._try_path(path):
