@@ -21,8 +21,8 @@ import torch
 
 __all__ = ["TORCHAO_MAX_WEIGHTS", "torchao_available", "torchao_weight"]
 
-# Above this many weights the packed kernels were faster (576 inputs, 1 thread: torchao 2x
-# faster at 8192 outputs, 2x slower at 16384); the decoder's largest Linear has 0.9M.
+# Between the decoder's largest Linear (0.9M weights) and the 28M of SmolLM2's head, where the
+# packed kernels are faster (benchmarks/weight_only_kernels.py); set from a sweep of sizes.
 TORCHAO_MAX_WEIGHTS = 6_000_000
 
 _quantization = None
