@@ -314,15 +314,7 @@ class WeightOnlyLinear(nn.Module):
 
     def _set_up_path(self) -> None:
         """Choose (or set up the forced) path and build what it derives from the buffers."""
-        for derived in ("torchao_weight", "packed"):
-            if hasattr(self, derived):
-                delattr(self, derived)
-        if self.bits == 4:
-            # torch's int4 kernel: w = (q - 8) * scale + zero, so zero = minimum + 8 * scale
-            scales_zeros = torch.stack([self.scale, self.low + 8 * self.scale], dim=-1)
-            self.register_buffer(
-                "scales_zeros", scales_zeros.transpose(0, 1).contiguous(), persistent=False
-            )  # (in/g, out, 2)
+        self._drop_derived()
         path = self.forced_path
         if path is None:
             self.path = self._choose_path()
@@ -330,6 +322,11 @@ class WeightOnlyLinear(nn.Module):
             self.path = path
         else:
             raise ValueError(f"weight-only path {path!r} does not run here")
+
+    def _drop_derived(self) -> None:
+        for derived in ("torchao_weight", "packed", "scales_zeros"):
+            if hasattr(self, derived):
+                delattr(self, derived)
 
     def dequantized(self) -> torch.Tensor:
         """The float32 weight ``[out, in]`` this layer computes with."""
@@ -346,42 +343,35 @@ class WeightOnlyLinear(nn.Module):
         return "kernel" if self._try_path("kernel") else "dequantize"
 
     def _try_path(self, path: str) -> bool:
-        """Set up ``path``'s weight; keep it only if it runs and agrees."""
-        if path == "torchao":
-            try:  # another torchao version may build its tensors differently: then no torchao
-                if self.bits == 8:
-                    weight = torchao_weight(self.weight_int8, self.scale)
-                else:
-                    weight = torchao_weight(self.codes, self.scale, self.low, self.group_size)
-            except (TypeError, AssertionError, RuntimeError, AttributeError):
-                weight = None
-            if weight is None:
-                return False
-            self.torchao_weight = weight  # shares the codes' memory; not in the state dict
-            if self._agrees(path):
-                return True
-            del self.torchao_weight
-            return False
-        if self.bits == 4:
-            try:
-                packed = torch._convert_weight_to_int4pack_for_cpu(self.codes.to(torch.int32), 1)
-            except (RuntimeError, AttributeError, NotImplementedError):
-                return False
-            self.register_buffer("packed", packed, persistent=False)
-        if self._agrees(path):
-            return True
-        if self.bits == 4:
-            del self.packed
-        return False
-
-    def _agrees(self, path: str) -> bool:
+        """Build ``path``'s derived weight; keep it only if it runs and agrees with the
+        de-quantized weight (a torchao of another version may not build its tensors: no torchao
+        then)."""
         try:
+            if path == "torchao":
+                codes = self.weight_int8 if self.bits == 8 else self.codes
+                low = None if self.bits == 8 else self.low
+                weight = torchao_weight(codes, self.scale, low, self.group_size)
+                if weight is None:
+                    return False
+                self.torchao_weight = weight  # shares the codes' memory; not in the state dict
+            elif self.bits == 4:
+                # torch's int4 kernel: w = (q - 8) * scale + zero, so zero = minimum + 8 * scale
+                scales_zeros = torch.stack([self.scale, self.low + 8 * self.scale], dim=-1)
+                self.register_buffer(
+                    "scales_zeros", scales_zeros.transpose(0, 1).contiguous(), persistent=False
+                )  # (in/g, out, 2)
+                packed = torch._convert_weight_to_int4pack_for_cpu(self.codes.to(torch.int32), 1)
+                self.register_buffer("packed", packed, persistent=False)
             probe = torch.linspace(-1, 1, 2 * self.in_features).reshape(2, -1)
             got = self._fast_matmul(probe, path)
         except (RuntimeError, AttributeError, NotImplementedError, AssertionError, TypeError):
+            self._drop_derived()
             return False
         want = probe @ self.dequantized().T
-        return torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-6)
+        agrees = torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max()) + 1e-6)
+        if not agrees:
+            self._drop_derived()
+        return agrees
 
     def _fast_matmul(self, x: torch.Tensor, path: str) -> torch.Tensor:
         if path == "torchao":

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TORCHAO_MAX_WEIGHTS", "torchao_available", "torchao_weight"]
+__all__ = ["TORCHAO_MAX_WEIGHTS", "torchao_weight"]
 
 # Between the decoder's largest Linear (0.9M weights) and the 28M of SmolLM2's head, where the
 # packed kernels are faster (benchmarks/weight_only_kernels.py); set from a sweep of sizes.
@@ -40,11 +40,6 @@ def _torchao_quantization():
             quantization = False
         _quantization = quantization
     return _quantization or None
-
-
-def torchao_available() -> bool:
-    """Whether torchao can be imported here."""
-    return _torchao_quantization() is not None
 
 
 def torchao_weight(
