@@ -14,9 +14,10 @@ Every figure comes from the ``report.json`` of a ``distill run`` started here as
 ``compare`` trains every recipe of ``ARMS`` at the default budget on the same student (the
 teacher layers the default run's search kept, read from this file's ``default`` section, so the
 search is not repeated) with the lean evaluation (no speed test, no curve, no bits per byte);
-The ``mix_*`` arms add the teacher's answers to the shipped prompts (``distill generate``,
-written once to ``runs/fidelity/teacher_answers.jsonl`` and reused) as a second source that
-only trains (``heldout: false``), so every arm is scored on the same held-out sets.
+The ``mix_*`` arms add teacher-written text (``distill generate``: its answers to the shipped
+prompts, or to ``data/prose_prompts.txt`` for everyday prose; written once to
+``runs/fidelity/teacher_KIND.jsonl`` and reused) as a second source that only trains
+(``heldout: false``), so every arm is scored on the same held-out sets.
 ``--jobs 2`` runs two arms at once, one thread each (quality, not time, is compared; on 2
 cores one arm at a time with both threads finished sooner). The
 winner is chosen on the training domain's held-out KL, with the other domain's KL beside it.
@@ -60,21 +61,37 @@ ARMS: dict[str, list[str]] = {
     "lr_constant": ["train.min_lr_ratio=1.0"],
     "alpha_0.5_to_0": ["loss.alpha=0.5", "loss.alpha_schedule=linear", "loss.alpha_end=0"],
 }
-# Teacher-written text for the data-mix arms: the teacher's answers to the shipped prompts
-# (`distill generate`, these settings), every row trained, none held out, so the run is still
-# scored on the corpus's held-out blocks and on the other domain's set.
-TEACHER_ANSWERS = RUNS / "teacher_answers.jsonl"
-GENERATE = ["generate.max_new_tokens=256", "generate.batch_size=16", "seed=0"]
+# Teacher-written text for the data-mix arms, generated once by `distill generate` with these
+# settings and reused; every row trains, none is held out, so the run is still scored on the
+# corpus's held-out blocks and on the other domain's set. `answers`: the teacher's answers to the
+# shipped prompts (mostly questions about programming and science). `prose`: its answers to the
+# 240 prompts of data/prose_prompts.txt, twelve genres of everyday prose (stories, letters, news,
+# recipes, travel notes, conversations, ...), twenty subjects each, written for this benchmark;
+# none of its subjects is one of the other-domain set's pieces, whose text never enters.
+TEACHER_TEXT: dict[str, tuple[Path | None, list[str]]] = {
+    "answers": (None, ["generate.max_new_tokens=256", "generate.batch_size=16", "seed=0"]),
+    "prose": (
+        Path(__file__).resolve().parent / "data" / "prose_prompts.txt",
+        ["generate.max_new_tokens=320", "generate.batch_size=16", "seed=0"],
+    ),
+}
 
 
-def mix(weight: float) -> list[str]:
-    """Overrides: the default corpus and the teacher's answers, drawn ``1 : weight`` by row."""
-    answers = f"{{path: '{TEACHER_ANSWERS}', format: chat, heldout: false, weight: {weight}}}"
-    return [f"data.sources=[{{}}, {answers}]"]
+def teacher_text_path(kind: str) -> Path:
+    return RUNS / f"teacher_{kind}.jsonl"
 
 
-ARMS["mix_answers"] = mix(1.0)
-ARMS["mix_answers_0.25"] = mix(1 / 3)
+def mix(kind: str, weight: float) -> list[str]:
+    """Overrides: the default corpus and the teacher's text of ``kind``, drawn ``1 : weight`` by
+    row."""
+    rows = f"{{path: '{teacher_text_path(kind)}', format: chat, heldout: false, weight: {weight}}}"
+    return [f"data.sources=[{{}}, {rows}]"]
+
+
+ARMS["mix_answers"] = mix("answers", 1.0)
+ARMS["mix_answers_0.25"] = mix("answers", 1 / 3)
+ARMS["mix_prose"] = mix("prose", 1.0)
+ARMS["mix_prose_0.25"] = mix("prose", 1 / 3)
 
 # The student's shape: the default depth-searched student against width-pruned ones (all 30
 # teacher layers, a narrower MLP): one at equal parameters (MLP 512), one at equal batch-1
@@ -195,18 +212,21 @@ def searched_layers(given: str) -> list[int]:
     return layers
 
 
-def teacher_answers() -> Path:
-    """The data-mix arms' teacher-written rows, generated once (resumable) and kept."""
-    log = RUNS / "teacher_answers.log"
+def teacher_text(kind: str) -> Path:
+    """The teacher-written rows of a data-mix arm, generated once (resumable) and kept."""
+    prompts, settings = TEACHER_TEXT[kind]
+    output = teacher_text_path(kind)
+    log = RUNS / f"teacher_{kind}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "distill", "generate", "--out", str(TEACHER_ANSWERS)]
-    command += [item for override in GENERATE for item in ("--set", override)]
-    command += ["--set", f"output_dir={RUNS}", "--name", "teacher-answers"]
+    command = [sys.executable, "-m", "distill", "generate", "--out", str(output)]
+    command += ["--prompts", str(prompts)] if prompts else []
+    command += [item for override in settings for item in ("--set", override)]
+    command += ["--set", f"output_dir={RUNS}", "--name", f"teacher-{kind}"]
     with log.open("a") as out:
         done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     if done.returncode != 0:
         sys.exit(f"distill generate failed (exit {done.returncode}); see {log}")
-    return TEACHER_ANSWERS
+    return output
 
 
 def arm_overrides(given: str) -> dict[str, list[str]]:
@@ -216,8 +236,9 @@ def arm_overrides(given: str) -> dict[str, list[str]]:
     unknown = [name for name in names if name not in ARMS]
     if unknown:
         sys.exit(f"fidelity.py: unknown arm(s) {unknown}; expected some of {list(ARMS)}")
-    if any(name.startswith("mix_") for name in names):
-        teacher_answers()
+    for kind in TEACHER_TEXT:
+        if any(name.startswith(f"mix_{kind}") for name in names):
+            teacher_text(kind)
     arms = {name: list(ARMS[name]) for name in names}
     if "width_equal_speed" in arms:  # its MLP width comes from the `shape` results
         arms["width_equal_speed"].append(f"student.ffn={equal_speed_ffn()}")
