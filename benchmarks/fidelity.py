@@ -81,10 +81,19 @@ def teacher_text_path(kind: str) -> Path:
     return RUNS / f"teacher_{kind}.jsonl"
 
 
-def mix(kind: str, weight: float) -> list[str]:
+def teacher_plain_text_path(kind: str) -> Path:
+    """The teacher's responses alone as ``{"text"}`` rows, packed into blocks like the corpus."""
+    return RUNS / f"teacher_{kind}_text.jsonl"
+
+
+def mix(kind: str, weight: float, packed: bool = False) -> list[str]:
     """Overrides: the default corpus and the teacher's text of ``kind``, drawn ``1 : weight`` by
-    row."""
-    rows = f"{{path: '{teacher_text_path(kind)}', format: chat, heldout: false, weight: {weight}}}"
+    row: chat rows (one block each, the prompt and template untrained), or ``packed``, the
+    responses' text packed into full blocks, every token trained."""
+    path, form = (
+        (teacher_plain_text_path(kind), "text") if packed else (teacher_text_path(kind), "chat")
+    )
+    rows = f"{{path: '{path}', format: {form}, heldout: false, weight: {weight}}}"
     return [f"data.sources=[{{}}, {rows}]"]
 
 
@@ -92,6 +101,8 @@ ARMS["mix_answers"] = mix("answers", 1.0)
 ARMS["mix_answers_0.25"] = mix("answers", 1 / 3)
 ARMS["mix_prose"] = mix("prose", 1.0)
 ARMS["mix_prose_0.25"] = mix("prose", 1 / 3)
+ARMS["mix_prose_0.1"] = mix("prose", 1 / 9)
+ARMS["mix_prose_packed_0.25"] = mix("prose", 1 / 3, packed=True)
 
 # The student's shape: the default depth-searched student against width-pruned ones (all 30
 # teacher layers, a narrower MLP): one at equal parameters (MLP 512), one at equal batch-1
@@ -226,6 +237,10 @@ def teacher_text(kind: str) -> Path:
         done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     if done.returncode != 0:
         sys.exit(f"distill generate failed (exit {done.returncode}); see {log}")
+    with output.open() as rows, teacher_plain_text_path(kind).open("w") as plain:
+        for line in rows:
+            response = json.loads(line)["messages"][-1]["content"]
+            plain.write(json.dumps({"text": response}) + "\n")
     return output
 
 
