@@ -103,6 +103,7 @@ ARMS["mix_prose"] = mix("prose", 1.0)
 ARMS["mix_prose_0.25"] = mix("prose", 1 / 3)
 ARMS["mix_prose_0.1"] = mix("prose", 1 / 9)
 ARMS["mix_prose_packed_0.25"] = mix("prose", 1 / 3, packed=True)
+ARMS["mix_prose_packed_0.1"] = mix("prose", 1 / 9, packed=True)
 
 # The student's shape: the default depth-searched student against width-pruned ones (all 30
 # teacher layers, a narrower MLP): one at equal parameters (MLP 512), one at equal batch-1
