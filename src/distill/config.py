@@ -345,6 +345,16 @@ class DataConfig(_Section):
     heldout_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="Share of characters held out, as whole documents."
     )
+    prose_share: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="`distill run` on the default corpus (no data.path, data.sources, "
+        "data.shards, teacher cache or teachers:): share of training rows drawn from the shipped "
+        "everyday prose written by the embedded teacher (240 answers, twelve genres; packed, never "
+        "held out), so the student keeps more of the teacher outside Python documentation; the "
+        "run's config.yaml then lists both as data.sources. 0 = the corpus alone.",
+    )
     sources: list[SourceConfig] | None = Field(
         None,
         min_length=1,
@@ -475,7 +485,7 @@ class LossConfig(_Section):
 
 
 class TrainConfig(_Section):
-    steps: int = Field(80, ge=1, description="Optimizer steps.")
+    steps: int = Field(100, ge=1, description="Optimizer steps.")
     batch_size: int = Field(4, ge=1, description="Blocks per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(1e-3, gt=0.0, description="Peak learning rate of AdamW.")

@@ -37,6 +37,7 @@ from distill.data import (
     read_documents,
 )
 from distill.data.extra import extra_blocks, extra_sources, spread
+from distill.data.prose import with_default_prose
 from distill.data.sources import WeightedBatches, WeightedExampleBatches, passes_per_source
 from distill.errors import ConfigError
 from distill.evaluate import heldout_metrics
@@ -295,6 +296,7 @@ def resume_config(
         if config_path is not None:
             base = load_config(config_path).model_dump()
         requested = load_config(overrides=overrides, base=base)
+    requested = with_default_prose(requested)  # as the saved config was
     old, new = _flatten(saved.model_dump(mode="json")), _flatten(requested.model_dump(mode="json"))
     changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
     if changed and not force:
@@ -326,6 +328,7 @@ def distill(
         config = load_config(overrides=overrides, base=config)
     else:
         config = load_config(config, overrides)
+    config = with_default_prose(config)  # the default corpus: data.sources with the prose
     check_data_source(config)  # before any model loads: a missing or unreadable data file
     check_trainable(config)
     if config.task != "causal_lm":  # encoder runs: one process (refused before any work)
