@@ -7,7 +7,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 
 .PHONY: demo demo-onpolicy install dev test test-slow test-gpu test-compat lint format bench clean
 
-demo: install  ## distil the embedded default teacher into a 15-layer student (~11 min on 2 cores)
+demo: install  ## distil the embedded default teacher into a 15-layer student (~13 min on 2 cores)
 	$(VENV)/bin/distill run
 
 demo-onpolicy: install  ## teacher answers to the shipped prompts, then on-policy KD on them
