@@ -7,13 +7,13 @@ Every figure comes from the ``report.json`` of a ``distill run`` started here as
     python benchmarks/fidelity.py default   # plain `distill run`, timed: targets default_*
     python benchmarks/fidelity.py hour      # configs/hour.yaml (about an hour): hour_top1
     python benchmarks/fidelity.py hour --arms mix_answers   # arms at the hour budget, an hour each
-    python benchmarks/fidelity.py compare [--arms default,jsd] [--jobs 1] [--seed 0]
+    python benchmarks/fidelity.py compare [--arms default,jsd] [--jobs 1] [--seed 0] [--steps 60]
     python benchmarks/fidelity.py shape     # batch-1 decoding: depth vs width-pruned students
     python benchmarks/fidelity.py table     # the comparison as a Markdown table
 
 ``compare`` trains every recipe of ``ARMS`` at the default budget on the same student (the
-teacher layers the default run's search kept, read from this file's ``default`` section, so the
-search is not repeated) with the lean evaluation (no speed test, no curve, no bits per byte);
+teacher layers an earlier default run's search kept, ``COMPARE_LAYERS``, so the search is not
+repeated) with the lean evaluation (no speed test, no curve, no bits per byte);
 The ``mix_*`` arms add teacher-written text (``distill generate``: its answers to the shipped
 prompts, or to ``data/prose_prompts.txt`` for everyday prose; written once to
 ``runs/fidelity/teacher_KIND.jsonl`` and reused) as a second source that only trains
@@ -113,6 +113,12 @@ WIDTH_CANDIDATES = (512, 384, 256, 192, 128, 64)
 ALL_LAYERS = list(range(30))
 ARMS["width_ffn_512"] = [f"student.layers={ALL_LAYERS}", "student.ffn=512"]
 ARMS["width_equal_speed"] = [f"student.layers={ALL_LAYERS}"]  # + student.ffn from `shape`
+
+# The student every comparison row and hour arm was measured on: the teacher layers the search
+# kept for the 80-step default on the corpus alone (its `default` section at 67c1eb5). Since the
+# prose joined the default, the search draws calibration blocks from it too and keeps layer 19
+# instead of 22; the comparison keeps its own student, so its rows stay comparable.
+COMPARE_LAYERS = (0, 1, 2, 8, 9, 10, 11, 20, 21, 22, 23, 24, 27, 28, 29)
 
 # The comparison's budget: the 60 steps of 4 x 256 tokens the default had when it was run, on
 # the corpus alone, as its rows were measured before the teacher's prose joined the default
@@ -216,15 +222,8 @@ def saved_section(name: str) -> dict:
 
 
 def searched_layers(given: str) -> list[int]:
-    """The teacher layers the default run's search kept (``--layers``, else from the
-    ``default`` section: run ``fidelity.py default`` first)."""
-    if given:
-        return [int(layer) for layer in given.split(",")]
-    section = saved_section("default")
-    layers = section.get("row", {}).get("student_layers")
-    if not layers:
-        sys.exit("fidelity.py compare: run `fidelity.py default` first (it finds the layers)")
-    return layers
+    """The comparison's student: ``--layers``, else :data:`COMPARE_LAYERS`."""
+    return [int(layer) for layer in given.split(",")] if given else list(COMPARE_LAYERS)
 
 
 def teacher_text(kind: str) -> Path:
@@ -287,6 +286,11 @@ def run_compare(args: argparse.Namespace) -> None:
     arms = arm_overrides(args.arms)
     if args.seed:  # another data order: rows named NAME_seedN beside the seed-0 ones
         arms = {f"{name}_seed{args.seed}": [*o, f"seed={args.seed}"] for name, o in arms.items()}
+    if args.steps != COMPARE_STEPS:  # another budget: rows named NAME_stepsN
+        arms = {
+            f"{name}_steps{args.steps}": [*o, f"train.steps={args.steps}"]
+            for name, o in arms.items()
+        }
     layers = searched_layers(args.layers)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     common = [
@@ -434,6 +438,9 @@ def main() -> None:
     parser.add_argument("--layers", default="", help="compare: teacher layers, e.g. 0,1,2,29")
     parser.add_argument("--jobs", type=int, default=1, help="compare: arms run at once")
     parser.add_argument("--seed", type=int, default=0, help="compare: the runs' seed (data order)")
+    parser.add_argument(
+        "--steps", type=int, default=COMPARE_STEPS, help="compare: training steps of every arm"
+    )
     parser.add_argument("--runs", type=int, default=5, help="shape: timed decodes per student")
     parser.add_argument(
         "--threads", type=int, default=0, help="compare: threads per arm (0 = cores / jobs)"
