@@ -46,6 +46,7 @@ __all__ = [
     "GenerateConfig",
     "load_config",
     "check_trainable",
+    "cached_teacher",
     "apply_overrides",
     "describe_defaults",
     "teacher_sections",
@@ -974,13 +975,13 @@ def teacher_sections(config: RunConfig) -> list[tuple[str, TeacherConfig]]:
     return [(f"teachers[{i}]", entry) for i, entry in enumerate(config.teachers)]
 
 
-def _cached_teacher(config: RunConfig) -> str | None:
+def cached_teacher(config: RunConfig) -> str | None:
     """The key of the first teacher read from a cache (None: no cache)."""
     return next((key for key, section in teacher_sections(config) if section.cache), None)
 
 
 def _onpolicy_needs_a_scoring_teacher(config: RunConfig) -> str | None:
-    cached = _cached_teacher(config)
+    cached = cached_teacher(config)
     if config.onpolicy.lambda_ > 0 and cached:
         return (
             "onpolicy.lambda > 0 needs a teacher that scores the student's samples (live, or "
@@ -1053,7 +1054,7 @@ def renormalized_top_k_without_labels(config: RunConfig) -> str | None:
 def _examples_need_live_teacher(config: RunConfig) -> str | None:
     """A cache of the teacher's packed blocks serves no chat rows; a cross-tokenizer cache holds
     the teacher's side of whatever rows the run aligns, chat rows too."""
-    cached = _cached_teacher(config)
+    cached = cached_teacher(config)
     cross = config.loss.cross_tokenizer is not None and config.teachers is None
     if config.data.format in _SUPERVISED_FORMATS and cached and not cross:
         return (
@@ -1192,7 +1193,7 @@ def _sources_fit_together(config: RunConfig) -> str | None:
             )
     if not any(source.heldout for source in config.data.sources):
         return "data.sources: every source has heldout=false; keep one held-out split to score on"
-    cached = _cached_teacher(config)
+    cached = cached_teacher(config)
     if cached:
         return f"data.sources: a {cached}.cache holds one corpus's blocks; unset {cached}.cache"
     return None
@@ -1209,7 +1210,7 @@ def _shards_hold_one_text_corpus(config: RunConfig) -> str | None:
         return f"data.shards hold packed text; data.format={config.data.format} does not apply"
     if config.teachers is not None:
         return "data.shards with teachers: shard rows carry no teacher route; use data.path"
-    cached = _cached_teacher(config)
+    cached = cached_teacher(config)
     if cached:
         return f"data.shards: a {cached}.cache holds in-memory blocks; unset {cached}.cache"
     tokenizer = config.student.tokenizer

@@ -20,7 +20,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from distill.config import RunConfig, SourceConfig, teacher_sections
+from distill.config import RunConfig, SourceConfig, cached_teacher
 
 __all__ = ["shipped_prose", "with_default_prose"]
 
@@ -39,8 +39,7 @@ def _trains_on_default_corpus(config: RunConfig) -> bool:
         and data.shards is None
         and data.format in ("auto", "text")
         and config.teachers is None
-        # a teacher cache holds the corpus's blocks alone
-        and not any(section.cache for _, section in teacher_sections(config))
+        and cached_teacher(config) is None  # a teacher cache holds the corpus's blocks alone
     )
 
 
