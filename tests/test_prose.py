@@ -12,6 +12,7 @@ import yaml
 from distill.config import SourceConfig, load_config
 from distill.data.extra import extra_sources
 from distill.data.prose import shipped_prose, with_default_prose
+from distill.errors import ConfigError
 from distill.pipelines.run import distill, resume_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +74,11 @@ def test_prose_joins_the_default_corpus_only(overrides):
 def test_run_trains_on_both_and_resumes_from_the_plain_config(tiny_run_config, tmp_path):
     result = distill(tiny_run_config)
     saved = yaml.safe_load((result.run_dir / "config.yaml").read_text())
-    assert [source["path"] for source in saved["data"]["sources"]] == [None, str(shipped_prose())]
+    # named portably, not by this install's path
+    assert [source["path"] for source in saved["data"]["sources"]] == [
+        None,
+        "shipped:teacher_prose.jsonl",
+    ]
     corpus_blocks, prose_blocks = result.report["plan"]["train_blocks_per_source"]
     assert corpus_blocks > 0 and prose_blocks > 0
     # the user's own config names no sources: resolved as the saved one was, nothing differs
@@ -81,3 +86,35 @@ def test_run_trains_on_both_and_resumes_from_the_plain_config(tiny_run_config, t
     plain.write_text(yaml.safe_dump(tiny_run_config))
     resumed = resume_config(result.run_dir, plain)
     assert resumed.data.sources == load_config(result.run_dir / "config.yaml").data.sources
+
+
+def test_a_saved_shipped_source_reads_the_installs_own_file(tmp_path, monkeypatch):
+    """A run directory moved to another install reads that install's copy of the prose."""
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(with_default_prose(load_config()).model_dump(mode="json")))
+    other_install = tmp_path / "site-packages" / "distill" / "data" / "files"
+    other_install.mkdir(parents=True)
+    (other_install / "teacher_prose.jsonl").write_bytes(shipped_prose().read_bytes())
+    monkeypatch.setattr("distill.config.SHIPPED_DATA", other_install)
+    prose = load_config(saved).data.sources[1]
+    assert Path(prose.path) == other_install / "teacher_prose.jsonl"
+    assert prose.model_dump()["path"] == "shipped:teacher_prose.jsonl"  # and saves as it read
+
+
+def test_a_user_corpus_can_mix_in_the_shipped_prose():
+    config = load_config(
+        overrides=["data.sources=[{path: a.txt}, {path: 'shipped:teacher_prose.jsonl'}]"]
+    )
+    assert Path(config.data.sources[1].path) == shipped_prose()
+    assert config.data.sources[0].model_dump()["path"] == "a.txt"  # other paths as given
+
+
+@pytest.mark.parametrize("name", ["other_domain.txt", "nothing.jsonl"])
+def test_only_trainable_shipped_files_are_sources(name):
+    """The second held-out set ships beside the prose; naming it as training data is refused."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(overrides=[f"data.sources=[{{}}, {{path: 'shipped:{name}'}}]"])
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "data.sources" in message and name in message
+    assert "shipped:teacher_prose.jsonl" in message

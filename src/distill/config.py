@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "load_config",
     "check_trainable",
     "cached_teacher",
+    "SHIPPED_DATA",
     "apply_overrides",
     "describe_defaults",
     "teacher_sections",
@@ -304,11 +306,21 @@ class IntermediateConfig(_Section):
         return self.hidden_weight > 0 or self.attention_weight > 0
 
 
+# Data files shipped inside the package (data/files/). A source names a trainable one as
+# ``shipped:NAME`` and a saved config names it so again, so a run directory resumes on another
+# install. The others (the second held-out set, the evaluation's prompts and questions) are
+# never training data.
+SHIPPED_DATA = Path(__file__).resolve().parent / "data" / "files"
+_SHIPPED = "shipped:"
+_SHIPPED_SOURCES = ("teacher_prose.jsonl",)
+
+
 class SourceConfig(_Section):
     path: str | None = Field(
         None,
         description="A .txt / .jsonl / .parquet file or a directory of them; empty = the "
-        "default corpus (CPython's pydoc_data.topics, format text).",
+        "default corpus (CPython's pydoc_data.topics, format text); shipped:teacher_prose.jsonl "
+        "= the embedded teacher's everyday prose shipped with distill (see data.prose_share).",
     )
     weight: float = Field(
         1.0, gt=0.0, description="Share of training rows drawn from this source (normalised)."
@@ -325,6 +337,25 @@ class SourceConfig(_Section):
         "of it trains, so the held-out set is the other sources' (teacher-written text mixed "
         "into a corpus: the run is still scored on the corpus).",
     )
+
+    @field_validator("path")
+    @classmethod
+    def _shipped_file(cls, path: str | None) -> str | None:
+        """``shipped:NAME`` as the shipped file's path in this install."""
+        if path is None or not path.startswith(_SHIPPED):
+            return path
+        name = path.removeprefix(_SHIPPED)
+        if name not in _SHIPPED_SOURCES:
+            expected = ", ".join(_SHIPPED + known for known in _SHIPPED_SOURCES)
+            raise ValueError(f"no shipped training data {name!r}; expected {expected}")
+        return str(SHIPPED_DATA / name)
+
+    @field_serializer("path")
+    def _portable_path(self, path: str | None) -> str | None:
+        """A shipped file is saved as ``shipped:NAME``, not as this install's path."""
+        if path is not None and Path(path).resolve().parent == SHIPPED_DATA:
+            return _SHIPPED + Path(path).name
+        return path
 
 
 class DataConfig(_Section):

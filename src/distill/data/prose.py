@@ -17,17 +17,18 @@ held out, so the held-out sets stay the corpus's and the other domain's.
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
 
-from distill.config import RunConfig, SourceConfig, cached_teacher
+from distill.config import SHIPPED_DATA, RunConfig, SourceConfig, cached_teacher
 
-__all__ = ["shipped_prose", "with_default_prose"]
+__all__ = ["PROSE", "shipped_prose", "with_default_prose"]
+
+PROSE = "teacher_prose.jsonl"  # in the package's data/files/; a source names it shipped:NAME
 
 
 def shipped_prose() -> Path:
     """The shipped teacher-written prose (``{"prompt", "text"}`` rows)."""
-    return Path(str(files("distill.data") / "files" / "teacher_prose.jsonl"))
+    return SHIPPED_DATA / PROSE
 
 
 def _trains_on_default_corpus(config: RunConfig) -> bool:
@@ -54,8 +55,8 @@ def with_default_prose(config: RunConfig) -> RunConfig:
         return config
     sources = [
         SourceConfig(),  # the default corpus, split into train / held-out as always
-        SourceConfig(
-            path=str(shipped_prose()), format="text", heldout=False, weight=share / (1 - share)
+        SourceConfig(  # saved as shipped:teacher_prose.jsonl, the same on any install
+            path=f"shipped:{PROSE}", format="text", heldout=False, weight=share / (1 - share)
         ),
     ]
     data = config.data.model_copy(update={"sources": sources})
