@@ -52,6 +52,7 @@ ARMS: dict[str, list[str]] = {
     "alpha_0.5_T_2": ["loss.alpha=0.5", "loss.temperature=2"],
     "default": [],
     "lr_2e-3": ["train.lr=2e-3"],
+    "lr_5e-4": ["train.lr=5e-4"],  # for the hour budget: ten times the steps may want a lower lr
     "intermediate": ["intermediate.hidden_weight=1.0", "intermediate.hidden_loss=cosine"],
     "alpha_0.5": ["loss.alpha=0.5"],
     "T_2": ["loss.temperature=2"],
