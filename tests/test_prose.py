@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill.config import SourceConfig, load_config
+from distill.config import SHIPPED_DATA, SourceConfig, load_config
 from distill.data.extra import extra_sources
 from distill.data.prose import shipped_prose, with_default_prose
 from distill.errors import ConfigError
@@ -118,3 +118,9 @@ def test_only_trainable_shipped_files_are_sources(name):
     assert "\n" not in message
     assert "data.sources" in message and name in message
     assert "shipped:teacher_prose.jsonl" in message
+
+
+def test_another_shipped_file_named_by_its_path_is_saved_as_given():
+    """Only the prose is saved as shipped:NAME, so a saved config never names a refused one."""
+    held_out = str(SHIPPED_DATA / "other_domain.txt")
+    assert SourceConfig(path=held_out).model_dump()["path"] == held_out
