@@ -49,6 +49,7 @@ __all__ = [
     "check_trainable",
     "cached_teacher",
     "SHIPPED_DATA",
+    "SHIPPED_PROSE",
     "apply_overrides",
     "describe_defaults",
     "teacher_sections",
@@ -312,7 +313,8 @@ class IntermediateConfig(_Section):
 # never training data.
 SHIPPED_DATA = Path(__file__).resolve().parent / "data" / "files"
 _SHIPPED = "shipped:"
-_SHIPPED_SOURCES = ("teacher_prose.jsonl",)
+SHIPPED_PROSE = "teacher_prose.jsonl"  # the embedded teacher's everyday prose
+_SHIPPED_SOURCES = (SHIPPED_PROSE,)
 
 
 class SourceConfig(_Section):

@@ -9,12 +9,12 @@ letter, news items, dialogues; written by hand for distill), plain text any toke
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from distill.config import SHIPPED_DATA
 from distill.data.blocks import pack_documents
 from distill.data.corpus import DOCUMENT_SUFFIXES, data_files, read_documents
 from distill.errors import DataError
@@ -25,7 +25,7 @@ OTHER_DOMAIN = "other_domain"
 
 
 def _shipped() -> Path:
-    return Path(str(files("distill.data") / "files" / f"{OTHER_DOMAIN}.txt"))
+    return SHIPPED_DATA / f"{OTHER_DOMAIN}.txt"
 
 
 def extra_sources(paths: list[str] | None) -> dict[str, Path]:

@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from distill.config import SHIPPED_DATA
 from distill.data.chat import check_messages
 from distill.errors import DataError
 from distill.io import jsonl_objects, text_lines
@@ -27,7 +27,7 @@ class Prompt:
 
 def default_prompts_path() -> Path:
     """The shipped prompt set: short instructions of many kinds (``distill/data/files``)."""
-    return Path(str(files("distill.data") / "files" / "prompts.jsonl"))
+    return SHIPPED_DATA / "prompts.jsonl"
 
 
 def _prompt_row(row: Any, index: int, where: str) -> Prompt:

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distill.config import SHIPPED_DATA, RunConfig, SourceConfig, cached_teacher
+from distill.config import SHIPPED_DATA, SHIPPED_PROSE, RunConfig, SourceConfig, cached_teacher
 
-__all__ = ["PROSE", "shipped_prose", "with_default_prose"]
-
-PROSE = "teacher_prose.jsonl"  # in the package's data/files/; a source names it shipped:NAME
+__all__ = ["shipped_prose", "with_default_prose"]
 
 
 def shipped_prose() -> Path:
     """The shipped teacher-written prose (``{"prompt", "text"}`` rows)."""
-    return SHIPPED_DATA / PROSE
+    return SHIPPED_DATA / SHIPPED_PROSE
 
 
 def _trains_on_default_corpus(config: RunConfig) -> bool:
@@ -56,7 +54,10 @@ def with_default_prose(config: RunConfig) -> RunConfig:
     sources = [
         SourceConfig(),  # the default corpus, split into train / held-out as always
         SourceConfig(  # saved as shipped:teacher_prose.jsonl, the same on any install
-            path=f"shipped:{PROSE}", format="text", heldout=False, weight=share / (1 - share)
+            path=f"shipped:{SHIPPED_PROSE}",
+            format="text",
+            heldout=False,
+            weight=share / (1 - share),
         ),
     ]
     data = config.data.model_copy(update={"sources": sources})

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from distill.config import SHIPPED_DATA
 from distill.errors import DataError
 
 __all__ = [
@@ -38,7 +38,7 @@ class Question:
 
 def default_task_path() -> Path:
     """The shipped task: multiple-choice questions about Python, written for this project."""
-    return Path(str(files("distill.data") / "files" / "python_mc.jsonl"))
+    return SHIPPED_DATA / "python_mc.jsonl"
 
 
 def read_questions(path: str | Path) -> list[Question]:
