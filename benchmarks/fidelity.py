@@ -7,6 +7,7 @@ Every figure comes from the ``report.json`` of a ``distill run`` started here as
     python benchmarks/fidelity.py default   # plain `distill run`, timed: targets default_*
     python benchmarks/fidelity.py hour      # configs/hour.yaml (about an hour): hour_top1
     python benchmarks/fidelity.py hour --arms mix_answers   # arms at the hour budget, an hour each
+    python benchmarks/fidelity.py hour --arms lr_5e-4 --prose   # an arm on the hour config itself
     python benchmarks/fidelity.py compare [--arms default,jsd] [--jobs 1] [--seed 0] [--steps 60]
     python benchmarks/fidelity.py shape     # batch-1 decoding: depth vs width-pruned students
     python benchmarks/fidelity.py table     # the comparison as a Markdown table
@@ -264,11 +265,24 @@ def arm_overrides(given: str) -> dict[str, list[str]]:
     return arms
 
 
+def hour_arm_common(args: argparse.Namespace) -> list[str]:
+    """Overrides every hour arm shares. By default the corpus alone on the comparison's student,
+    so the rows compare with ``corpus_alone``; with ``--prose`` the hour config as shipped (its
+    prose) on the student the ``hour`` run's search kept, so they compare with that run."""
+    if not args.prose:
+        return [f"student.layers={searched_layers(args.layers)}", CORPUS_ALONE]
+    layers = args.layers or ",".join(map(str, saved_section("hour")["row"]["student_layers"]))
+    return [f"student.layers={searched_layers(layers)}"]
+
+
 def run_hour_arms(args: argparse.Namespace, config: Path) -> None:
-    """Arms of ``ARMS`` at the one-hour budget: configs/hour.yaml with each arm's overrides, on
-    the default's searched layers, one after another; section ``hour_compare`` (no target)."""
+    """Arms of ``ARMS`` at the one-hour budget: configs/hour.yaml with each arm's overrides and
+    :func:`hour_arm_common`, one after another; section ``hour_compare`` (no target), rows
+    ``NAME`` (the corpus alone) or ``NAME_prose`` (``--prose``)."""
     arms = arm_overrides(args.arms)
-    common = [f"student.layers={searched_layers(args.layers)}", CORPUS_ALONE]
+    if args.prose:
+        arms = {f"{name}_prose": overrides for name, overrides in arms.items()}
+    common = hour_arm_common(args)
     existing = saved_section("hour_compare")
     rows = dict(existing.get("rows", {}))
     for name, overrides in arms.items():
@@ -278,6 +292,7 @@ def run_hour_arms(args: argparse.Namespace, config: Path) -> None:
         # rows of earlier runs keep their own commit; the section's is the latest run's
         commit = provenance()["commit"]
         rows[name] = {"overrides": overrides, "commit": commit, **fidelity_row(report, seconds)}
+        rows[name]["common_overrides"] = common
         payload = {"config": "configs/hour.yaml", "common_overrides": common, "rows": rows}
         merge_results("fidelity", "hour_compare", payload, [])
     print_rows(rows)
@@ -441,6 +456,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="compare: the runs' seed (data order)")
     parser.add_argument(
         "--steps", type=int, default=COMPARE_STEPS, help="compare: training steps of every arm"
+    )
+    parser.add_argument(
+        "--prose",
+        action="store_true",
+        help="hour --arms: on the hour config with its prose (rows NAME_prose), not the corpus alone",
     )
     parser.add_argument("--runs", type=int, default=5, help="shape: timed decodes per student")
     parser.add_argument(
