@@ -77,8 +77,9 @@ def test_fsdp_two_processes_equal_one_process(sharded_runs):
     for a, b in zip(one["records"], two["records"], strict=True):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)  # all shards' norm
         # The KL is a sum of O(1) terms that nearly cancel on these tiny models (loss ~1e-3),
-        # so float32 summation order moves it by an absolute amount (~1e-8), not a relative one.
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        # so float32 summation order moves it by an absolute amount, a few float32 ulps of an
+        # O(1) term (1.2e-7 each; 1.15e-7 seen on an AVX-512 CPU), not a relative one.
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=5e-7)
     # The student's parameters only (no teacher state), indexed as an unsharded optimizer's.
     assert two["optimizer"]["param_groups"] == one["optimizer"]["param_groups"]
     assert two["optimizer"]["state"].keys() == one["optimizer"]["state"].keys()
@@ -213,6 +214,9 @@ def test_sharded_student_with_a_projection_equals_unsharded(process_group):
     for a, b in zip(plain_history, history, strict=True):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6)
         assert b["hidden_loss"] == pytest.approx(a["hidden_loss"], rel=1e-5)
-    torch.testing.assert_close(projection, plain_projection, rtol=1e-5, atol=1e-6)
+    # Adam divides each gradient by its own root mean square, so an element whose gradient is
+    # near float32 noise moves by a visible part of a step (lr 1e-2) when the summation order
+    # changes: weights agree to a thousandth of one step (1e-5; 2.3e-6 seen on one element).
+    torch.testing.assert_close(projection, plain_projection, rtol=1e-5, atol=1e-5)
     for a, b in zip(plain.parameters(), sharded.parameters(), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
