@@ -269,10 +269,12 @@ def hour_arm_common(args: argparse.Namespace) -> list[str]:
     """Overrides every hour arm shares. By default the corpus alone on the comparison's student,
     so the rows compare with ``corpus_alone``; with ``--prose`` the hour config as shipped (its
     prose) on the student the ``hour`` run's search kept, so they compare with that run."""
-    if not args.prose:
-        return [f"student.layers={searched_layers(args.layers)}", CORPUS_ALONE]
-    layers = args.layers or ",".join(map(str, saved_section("hour")["row"]["student_layers"]))
-    return [f"student.layers={searched_layers(layers)}"]
+    if args.prose and not args.layers:
+        layers = saved_section("hour")["row"]["student_layers"]
+    else:
+        layers = searched_layers(args.layers)
+    common = [f"student.layers={layers}"]
+    return common if args.prose else [*common, CORPUS_ALONE]
 
 
 def run_hour_arms(args: argparse.Namespace, config: Path) -> None:

@@ -355,12 +355,10 @@ class SourceConfig(_Section):
     @field_serializer("path")
     def _portable_path(self, path: str | None) -> str | None:
         """A shipped file is saved as ``shipped:NAME``, not as this install's path."""
-        file = None if path is None else Path(path)
-        if (
-            file is not None
-            and file.name in _SHIPPED_SOURCES
-            and file.resolve() == (SHIPPED_DATA / file.name)
-        ):
+        if path is None:
+            return None
+        file = Path(path)
+        if file.name in _SHIPPED_SOURCES and file.resolve() == SHIPPED_DATA / file.name:
             return _SHIPPED + file.name
         return path
 
