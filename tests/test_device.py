@@ -1,10 +1,16 @@
-"""``train.device``: the schema's accepted forms, the one function that resolves it, and the
-one-line refusal of a GPU that is not there (exit 2, before any model loads)."""
+"""``train.device``: the schema's accepted forms, the one function that resolves it, the
+one-line refusal of a GPU that is not there (exit 2, before any model loads), and a rank's
+process group torn down at exit."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import free_port
 from test_cli import assert_one_line_error, run_cli
 
 from distill.config import TrainConfig, load_config
@@ -81,3 +87,24 @@ def test_cli_refuses_cuda_without_a_gpu_before_loading(tmp_path):
         f"output_dir={tmp_path}",
     )
     assert_one_line_error(result, "train.device=cuda", "train.device=cpu")
+
+
+def test_a_rank_leaves_its_process_group_before_exit(tmp_path):
+    """Each rank destroys the group it joined before the interpreter tears down (gloo threads
+    left to interpreter teardown can abort a finished run): an exit hook registered before
+    joining runs after distill's and sees no group."""
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import atexit, os, pathlib\n"
+        "import torch.distributed as dist\n"
+        "from distill.train.distributed import init_distributed\n"
+        "seen = pathlib.Path(__file__).with_name('rank' + os.environ['RANK'])\n"
+        "atexit.register(lambda: seen.write_text(str(dist.is_initialized())))\n"
+        "init_distributed('gloo', 'cpu')\n"
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    command += ["--master-port", str(free_port()), str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [(tmp_path / f"rank{rank}").read_text() for rank in (0, 1)] == ["False", "False"]

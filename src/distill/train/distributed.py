@@ -9,6 +9,7 @@ single-process gradient of the same global batch. ``parallel.strategy=fsdp`` sha
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -94,9 +95,17 @@ def init_distributed(backend: str = "auto", device: object = "auto") -> DistCont
         if backend == "auto":
             backend = "nccl" if placed.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
+        atexit.register(_leave_process_group)
     if placed.type == "cuda":
         torch.cuda.set_device(placed)
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def _leave_process_group() -> None:
+    """Tear the group down before the interpreter does: gloo's threads destroyed at interpreter
+    teardown can abort the process after a finished run."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce_sum(values: list[float], context: DistContext) -> list[float]:
